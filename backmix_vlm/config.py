@@ -1,0 +1,271 @@
+"""Typed experiment configs: YAML files → dataclasses, with strict validation.
+
+* Every section is a dataclass; a YAML key that is not a field fails with
+  :class:`~backmix_vlm.errors.ConfigError` naming the key, where it was, and the valid keys.
+* Command-line overrides are ``section.key=value`` (value parsed as YAML, so
+  ``train.epochs=3``, ``eval.scores=[msp,energy]``, ``model.checkpoint=null`` work).
+* :func:`to_dict` gives the fully resolved config that every run writes beside its results.
+
+Shared sections live here; each job's top-level config (e.g. ``ZeroShotConfig``) lives
+with its runner in :mod:`backmix_vlm.runners`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+C = TypeVar("C")
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    """Where and how a run is recorded."""
+
+    output_dir: str = "runs"          # parent folder of run directories
+    name: str | None = None           # run directory name; default: <job>-<timestamp>
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    precision: str = "no"             # no | bf16 | fp16  (autocast; bf16 is ~4x faster on modern CPUs)
+
+
+@dataclass
+class DataSource:
+    """One dataset split, by registered name (see ``backmix_vlm.data.DATASETS``)."""
+
+    name: str = "cifar10"             # cifar10 | cifar100 | svhn | tinyimagenet | mnist | fashionmnist | imagefolder | demo
+    root: str = "data"                # folder that holds the data (layout detected inside it)
+    split: str = "test"               # train | test | val (whatever the dataset offers)
+    layout: str = "auto"              # auto | torchvision | folder | hf
+    download: bool = False            # torchvision download when online
+    classes: list[int] | None = None  # keep only these label ids (relabelled 0..K-1 in this order)
+    label: str | None = None          # display name in tables (default: name)
+    jpeg_quality: int | None = None   # JPEG round trip at this quality (match JPEG-stored ID data)
+    resize: str = "resize"            # resize | crop | center_crop: how to reach the model's size
+    max_samples: int | None = None    # first N samples (after class filtering), for quick runs
+    on_corrupt: str = "error"         # error | skip (skipped files are counted in a warning)
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class EvalConfig:
+    """Open-set / OOD evaluation."""
+
+    ood: list[DataSource] = field(default_factory=list)  # unknown sets
+    scores: list[str] = field(default_factory=lambda: ["msp", "maxlogit", "energy"])
+    score_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {energy: {temperature: 1}}
+    batch_size: int = 128
+    num_workers: int = 2
+    cache_features: bool = True       # reuse frozen-encoder features across scores and OOD sets
+    positive: str = "known"           # known | unknown (OpenOOD convention)
+    every: int = 0                    # evaluate every N epochs during training (0 = only at the end)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                 # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"          # cosine | constant | step
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5           # constant LR during warm-up (CoOp style)
+    epochs: int = 200
+    batch_size: int = 128
+    grad_clip: float | None = None
+
+
+@dataclass
+class BackMixConfig:
+    enabled: bool = True
+    cut_area: float = 0.25            # s: pasted square's AREA fraction (paper: 0.25 → side 0.5)
+    mask_ratio: float = 0.25          # k: top-k fraction of bank cells treated as foreground
+    momentum: float = 0.1             # β: weight of the new map in the EMA bank update
+    same_location: bool = True        # paper: paste at the cut location; False: official code's independent source box
+    pairing: str = "random"           # random | different_class
+    mode: str = "alongside"           # alongside (original + mixed) | mixed_only
+    bank_update_every: int = 1        # steps between bank updates when maps need an extra pass
+
+
+# ----------------------------------------------------------------------------- machinery
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, failing with a clear message."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {_type_name(tp)})")
+    if tp is Any:
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, str) and tp is DataSource:
+            return DataSource(name=value)  # shorthand: "cifar100"
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping with keys {_field_names(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, v_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (Union, types.UnionType):  # e.g. int | str
+        for arg in get_args(tp):
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML reads 1e-5 as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _field_names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{path}'{hint}; valid keys"
+                f"{' in ' + where if where else ''}: {', '.join(fields)}"
+            )
+        kwargs[key] = _convert(value, hints[key], path)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # missing required field
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The fully resolved config as plain data (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested mapping (value parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("_base_", None)  # optional inheritance: _base_: other.yaml
+    if base:
+        parent = load_yaml(path.parent / base)
+        data = _deep_merge(parent, data)
+    return data
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load ``path`` (YAML) into ``cls`` with ``section.key=value`` overrides applied."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def check_choice(value: Any, choices: list[Any] | tuple[Any, ...], where: str) -> None:
+    """Raise a ConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not accepted; choose one of {', '.join(map(str, choices))}")

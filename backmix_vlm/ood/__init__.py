@@ -1,0 +1,11 @@
+"""Open-set / OOD evaluation: scores (registry), metrics, cached features, evaluation."""
+from .evaluate import evaluate_open_set, results_to_rows
+from .features import cache_file, cache_key, extract_outputs, model_fingerprint, score_images_loader
+from .metrics import MetricInputError, ood_metrics
+from .scores import SCORES, Score, get_score
+
+__all__ = [
+    "SCORES", "Score", "get_score", "ood_metrics", "MetricInputError", "extract_outputs",
+    "score_images_loader", "cache_key", "cache_file", "model_fingerprint", "evaluate_open_set",
+    "results_to_rows",
+]

@@ -1,0 +1,179 @@
+"""Results -> Markdown / JSON tables (results.md, results.json) and the paper's Table V.
+
+Input is ``evaluate_open_set``'s dict: ``{"acc", "counts", "results": {ood: {score:
+metrics}}}`` with fractions; :func:`aggregate_seeds` turns several of them into the same
+shape with ``{"mean", "std"}`` leaves, and every table function renders both kinds
+(percentages, "mean ± std" for aggregates).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..runs import atomic_write_text, write_json
+
+DEFAULT_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "dtacc", "oscr", "macro_f1")
+HEADERS = {
+    "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "fpr95": "FPR95",
+    "tnr95": "TNR95", "dtacc": "DTACC", "oscr": "OSCR", "macro_f1": "Macro-F1", "acc": "Accuracy",
+}
+LOWER_IS_BETTER = {"fpr95"}
+MISSING = "–"
+
+
+def _is_agg(value: Any) -> bool:
+    return isinstance(value, Mapping) and "mean" in value
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A fraction (or ``{"mean", "std"}``) as a percentage string; None -> "–"."""
+    if value is None:
+        return MISSING
+    if _is_agg(value):
+        return f"{100 * value['mean']:.{digits}f} ± {100 * value['std']:.{digits}f}"
+    return f"{100 * float(value):.{digits}f}"
+
+
+def _mean(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value["mean"]) if _is_agg(value) else float(value)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_to_markdown(
+    results: Mapping[str, Any],
+    *,
+    title: str | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> str:
+    """ID accuracy first, then one table per OOD set with one row per score (percent, 2 dp)."""
+    parts = [f"# {title}"] if title else []
+    seeds = results.get("num_seeds")
+    acc_line = f"**ID accuracy**: {fmt(results.get('acc'))}%" if results.get("acc") is not None else "**ID accuracy**: –"
+    if seeds:
+        acc_line += f" (mean ± std over {seeds} seeds)"
+    parts.append(acc_line)
+    counts = results.get("counts") or {}
+    for ood_name, per_score in results["results"].items():
+        n = counts.get(ood_name)
+        n = _mean(n) if n is not None else None
+        heading = f"## {ood_name}" + (f" (unknown, n = {int(n)})" if n is not None else " (unknown)")
+        header = ["Score"] + [HEADERS.get(m, m) + (" ↓" if m in LOWER_IS_BETTER else "") for m in metrics]
+        rows = [[name] + [fmt(vals.get(m)) for m in metrics] for name, vals in per_score.items()]
+        parts += [heading, _md_table(header, rows)]
+    parts.append(f"Values in %. {'Knowns' if results.get('positive', 'known') == 'known' else 'Unknowns'} "
+                 "are the positive class for FPR95.")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_results(run_dir: str | Path, results: Mapping[str, Any], title: str | None = None) -> tuple[Path, Path]:
+    """Write ``results.md`` and ``results.json`` into ``run_dir`` atomically; return their paths."""
+    run_dir = Path(run_dir)
+    md_path, json_path = run_dir / "results.md", run_dir / "results.json"
+    write_json(json_path, results)
+    atomic_write_text(md_path, results_to_markdown(results, title=title))
+    return md_path, json_path
+
+
+def _aggregate(values: list[Any], where: str) -> Any:
+    first = values[0]
+    if isinstance(first, Mapping):
+        keys = list(first)
+        for v in values[1:]:
+            if not isinstance(v, Mapping) or set(v) != set(keys):
+                other = sorted(set(v) ^ set(keys)) if isinstance(v, Mapping) else v
+                raise ValueError(f"aggregate_seeds: results differ at '{where}' ({other}); "
+                                 "every seed must evaluate the same OOD sets, scores and metrics")
+        return {k: _aggregate([v[k] for v in values], f"{where}.{k}" if where else k) for k in keys}
+    if first is None or isinstance(first, (str, bool)):
+        if any(v != first for v in values):
+            raise ValueError(f"aggregate_seeds: '{where}' differs between seeds: {values}")
+        return first
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": len(values)}
+
+
+def aggregate_seeds(results_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and std over seeds of every number in several ``evaluate_open_set`` results.
+
+    Leaves become ``{"mean", "std", "n"}`` (population std, ``ddof=0``, as numpy / most OSR
+    code report it); strings and None must agree across seeds and are kept as they are.
+    The result renders with :func:`results_to_markdown` as "mean ± std".
+    """
+    if not results_list:
+        raise ValueError("aggregate_seeds: no results to aggregate")
+    out = _aggregate([dict(r) for r in results_list], "")
+    out["num_seeds"] = len(results_list)
+    return out
+
+
+def paper_table_v(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    score: str | None = None,
+    metrics: Sequence[str] = ("auroc", "oscr", "macro_f1"),
+    digits: int = 1,
+) -> str:
+    """The paper's Table V: Setting | Method | Accuracy | per OOD set AUROC, OSCR, Macro-F1.
+
+    Each row is ``{"setting": "1-shot", "method": "CoOp", "results": <evaluate_open_set or
+    aggregate_seeds dict>}`` with an optional ``"score"`` (default: ``score``, else the first
+    score in the results).  Values are means in percent; a method written "+ ..." (e.g.
+    "+ BackMix") also shows its change against the closest plain method above it in the same
+    setting, as the paper does ("90.7 (+0.9)").  A setting equal to the row above is left blank.
+    """
+    if not rows:
+        raise ValueError("paper_table_v: no rows")
+    oods: list[str] = []
+    for row in rows:
+        for name in row["results"]["results"]:
+            if name not in oods:
+                oods.append(name)
+    header = ["Setting", "Method", "Accuracy"] + [f"{o} {HEADERS.get(m, m)}" for o in oods for m in metrics]
+
+    def values(row: Mapping[str, Any]) -> list[float | None]:
+        res = row["results"]
+        out = [_mean(res.get("acc"))]
+        for o in oods:
+            per_score = res["results"].get(o, {})
+            name = row.get("score") or score or next(iter(per_score), None)
+            if per_score and name not in per_score:
+                raise ValueError(f"paper_table_v: score '{name}' not in results for '{o}'; "
+                                 f"available: {', '.join(per_score)}")
+            vals = per_score.get(name, {})
+            out += [_mean(vals.get(m)) for m in metrics]
+        return out
+
+    table: list[list[str]] = []
+    base: list[float | None] | None = None  # the last non-"+" row of the current setting
+    prev_setting = None
+    for row in rows:
+        vals, setting = values(row), str(row.get("setting", ""))
+        if setting != prev_setting:
+            base = None
+        is_delta = str(row["method"]).lstrip().startswith("+") and base is not None
+        cells = []
+        for i, v in enumerate(vals):
+            cell = MISSING if v is None else f"{100 * v:.{digits}f}"
+            if is_delta and v is not None and base[i] is not None:
+                cell += f" ({100 * (v - base[i]):+.{digits}f})"
+            cells.append(cell)
+        table.append(["" if setting == prev_setting else setting, str(row["method"])] + cells)
+        if not str(row["method"]).lstrip().startswith("+"):
+            base = vals
+        prev_setting = setting
+    return _md_table(header, table) + "\n"
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a ``results.json`` written by :func:`write_results`."""
+    return json.loads(Path(path).read_text())

@@ -62,6 +62,17 @@ def dtacc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
     return float(np.max(0.5 * (tpr + 1.0 - fpr)))
 
 
+def oscr_curve(known_scores: np.ndarray, correct: np.ndarray, unknown_scores: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, CCR) operating points from threshold +inf down to the lowest score (see :func:`oscr`)."""
+    thr = np.unique(np.r_[known_scores, unknown_scores])[::-1]  # descending distinct scores
+    ok = np.sort(known_scores[correct])
+    unk = np.sort(unknown_scores)
+    ccr = (ok.size - np.searchsorted(ok, thr, side="left")) / known_scores.size
+    fpr = (unk.size - np.searchsorted(unk, thr, side="left")) / unknown_scores.size
+    return np.r_[0.0, fpr], np.r_[0.0, ccr]
+
+
 def oscr(known_scores: np.ndarray, correct: np.ndarray, unknown_scores: np.ndarray) -> float:
     """Open-Set Classification Rate (Dhamija et al. 2018; Vaze et al. 2022).
 
@@ -71,12 +82,7 @@ def oscr(known_scores: np.ndarray, correct: np.ndarray, unknown_scores: np.ndarr
     that share a score are accepted together (diagonal segment, trapezoid rule), unlike the
     widely copied ARPL implementation, which is off by one sample and splits ties.
     """
-    thr = np.unique(np.r_[known_scores, unknown_scores])[::-1]  # descending distinct scores
-    ok = np.sort(known_scores[correct])
-    unk = np.sort(unknown_scores)
-    ccr = (ok.size - np.searchsorted(ok, thr, side="left")) / known_scores.size
-    fpr = (unk.size - np.searchsorted(unk, thr, side="left")) / unknown_scores.size
-    return float(auc(np.r_[0.0, fpr], np.r_[0.0, ccr]))
+    return float(auc(*oscr_curve(known_scores, correct, unknown_scores)))
 
 
 def ood_metrics(

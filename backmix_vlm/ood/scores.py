@@ -68,7 +68,9 @@ class Score:
 def get_score(name: str, **params: Any) -> Score:
     """Build the score registered as ``name`` with its parameters (e.g. ``temperature=2``)."""
     cls = SCORES.get(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind in kinds and p.name != "self"]
     unknown = [k for k in params if k not in accepted]
     if unknown:
         raise ConfigError(

@@ -96,7 +96,8 @@ def extract_outputs(
     (int64) when the loader yields them.  Inference runs under ``torch.inference_mode`` with
     optional bf16 / fp16 autocast.  With ``cache_path`` the result is saved there
     (safetensors, atomic) and loaded instead of recomputed on the next call: build the path
-    with :func:`cache_file` so it encodes the model, dataset and transform.
+    with :func:`cache_file` so it encodes the model, dataset and transform (and ``precision``
+    / ``keep`` when they vary: a cache file is returned as saved).
     """
     if cache_path is not None and Path(cache_path).is_file():
         return load_file(str(cache_path))

@@ -1,0 +1,495 @@
+"""The training loop every runner uses: Accelerate, BackMix with its mask bank, exact resume.
+
+One training step::
+
+    clean batch (images, labels, indices)            # loader workers only decode + light aug
+      -> mixer(images, labels, indices) on device    # BackMix / Cutout / Mixup / CutMix / none
+      -> alongside: [originals; mixed] in ONE forward of 2B  |  mixed_only: the mixed batch
+      -> loss = MixResult.loss(logits) -> backward -> optimizer + LR schedule step
+      -> mask bank EMA update at the clean images' dataset indices
+
+What differs per model family (a CNN trained from scratch, a prompt adapter over a frozen
+CLIP) sits behind the small :class:`TrainTask` protocol; the loop itself never branches on it.
+
+Design choices (documented because they change numbers):
+
+* **LR schedule per step.**  ``cosine`` anneals from ``lr`` to 0 over every step after the
+  warm-up; ``step`` multiplies by 0.1 at 50% and 75% of training; ``constant`` keeps ``lr``.
+  Warm-up epochs run at the constant ``warmup_lr`` (CoOp's ConstantWarmupScheduler).
+* **Batch size is global.**  ``optim.batch_size`` is split evenly over the processes.
+* **Data order = f(seed, epoch, rank).**  A ``DistributedSampler`` (also with one process)
+  shuffles with ``seed + epoch``, and the loader's worker seeds come from a generator seeded
+  by :func:`~backmix_vlm.engine.checkpoint.epoch_seed`; with every RNG saved at the end of
+  each epoch, ``--resume`` replays the remaining epochs bit for bit.
+* **Evaluation never perturbs training.**  It runs on the main process with all RNG states
+  saved before and restored after, so ``eval.every`` does not change the trained weights.
+* **Bank maps come from the training forward.**  With ``alongside`` the maps are the
+  originals' (rows ``[:B]``); with ``mixed_only`` they are taken from the mixed images w.r.t.
+  the target label, as Algorithm 1 of the paper reads ("obtain C-hat with respect to x-tilde").
+  Tasks whose saliency needs its own pass (CoOp / LoCoOp) provide ``saliency_extra_pass``,
+  called every ``backmix.bank_update_every`` steps.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from ..config import BackMixConfig, OptimConfig, RunConfig, check_choice
+from ..errors import ConfigError, ModelError
+from ..models.output import ModelOutput
+from ..runs import atomic_write_text
+from .checkpoint import (
+    BEST,
+    LAST,
+    capture_rng_state,
+    epoch_seed,
+    load_checkpoint,
+    load_model_state_dict,
+    model_state_dict,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant", "step")
+PRECISIONS = ("no", "bf16", "fp16")
+AUGMENTS = ("none", "backmix", "cutout", "mixup", "cutmix")
+MODES = ("alongside", "mixed_only")
+CHECKPOINT_FORMAT = 1
+
+Evaluator = Callable[[nn.Module, int], dict[str, float]]
+
+
+# ----------------------------------------------------------------------------- task protocol
+@runtime_checkable
+class TrainTask(Protocol):
+    """What the Trainer needs from one model family.
+
+    ``model`` is the module to train (its frozen parts may be inside it).  ``forward`` gets
+    the *prepared* module (DDP-wrapped in multi-process runs), ``saliency_extra_pass`` the
+    unwrapped one; an extra pass that uses autograd must not leave gradients in ``.grad``
+    (use ``torch.autograd.grad``).  ``saliency_size`` is the (h, w) of the maps the task
+    produces (the mask bank is built at that size), or None when the task has no saliency.
+    """
+
+    model: nn.Module
+    trainable_only: bool          # checkpoint only parameters with requires_grad
+    saliency_size: tuple[int, int] | None
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def forward(self, model: nn.Module, images: Tensor) -> ModelOutput: ...
+
+    def loss(self, output: ModelOutput, mix: Any) -> Tensor: ...
+
+    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor) -> Tensor | None: ...
+
+    def saliency_extra_pass(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor | None: ...
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum, the paper's recipe) or AdamW over ``params``."""
+    check_choice(cfg.name, OPTIMIZERS, "optim.name")
+    params = list(params)
+    if not params:
+        raise ConfigError("optim: the model has no trainable parameters (requires_grad is False everywhere)")
+    if cfg.lr <= 0:
+        raise ConfigError(f"optim.lr: {cfg.lr!r} is not accepted; expected a positive number")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, *, steps_per_epoch: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based), per-step schedule."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.warmup_lr / cfg.lr
+    total = max(1, cfg.epochs * steps_per_epoch - warmup)
+    t = min(step - warmup, total) / total
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return 0.1 ** sum(t >= m for m in (0.5, 0.75))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    check_choice(cfg.schedule, SCHEDULES, "optim.schedule")
+    if cfg.epochs < 1 or not 0 <= cfg.warmup_epochs < max(cfg.epochs, 1) + (cfg.warmup_epochs == 0):
+        raise ConfigError(f"optim: epochs={cfg.epochs}, warmup_epochs={cfg.warmup_epochs}; "
+                          "expected epochs >= 1 and 0 <= warmup_epochs < epochs")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps_per_epoch=steps_per_epoch, cfg=cfg))
+
+
+def build_accelerator(run: RunConfig) -> Any:
+    """An ``accelerate.Accelerator`` for ``run.device`` / ``run.precision``.
+
+    Works unchanged under ``accelerate launch`` / ``torchrun`` (the env tells Accelerate the
+    process group).  ``bf16`` autocasts on CPU as well as on GPU.  In a single process the
+    Accelerate state is a singleton; it is reset when a later run asks for another precision.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    check_choice(run.precision, PRECISIONS, "run.precision")
+    device = str(run.device)
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"run.device: {device!r} is not accepted; choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {device!r} but no CUDA GPU is visible; use run.device=cpu or auto")
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if run.precision == "fp16" and cpu:
+        raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
+    shared = AcceleratorState._shared_state
+    if shared and PartialState._shared_state.get("num_processes", 1) == 1:
+        same = shared.get("_mixed_precision") == run.precision and (shared["device"].type == "cpu") == cpu
+        if not same:  # single process: safe to start over with other settings
+            AcceleratorState._reset_state(reset_partial_state=True)
+    if device.startswith("cuda:") and not PartialState._shared_state:
+        os.environ["ACCELERATE_TORCH_DEVICE"] = device
+    return Accelerator(mixed_precision=run.precision, cpu=cpu)
+
+
+def output_to_fp32(output: ModelOutput) -> ModelOutput:
+    """Autocast leaves bf16/fp16 tensors in the output; losses and maps are computed in fp32."""
+    return replace(output, **{f.name: getattr(output, f.name).float() for f in fields(output)
+                              if isinstance(getattr(output, f.name), Tensor)
+                              and getattr(output, f.name).is_floating_point()})
+
+
+def _as_output(out: Any) -> ModelOutput:
+    return out if isinstance(out, ModelOutput) else ModelOutput(logits=out)
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Train ``task.model`` on ``train_set`` with optional BackMix; checkpoint and log per epoch.
+
+    ``train_set`` yields ``(image, label, index)`` with ``index`` its position in the dataset
+    (the mask bank row).  ``evaluate(model, epoch) -> {metric: value}`` is called on the main
+    process every ``eval_every`` epochs and after the last one; its values go to the log.
+    ``meta`` (plain data: config, class names) is stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        task: TrainTask,
+        train_set: Dataset,
+        *,
+        optim: OptimConfig,
+        run: RunConfig,
+        run_dir: str | Path,
+        num_classes: int,
+        augment: str = "none",
+        backmix: BackMixConfig | None = None,
+        num_workers: int = 0,
+        evaluate: Evaluator | None = None,
+        eval_every: int = 0,
+        best_metric: str | None = None,
+        meta: dict[str, Any] | None = None,
+        accelerator: Any = None,
+    ) -> None:
+        check_choice(augment, AUGMENTS, "augment")
+        self.backmix = backmix or BackMixConfig()
+        check_choice(self.backmix.mode, MODES, "backmix.mode")
+        if self.backmix.bank_update_every < 1:
+            raise ConfigError(f"backmix.bank_update_every: {self.backmix.bank_update_every!r}; expected >= 1")
+        self.task, self.train_set = task, train_set
+        self.optim_cfg, self.run_cfg = optim, run
+        self.run_dir = Path(run_dir)
+        self.num_classes, self.augment = num_classes, augment
+        self.num_workers, self.evaluate, self.eval_every = num_workers, evaluate, eval_every
+        self.best_metric, self.meta = best_metric, dict(meta or {})
+        self.accelerator = accelerator or build_accelerator(run)
+        acc = self.accelerator
+        self.device = acc.device
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+
+        if optim.batch_size < 1 or optim.batch_size % self.world:
+            raise ConfigError(f"optim.batch_size: {optim.batch_size} must be a positive multiple of the "
+                              f"number of processes ({self.world})")
+        self.batch_size = optim.batch_size // self.world
+        self.sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank,
+                                          shuffle=True, seed=run.seed, drop_last=False)
+        per_rank = len(self.sampler)
+        if per_rank == 0:
+            raise ConfigError("the training set is empty")
+        # drop a trailing partial batch (BatchNorm and in-batch pairing need > 1 sample)
+        self.drop_last = per_rank >= self.batch_size
+        self.steps_per_epoch = per_rank // self.batch_size if self.drop_last else 1
+        self.loader_generator = torch.Generator()
+        self.mix_generator = torch.Generator().manual_seed(epoch_seed(run.seed, 0, self.rank, stream=2))
+
+        self.bank, self.mixer = self._build_mixer()
+        optimizer = build_optimizer(task.trainable_parameters(), optim)
+        self.model, self.optimizer = acc.prepare(task.model, optimizer)
+        self.scheduler = build_scheduler(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                         else self.optimizer, optim, self.steps_per_epoch)
+        self.epoch = 0            # epochs completed
+        self.global_step = 0
+        self.best: float | None = None
+        self._best_pending = False
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ construction
+    def _build_mixer(self) -> tuple[nn.Module | None, Callable[..., Any] | None]:
+        if self.augment == "none" or (self.augment == "backmix" and not self.backmix.enabled):
+            return None, None
+        from ..augment import build_mixer
+        from ..augment.mask_bank import MaskBank
+
+        bank = None
+        if self.augment == "backmix":
+            size = self.task.saliency_size
+            if size is None:
+                raise ConfigError("augment: backmix needs foreground maps, but this model gives none "
+                                  "(no CAM head / saliency); choose augment none, cutout, mixup or cutmix")
+            bank = MaskBank.from_config(self.backmix, len(self.train_set), tuple(size), device=self.device)
+        mixer = build_mixer(self.augment, self.backmix, bank, self.num_classes, self.mix_generator)
+        return bank, mixer
+
+    def _loader(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        self.loader_generator.manual_seed(epoch_seed(self.run_cfg.seed, epoch, self.rank, stream=1))
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
+                          num_workers=self.num_workers, drop_last=self.drop_last,
+                          generator=self.loader_generator, pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ one step / epoch
+    def train_step(self, images: Tensor, labels: Tensor, indices: Tensor) -> dict[str, float]:
+        """Mix, forward, backward, optimizer + schedule step, bank update. Returns batch stats."""
+        from ..augment.base import MixResult, alongside
+
+        acc, task, cfg = self.accelerator, self.task, self.backmix
+        b = images.shape[0]
+        extra_maps = None
+        if (self.bank is not None and task.saliency_size is not None
+                and self.global_step % cfg.bank_update_every == 0):
+            extra_maps = task.saliency_extra_pass(acc.unwrap_model(self.model), images, labels)
+        if self.mixer is None:
+            mix = MixResult(images, labels)
+        else:
+            mix = self.mixer(images, labels, indices)
+            if cfg.mode == "alongside":
+                mix = alongside(images, labels, mix)
+        self.optimizer.zero_grad(set_to_none=True)
+        with acc.autocast():
+            out = _as_output(task.forward(self.model, mix.images))
+        out = output_to_fp32(out)
+        loss = task.loss(out, mix)
+        acc.backward(loss)
+        if self.optim_cfg.grad_clip:
+            acc.clip_grad_norm_(task.trainable_parameters(), self.optim_cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+        # rows that correspond one-to-one with the clean batch (originals, or the mixed TIs)
+        rows = slice(0, b)
+        row_labels = labels if (self.mixer is None or cfg.mode == "alongside") else mix.labels_a[:b]
+        if self.bank is not None:
+            maps = extra_maps
+            if maps is None:
+                with torch.no_grad():
+                    maps = task.saliency_from_output(_slice_output(out, rows), mix.images[rows], row_labels)
+            if maps is not None:
+                self.bank.update(indices, maps)
+        self.global_step += 1
+        with torch.no_grad():
+            correct = (out.logits[rows].argmax(-1) == row_labels).sum()
+        return {"loss": loss.detach(), "correct": correct, "n": b}
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns mean loss / accuracy over all processes."""
+        self.model.train()
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        seen = torch.zeros((), device=self.device, dtype=torch.float64)
+        bar = tqdm(self._loader(epoch), desc=f"epoch {epoch + 1}/{self.optim_cfg.epochs}", leave=False,
+                   disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        for images, labels, indices in bar:
+            images = images.to(self.device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
+            indices = torch.as_tensor(indices).to(self.device, non_blocking=True)
+            stats = self.train_step(images, labels, indices)
+            loss_sum += stats["loss"].double() * stats["n"]
+            correct += stats["correct"].double()
+            seen += stats["n"]
+            if not bar.disable:
+                bar.set_postfix(loss=f"{stats['loss'].item():.3f}")
+        totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum")
+        loss_sum, correct, seen = (float(t) for t in totals)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}; "
+                                     "lower optim.lr, set optim.grad_clip or use run.precision=no")
+        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1), "time": time.perf_counter() - start}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``optim.epochs`` (from ``last.pt`` with ``resume``); returns the epoch log.
+
+        ``stop_after`` ends this call after that many epochs (a time-sliced or preempted job):
+        the next ``fit(resume=True)`` continues exactly where it stopped.
+        """
+        if resume:
+            self.load(self.run_dir / LAST)
+        epochs = self.optim_cfg.epochs
+        done_here = 0
+        while self.epoch < epochs and (stop_after is None or done_here < stop_after):
+            row = self.train_epoch(self.epoch)
+            self.epoch += 1
+            done_here += 1
+            if self.evaluate is not None and (self.epoch == epochs or (self.eval_every and self.epoch % self.eval_every == 0)):
+                row.update(self.run_evaluation())
+            self.history.append(row)
+            self._maybe_best(row)
+            self.save(self.run_dir / LAST)
+            self.write_logs()
+            self.accelerator.print(format_row(row, epochs))
+        return self.history
+
+    def run_evaluation(self) -> dict[str, float]:
+        """Call ``evaluate`` on the main process without touching any training RNG."""
+        summary: dict[str, float] = {}
+        if self.is_main:
+            rng = capture_rng_state(self._generators())
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            try:
+                summary = dict(self.evaluate(model, self.epoch) or {})
+            finally:
+                model.train(was_training)
+                restore_rng_state(rng, self._generators())
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    def _maybe_best(self, row: dict[str, Any]) -> None:
+        if self.best_metric is None or self.best_metric not in row or not self.is_main:
+            return
+        value = float(row[self.best_metric])
+        if self.best is None or value > self.best:
+            self.best = value
+            self._best_pending = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"mixer": self.mix_generator, "loader": self.loader_generator}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state; RNG states are gathered from every process."""
+        rng = capture_rng_state(self._generators())
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, rng)
+            rngs = gathered
+        else:
+            rngs = [rng]
+        scaler = getattr(self.accelerator, "scaler", None)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": model_state_dict(self.model, trainable_only=self.task.trainable_only),
+            "trainable_only": self.task.trainable_only,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "bank": self.bank.state_dict() if self.bank is not None else None,
+            "rng": rngs,
+            "data": {"seed": self.run_cfg.seed, "world_size": self.world, "batch_size": self.optim_cfg.batch_size,
+                     "num_samples": len(self.train_set), "steps_per_epoch": self.steps_per_epoch},
+            "history": self.history,
+            "best": self.best,
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> None:
+        state = self.state_dict()  # collective in DDP: every rank builds it
+        if self.is_main:
+            save_checkpoint(path, state)
+            if self._best_pending:
+                save_checkpoint(Path(path).with_name(BEST), state)
+                self._best_pending = False
+        self.accelerator.wait_for_everyone()
+
+    def load(self, path: str | Path) -> None:
+        """Restore everything :meth:`state_dict` saved (exact continuation)."""
+        state = load_checkpoint(path)
+        data = state.get("data", {})
+        expected = {"world_size": self.world, "batch_size": self.optim_cfg.batch_size,
+                    "num_samples": len(self.train_set), "seed": self.run_cfg.seed}
+        diff = {k: (data.get(k), v) for k, v in expected.items() if data.get(k) != v}
+        if diff:
+            raise ModelError(f"{path}: cannot resume exactly, the run changed: "
+                             + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
+        load_model_state_dict(self.model, state["model"], trainable_only=state.get("trainable_only", False),
+                              source=path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if self.bank is not None:
+            if state.get("bank") is None:
+                raise ModelError(f"{path}: the checkpoint has no mask bank but augment is backmix")
+            self.bank.load_state_dict(state["bank"])
+        restore_rng_state(state["rng"][self.rank], self._generators())
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.history, self.best = list(state.get("history", [])), state.get("best")
+
+    # ------------------------------------------------------------------ logs
+    def write_logs(self) -> None:
+        """``log.csv`` and ``log.jsonl`` from the full history (so a resume never duplicates rows)."""
+        if not self.is_main:
+            return
+        write_log_files(self.run_dir, self.history)
+
+
+def _slice_output(out: ModelOutput, rows: slice) -> ModelOutput:
+    return replace(out, **{f.name: getattr(out, f.name)[rows] for f in fields(out)
+                           if isinstance(getattr(out, f.name), Tensor)})
+
+
+def write_log_files(run_dir: str | Path, history: list[dict[str, Any]]) -> None:
+    """Write ``log.csv`` (union of columns, blanks where an epoch has no eval) and ``log.jsonl``."""
+    run_dir = Path(run_dir)
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "log.csv", buf.getvalue())
+    atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def format_row(row: dict[str, Any], epochs: int) -> str:
+    """One console line per epoch: fractions as percentages, the rest compact."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.4g}", f"loss {row['train_loss']:.4f}",
+             f"acc {100 * row['train_acc']:.2f}%", f"{row['time']:.1f}s"]
+    parts += [f"{k} {100 * v:.2f}" for k, v in row.items()
+              if k not in ("epoch", "lr", "train_loss", "train_acc", "time") and isinstance(v, float)]
+    return "  ".join(parts)

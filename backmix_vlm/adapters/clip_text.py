@@ -1,0 +1,91 @@
+"""open_clip's text tower, driven with token *embeddings* instead of token ids.
+
+Prompt learners (CoOp, LoCoOp) replace some token embeddings with learned vectors, so they
+cannot call ``model.encode_text(ids)``.  :func:`encode_text_embeddings` runs the rest of
+open_clip's text path exactly as ``encode_text`` does (same order of operations, so the
+result is bit-identical when the embeddings are the real token embeddings):
+
+    x + positional_embedding → transformer(causal attn_mask) → ln_final
+      → pool at the EOT token (open_clip's ``text_global_pool``) → text_projection
+
+Both open_clip layouts are handled: ``CLIP`` keeps the text modules on the model,
+``CustomTextCLIP`` keeps them in ``model.text`` (a ``TextTransformer``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import open_clip
+import torch
+from open_clip.transformer import TextTransformer, text_global_pool
+from torch import nn
+
+from ..errors import ModelError
+
+
+@dataclass
+class TextTower:
+    """The pieces of an open_clip text encoder, wherever the model keeps them."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: torch.Tensor
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: Any            # Parameter (D, E), nn.Linear, or None
+    attn_mask: torch.Tensor | None
+    pool_type: str
+    eos_id: int | None
+    context_length: int
+
+
+def text_tower(model: nn.Module) -> TextTower:
+    """The text-tower view of an open_clip ``CLIP`` / ``CustomTextCLIP`` model."""
+    if isinstance(getattr(model, "text", None), TextTransformer):
+        t = model.text
+        if t.cls_emb is not None or t.use_pad_mask:
+            raise ModelError(
+                f"prompt learning needs a causal CLIP text tower; {type(model).__name__}.text uses a "
+                "class-token / padding-mask text encoder (CoCa-style), which is not supported"
+            )
+        return TextTower(t.token_embedding, t.positional_embedding, t.transformer, t.ln_final,
+                         t.text_projection, t.attn_mask, t.pool_type, getattr(t, "eos_id", None),
+                         t.context_length)
+    if all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+        return TextTower(model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
+                         getattr(model, "text_projection", None), getattr(model, "attn_mask", None),
+                         getattr(model, "text_pool_type", "argmax"), getattr(model, "text_eos_id", None),
+                         model.context_length)
+    raise ModelError(
+        f"prompt learning needs an open_clip CLIP model with a transformer text tower; got "
+        f"{type(model).__name__} (Hugging Face text towers are not supported)"
+    )
+
+
+def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Text features ``(N, E)`` from token embeddings ``(N, L, D)``; ``token_ids`` locate the EOT token."""
+    t = text_tower(model)
+    cast_dtype = t.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + t.positional_embedding.to(cast_dtype)
+    x = t.transformer(x, attn_mask=t.attn_mask)
+    x = t.ln_final(x)
+    x = text_global_pool(x, token_ids, t.pool_type, eos_token_id=t.eos_id)
+    if t.text_projection is not None:
+        x = t.text_projection(x) if isinstance(t.text_projection, nn.Linear) else x @ t.text_projection
+    return x
+
+
+def unwrap_clip(base: Any, tokenizer: Callable[..., torch.Tensor] | None = None) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
+    """``(model, tokenizer)`` from a :class:`~backmix_vlm.models.clip.ClipBundle` or a bare open_clip model.
+
+    A bare model gets open_clip's CLIP BPE tokenizer at the model's context length.
+    """
+    model = base
+    if not isinstance(base, nn.Module) and hasattr(base, "model"):  # ClipBundle
+        model = base.model
+        tokenizer = tokenizer or getattr(base, "tokenizer", None)
+    if not isinstance(model, nn.Module) or not hasattr(model, "visual") or not hasattr(model, "logit_scale"):
+        raise ModelError(f"expected an open_clip CLIP model or a ClipBundle (see load_clip), got {type(base).__name__}")
+    if tokenizer is None:
+        tokenizer = open_clip.SimpleTokenizer(context_length=getattr(model, "context_length", 77))
+    return model, tokenizer

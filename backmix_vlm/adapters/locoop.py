@@ -1,0 +1,103 @@
+"""LoCoOp: CoOp + OOD regularisation from local features (Miyai et al., NeurIPS 2023).
+
+Every patch of a training image gets class logits ``logit_scale * cos(local, text)``.  A patch
+whose top-K predicted classes do not include the image's label is treated as background
+(an "OOD" region), and its class distribution is pushed towards uniform:
+
+    loss = CE(global logits, y) + lambda_ * (-H(softmax(local logits)))  averaged over those patches
+
+This matches ``entropy_select_topk`` in AtsuMiyai/LoCoOp (trainers/locoop.py): patches of the
+whole batch are flattened, the entropy is averaged over the selected patches (not per image),
+and the term is 0 when no patch is selected.  One deliberate difference: the entropy uses
+``log_softmax`` (exact) instead of ``log(p + 1e-5)``, which shifts values by < 1e-4 nats.
+
+Top-K: LoCoOp uses K = 200 for ImageNet's 1000 classes, i.e. a patch counts as background
+unless its label is among its top 20 % of classes.  ``top_k=None`` keeps that fraction:
+``K = round(0.2 * num_classes)`` clamped to ``[1, num_classes - 1]`` — K = 2 for CIFAR-10.
+(A fixed K such as 5 of 10 would select far fewer patches than the paper's setting.)
+
+Scores: MCM reads ``ModelOutput.cosine``, GL-MCM also ``local_cosine`` (always computed here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models.output import ModelOutput
+from .base import ADAPTERS
+from .coop import CoOp, CoOpConfig
+
+TOP_K_FRACTION = 0.2  # LoCoOp: top_k = 200 of 1000 ImageNet classes
+
+
+@dataclass
+class LoCoOpConfig(CoOpConfig):
+    top_k: int | None = None           # None: round(0.2 * num_classes), LoCoOp's 200/1000
+    lambda_: float = 0.25              # weight of the entropy regulariser (LoCoOp default)
+    local_features: bool = True        # LoCoOp needs local features; at eval they feed GL-MCM
+
+    def validate(self) -> None:
+        super().validate()
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"adapter.top_k: {self.top_k} is not accepted; must be >= 1 (or null for 20% of classes)")
+        if self.lambda_ < 0:
+            raise ConfigError(f"adapter.lambda_: {self.lambda_} is not accepted; must be >= 0")
+
+
+def resolve_top_k(top_k: int | None, num_classes: int) -> int:
+    """The K in "label not among the patch's top-K classes"; must leave at least one class out."""
+    if num_classes < 2:
+        raise ConfigError(f"LoCoOp needs at least 2 classes, got {num_classes}")
+    if top_k is None:
+        return min(max(1, round(TOP_K_FRACTION * num_classes)), num_classes - 1)
+    if not 1 <= top_k < num_classes:
+        raise ConfigError(f"adapter.top_k: {top_k} is not accepted with {num_classes} classes; "
+                          f"choose 1..{num_classes - 1} (null = {TOP_K_FRACTION:.0%} of the classes)")
+    return top_k
+
+
+def locoop_regularizer(local_logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``-mean entropy`` of the patches whose top-K classes miss the label (0 if there are none).
+
+    ``local_logits``: ``(B, P, K)``; ``labels``: ``(B,)``.  Minimising this maximises the
+    entropy of background patches.
+    """
+    b, p, k = local_logits.shape
+    flat = local_logits.reshape(b * p, k)
+    patch_labels = labels.repeat_interleave(p)
+    topk = flat.topk(top_k, dim=1).indices
+    background = ~(topk == patch_labels.unsqueeze(1)).any(dim=1)
+    if not bool(background.any()):
+        return flat.sum() * 0.0  # keeps the graph (DDP needs every parameter to get a gradient)
+    logp = F.log_softmax(flat[background].float(), dim=1)
+    entropy = -(logp.exp() * logp).sum(dim=1).mean()
+    return -entropy
+
+
+class LoCoOp(CoOp):
+    """CoOp with LoCoOp's local OOD regularisation (only ``ctx`` trains)."""
+
+    config_class = LoCoOpConfig
+
+    def __init__(self, base: Any, classnames: Sequence[str], cfg: LoCoOpConfig | None = None, *,
+                 tokenizer: Callable[..., torch.Tensor] | None = None) -> None:
+        super().__init__(base, classnames, cfg, tokenizer=tokenizer)
+        self.top_k = resolve_top_k(self.cfg.top_k, self.num_classes)
+        self.lambda_ = self.cfg.lambda_
+
+    def forward(self, images: torch.Tensor, local: bool | None = None) -> ModelOutput:
+        """Like CoOp; local features are always computed in training (the loss needs them)."""
+        return super().forward(images, local=True if self.training else local)
+
+    def loss(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        if output.local_logits is None:
+            raise ValueError("LoCoOp.loss needs output.local_logits: call forward in train mode or with local=True")
+        ce = F.cross_entropy(output.logits, labels)
+        return ce + self.lambda_ * locoop_regularizer(output.local_logits, labels, self.top_k).to(ce.dtype)
+
+
+ADAPTERS.add("locoop", LoCoOp)

@@ -1,0 +1,100 @@
+"""timm Vision Transformers: build by name, weights from a local file or the timm/HF cache.
+
+``load_timm_vit(name, pretrained=PATH)`` loads a local checkpoint through timm's own
+``pretrained_cfg_overlay=dict(file=PATH)`` path, so timm's checkpoint filters still run
+(e.g. position-embedding resampling to ``img_size``).  ``pretrained=True`` uses timm's
+download; offline, weights already in the Hugging Face cache still load, and otherwise it
+fails in seconds with one clear message instead of a minute of hub retries.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+
+def load_timm_vit(
+    name: str,
+    pretrained: bool | str | os.PathLike = False,
+    img_size: int | None = None,
+    num_classes: int = 0,
+    **kwargs: Any,
+) -> nn.Module:
+    """A timm model (``num_classes=0``: no head, ``forward`` returns pooled features).
+
+    ``pretrained``: False (random init), True (timm's pretrained weights, cached or
+    downloaded) or a path to a ``.safetensors`` / ``.pth`` / ``.bin`` state dict in timm's key
+    layout.  Extra keyword arguments go to ``timm.create_model``.
+    """
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        known = timm.list_models("vit_*")
+        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+        raise ModelError(f"unknown timm model '{name}'; {'similar: ' + ', '.join(close) if close else 'e.g. ' + ', '.join(known[:5])} "
+                         f"(all: timm.list_models('vit_*'))")
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    kwargs["num_classes"] = num_classes
+
+    if pretrained is False or pretrained is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained is True:
+        file = _cached_weights(name)
+        if file is None:
+            from .clip import hub_reachable
+
+            if not hub_reachable():
+                raise ModelError(
+                    f"cannot load pretrained weights for timm '{name}': huggingface.co is unreachable and the "
+                    f"weights are not in the Hugging Face cache (HF_HOME / HF_HUB_CACHE). Download the "
+                    f"weights elsewhere and pass the file (model.pretrained=/path/to/model.safetensors), "
+                    f"or use pretrained: false for random init"
+                )
+            return _create(name, kwargs, None)
+        return _create(name, kwargs, file)
+    path = Path(pretrained)
+    if not path.is_file():
+        raise ModelError(f"timm weights file not found: {path} (model '{name}'); give an existing "
+                         f".safetensors/.pth/.bin file, true for timm's weights, or false")
+    return _create(name, kwargs, str(path))
+
+
+def _create(name: str, kwargs: dict[str, Any], file: str | None) -> nn.Module:
+    overlay = {"pretrained_cfg_overlay": dict(file=file)} if file else {}
+    try:
+        return timm.create_model(name, pretrained=True, **overlay, **kwargs)
+    except (RuntimeError, OSError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        where = f"from {file}" if file else "from timm's hub"
+        raise ModelError(f"cannot load weights for timm '{name}' {where}: {first}") from None
+
+
+def _cached_weights(name: str) -> str | None:
+    """Path of already-downloaded weights for ``name`` (HF cache or torch-hub cache), else None."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, KeyError):
+        cfg = None
+    if cfg is None:
+        raise ModelError(f"timm model '{name}' has no pretrained weights (or unknown tag); "
+                         f"tags: {', '.join(timm.list_pretrained(name.split('.')[0] + '*')[:8]) or 'none'}")
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for fname in names:
+            hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
+            if isinstance(hit, str):
+                return hit
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if cached.is_file():
+            return str(cached)
+    return None

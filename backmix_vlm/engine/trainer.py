@@ -337,6 +337,10 @@ class Trainer:
             seen += stats["n"]
             if not bar.disable:
                 bar.set_postfix(loss=f"{stats['loss'].item():.3f}")
+        if self.world > 1:  # DDP leaves each rank its own BN running stats: average them (timm)
+            from timm.utils import distribute_bn
+
+            distribute_bn(self.model, self.world, reduce=True)
         totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum")
         loss_sum, correct, seen = (float(t) for t in totals)
         if not math.isfinite(loss_sum):

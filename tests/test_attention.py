@@ -385,3 +385,24 @@ def test_resolve_blocks_picks_the_image_tower() -> None:
         AttentionRelevance([nn.ModuleDict({"attn": nn.Linear(2, 2)})])
     with pytest.raises(ConfigError, match="start_layer=5"):
         AttentionRelevance(model, start_layer=5)
+
+
+@pytest.mark.parametrize("base", ["timm", "clip"])
+def test_vpt_adapter_recording_equals_separate_pass(base: str) -> None:
+    from backmix_vlm.adapters.vpt import VPT
+
+    torch.manual_seed(0)
+    backbone = tiny_timm() if base == "timm" else tiny_clip()
+    vpt = VPT(backbone, ["a", "b", "c"], {"num_tokens": 3, "deep": True}).eval()
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([2, 0])
+    ext = AttentionRelevance(vpt, start_layer=0)
+    assert ext.layout(vpt.num_prefix_tokens + 16) == (vpt.num_prefix_tokens, (4, 4))
+    separate = ext(images, targets, vpt)  # a ModelOutput-returning model is a valid logits_fn
+    assert separate.shape == (2, 4, 4)
+    with ext.record() as rec:
+        out = vpt(images)
+        rec.target_grads(out, targets)
+    F.cross_entropy(out.logits, targets).backward()
+    torch.testing.assert_close(rec.maps(), separate, atol=1e-5, rtol=1e-4)
+    assert vpt.prompt_embeddings.grad is not None
+    assert all(p.grad is None for p in vpt.base.parameters())

@@ -242,7 +242,8 @@ def _hf_found(ds: Any, where: str, label_columns: Sequence[str]) -> Found:
 
 
 def _parquet_files(d: Path, split: str) -> list[Path]:
-    files = sorted(p for p in d.rglob("*.parquet") if len(p.relative_to(d).parts) <= 3)
+    # at most two folders deep (data/, <config>/<split>/): never walk a big image tree
+    files = sorted({p for pattern in ("*.parquet", "*/*.parquet", "*/*/*.parquet") for p in d.glob(pattern)})
     names = split_names(split)
 
     def marked(p: Path, names: Sequence[str]) -> bool:

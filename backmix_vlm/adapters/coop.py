@@ -63,14 +63,10 @@ def coop_default_schedule(shots: int | None) -> dict[str, Any]:
     """
     if shots is not None and shots < 0:
         raise ConfigError(f"shots: {shots} is not accepted; use a positive number or null for full data")
-    if not shots or shots > 16:
+    if not shots or shots == 1 or shots > 16:
         epochs = 50
-    elif shots == 1:
-        epochs = 50
-    elif shots <= 4:
-        epochs = 100
     else:
-        epochs = 200
+        epochs = 100 if shots <= 4 else 200
     return dict(name="sgd", lr=0.002, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine",
                 warmup_epochs=1, warmup_lr=1e-5, epochs=epochs, batch_size=32)
 

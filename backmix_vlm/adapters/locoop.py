@@ -73,7 +73,10 @@ def locoop_regularizer(local_logits: torch.Tensor, labels: torch.Tensor, top_k: 
     background = ~(topk == patch_labels.unsqueeze(1)).any(dim=1)
     if not bool(background.any()):
         return flat.sum() * 0.0  # keeps the graph (DDP needs every parameter to get a gradient)
-    logp = F.log_softmax(flat[background].float(), dim=1)
+    selected = flat[background]
+    if selected.dtype in (torch.float16, torch.bfloat16):
+        selected = selected.float()  # entropy in full precision under autocast
+    logp = F.log_softmax(selected, dim=1)
     entropy = -(logp.exp() * logp).sum(dim=1).mean()
     return -entropy
 

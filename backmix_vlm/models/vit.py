@@ -12,6 +12,7 @@ import difflib
 import os
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import timm
 import torch
@@ -67,13 +68,43 @@ def load_timm_vit(
 
 
 def _create(name: str, kwargs: dict[str, Any], file: str | None) -> nn.Module:
+    """``timm.create_model(pretrained=True)``, then check what the weights actually covered.
+
+    timm loads non-strictly whenever ``num_classes`` differs from the checkpoint's (always
+    with ``num_classes=0``), so a file for another architecture would silently leave random
+    weights; we record ``load_state_dict``'s report and accept only a missing/unexpected head.
+    """
     overlay = {"pretrained_cfg_overlay": dict(file=file)} if file else {}
+    where = f"from {file}" if file else "from timm's hub"
+    reports: list[Any] = []
+    original = nn.Module.load_state_dict
+
+    def recording(module: nn.Module, *args: Any, **kw: Any) -> Any:
+        result = original(module, *args, **kw)
+        reports.append(result)
+        return result
+
     try:
-        return timm.create_model(name, pretrained=True, **overlay, **kwargs)
+        with mock.patch.object(nn.Module, "load_state_dict", recording):
+            model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
     except (RuntimeError, OSError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-        where = f"from {file}" if file else "from timm's hub"
         raise ModelError(f"cannot load weights for timm '{name}' {where}: {first}") from None
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+
+    def off_head(keys: list[str]) -> list[str]:
+        return [k for k in keys if not any(k == h or k.startswith(h + ".") for h in heads)]
+
+    missing = off_head([k for r in reports for k in r.missing_keys])
+    unexpected = off_head([k for r in reports for k in r.unexpected_keys])
+    if not reports or missing or unexpected:
+        raise ModelError(
+            f"weights {where} do not fit timm '{name}': missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
+            f"(is the file in timm's key layout for this architecture?)"
+        )
+    return model
 
 
 def _cached_weights(name: str) -> str | None:

@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -186,7 +186,9 @@ class Trainer:
     ``train_set`` yields ``(image, label, index)`` with ``index`` its position in the dataset
     (the mask bank row).  ``evaluate(model, epoch) -> {metric: value}`` is called on the main
     process every ``eval_every`` epochs and after the last one; its values go to the log.
-    ``meta`` (plain data: config, class names) is stored in every checkpoint.
+    ``meta`` (plain data: config, class names) is stored in every checkpoint.  The mixer is
+    ``augment`` built from the ``backmix`` section plus ``augment_options`` (e.g. mixup
+    ``alpha``); ``augment="backmix"`` with ``backmix.enabled=False`` trains plain.
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class Trainer:
         num_classes: int,
         augment: str = "none",
         backmix: BackMixConfig | None = None,
+        augment_options: dict[str, Any] | None = None,
         num_workers: int = 0,
         evaluate: Evaluator | None = None,
         eval_every: int = 0,
@@ -216,6 +219,7 @@ class Trainer:
         self.optim_cfg, self.run_cfg = optim, run
         self.run_dir = Path(run_dir)
         self.num_classes, self.augment = num_classes, augment
+        self.augment_options = dict(augment_options or {})
         self.num_workers, self.evaluate, self.eval_every = num_workers, evaluate, eval_every
         self.best_metric, self.meta = best_metric, dict(meta or {})
         self.accelerator = accelerator or build_accelerator(run)
@@ -264,7 +268,8 @@ class Trainer:
                 raise ConfigError("augment: backmix needs foreground maps, but this model gives none "
                                   "(no CAM head / saliency); choose augment none, cutout, mixup or cutmix")
             bank = MaskBank.from_config(self.backmix, len(self.train_set), tuple(size), device=self.device)
-        mixer = build_mixer(self.augment, self.backmix, bank, self.num_classes, self.mix_generator)
+        options = {**asdict(self.backmix), **self.augment_options}  # BackMix keys, then mixer options
+        mixer = build_mixer(self.augment, options, bank, self.num_classes, self.mix_generator)
         return bank, mixer
 
     def _loader(self, epoch: int) -> DataLoader:
@@ -491,9 +496,9 @@ def write_log_files(run_dir: str | Path, history: list[dict[str, Any]]) -> None:
 
 
 def format_row(row: dict[str, Any], epochs: int) -> str:
-    """One console line per epoch: fractions as percentages, the rest compact."""
+    """One console line per epoch (the full row is in log.csv): loss, accuracy, eval AUROCs."""
     parts = [f"epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.4g}", f"loss {row['train_loss']:.4f}",
              f"acc {100 * row['train_acc']:.2f}%", f"{row['time']:.1f}s"]
     parts += [f"{k} {100 * v:.2f}" for k, v in row.items()
-              if k not in ("epoch", "lr", "train_loss", "train_acc", "time") and isinstance(v, float)]
+              if (k == "test_acc" or k.startswith("auroc/")) and isinstance(v, float)]
     return "  ".join(parts)

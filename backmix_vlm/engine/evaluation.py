@@ -1,0 +1,154 @@
+"""Open-set evaluation of a model under training: known test set vs unknown sets.
+
+:class:`OpenSetEvaluator` is the ``evaluate(model, epoch)`` callable the
+:class:`~backmix_vlm.engine.trainer.Trainer` runs every ``eval.every`` epochs and at the end.
+It extracts outputs once per dataset (:func:`backmix_vlm.ood.features.extract_outputs`),
+scores them with every configured score (fitting the ones that need training statistics,
+and running ODIN with the model), and keeps the full result (for ``results.json``) and the
+per-sample scores (``scores.safetensors``, so plots never re-run the model).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import EvalConfig, check_choice
+from ..ood.evaluate import evaluate_open_set, predictions
+from ..ood.features import extract_outputs, score_images_loader
+from ..ood.scores import Score, get_score
+from ..runs import atomic_write_bytes
+
+SCORES_FILE = "scores.safetensors"
+LOG_METRICS = ("auroc", "fpr95", "oscr")   # per (unknown set, score) in log.csv
+
+
+def build_scores(cfg: EvalConfig, std: tuple[float, ...] | list[float] | None = None) -> list[Score]:
+    """The configured scores with their ``eval.score_params`` (ODIN steps in pixel space via ``std``)."""
+    unknown = sorted(set(cfg.score_params) - set(cfg.scores))
+    if unknown:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"eval.score_params has parameters for {', '.join(unknown)}, which "
+                          f"eval.scores does not list ({', '.join(cfg.scores)})")
+    scores = []
+    for name in cfg.scores:
+        params = dict(cfg.score_params.get(name, {}))
+        if name == "odin" and std is not None:
+            params.setdefault("std", list(std))
+        scores.append(get_score(name, **params))
+    return scores
+
+
+def needs_fit(score: Score) -> bool:
+    return type(score).fit is not Score.fit
+
+
+class OpenSetEvaluator:
+    """Closed-set accuracy + open-set metrics of a model, as a Trainer ``evaluate`` callback.
+
+    ``known`` is the known-class test set (labels = training label ids), ``unknowns`` maps a
+    display name to each unknown set, ``fit_set`` is the training set under the eval
+    transform, or a function that builds it (only used when a score has to be fit, e.g.
+    Mahalanobis).
+    """
+
+    def __init__(self, known: Dataset, unknowns: Mapping[str, Dataset], cfg: EvalConfig, *,
+                 device: torch.device | str, precision: str = "no", fit_set: Dataset | Callable[[], Dataset] | None = None,
+                 std: tuple[float, ...] | list[float] | None = None) -> None:
+        check_choice(cfg.positive, ("known", "unknown"), "eval.positive")
+        self.known, self.unknowns, self.cfg = known, dict(unknowns), cfg
+        self.device, self.precision, self.fit_set = torch.device(device), precision, fit_set
+        self.scores = build_scores(cfg, std)
+        fitted = [s.name for s in self.scores if needs_fit(s)]
+        if fitted and fit_set is None:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"eval.scores {', '.join(fitted)} must be fit on the training set, which was not given")
+        self.result: dict[str, Any] | None = None
+        self.per_sample: dict[str, np.ndarray] = {}
+
+    def _loader(self, ds: Dataset) -> DataLoader:
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def _outputs(self, model: nn.Module, ds: Dataset, desc: str) -> dict[str, torch.Tensor]:
+        return extract_outputs(model, self._loader(ds), device=self.device, precision=self.precision,
+                               desc=desc, keep=("logits", "features"))
+
+    def __call__(self, model: nn.Module, epoch: int = 0) -> dict[str, float]:
+        """Evaluate ``model`` (already in eval mode) and return the log summary."""
+        known = self._outputs(model, self.known, "known")
+        unknowns = {name: self._outputs(model, ds, name) for name, ds in self.unknowns.items()}
+        if any(needs_fit(s) for s in self.scores):
+            if callable(self.fit_set) and not isinstance(self.fit_set, Dataset):
+                self.fit_set = self.fit_set()
+            train_out = self._outputs(model, self.fit_set, "fit")
+            for s in self.scores:
+                if needs_fit(s):
+                    s.fit(train_out)
+        extra = {}
+        for s in self.scores:
+            if s.needs_model:  # ODIN: input perturbation through the model
+                run = lambda ds, d: score_images_loader(s, model, self._loader(ds), device=self.device,  # noqa: E731
+                                                        precision=self.precision, desc=d)
+                extra[s.name] = (run(self.known, f"{s.name} known"),
+                                 {n: run(ds, f"{s.name} {n}") for n, ds in self.unknowns.items()})
+        self.result = evaluate_open_set(known, unknowns, [s for s in self.scores if not s.needs_model],
+                                        positive=self.cfg.positive, extra_scores=extra)
+        self.result["epoch"] = epoch
+        self.per_sample = per_sample_scores(known, unknowns, self.scores, extra)
+        return summarize(self.result)
+
+
+def per_sample_scores(known: Mapping[str, torch.Tensor], unknowns: Mapping[str, Mapping[str, torch.Tensor]],
+                      scores: list[Score], extra: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flat ``{"known::<score>": [N], "unknown::<set>::<score>": [M], "known::labels", ...}``."""
+    out: dict[str, np.ndarray] = {"known::labels": known["labels"].numpy().astype(np.int64)}
+    preds = predictions(known)
+    if preds is not None:
+        out["known::preds"] = preds.numpy().astype(np.int64)
+    for s in scores:
+        if s.name in extra:
+            ks, us = extra[s.name]
+        else:
+            ks, us = s.score(known), {n: s.score(u) for n, u in unknowns.items()}
+        out[f"known::{s.name}"] = ks.float().numpy()
+        for n in unknowns:
+            out[f"unknown::{n}::{s.name}"] = us[n].float().numpy()
+    return out
+
+
+def summarize(result: Mapping[str, Any]) -> dict[str, float]:
+    """Log columns: ``test_acc`` and ``<metric>/<unknown set>/<score>`` for :data:`LOG_METRICS`."""
+    row: dict[str, float] = {}
+    if result.get("acc") is not None:
+        row["test_acc"] = float(result["acc"])
+    for ood, per_score in result["results"].items():
+        for score, metrics in per_score.items():
+            for m in LOG_METRICS:
+                if metrics.get(m) is not None:
+                    row[f"{m}/{ood}/{score}"] = float(metrics[m])
+    return row
+
+
+def save_scores(path: str | Path, per_sample: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Per-sample scores as safetensors (``meta`` as JSON strings in the header)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in per_sample.items()}
+    atomic_write_bytes(path, save(arrays, metadata={k: json.dumps(v) for k, v in meta.items()}))
+
+
+def load_scores(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of :func:`save_scores`: (arrays, metadata)."""
+    from safetensors import safe_open
+
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return arrays, meta

@@ -1,0 +1,100 @@
+"""``backmix-vlm eval <run-dir> [overrides]``: re-evaluate a trained run's checkpoint.
+
+The run's resolved ``config.yaml`` is reloaded, ``overrides`` applied (e.g. other scores
+``eval.scores=[msp,odin,mahalanobis]``, other unknown sets ``eval.ood=[...]``, another
+protocol split), the model rebuilt and its ``last.pt`` weights loaded.  Results go into a
+new ``<run-dir>/eval-<timestamp>/`` (config.yaml, run_info.json, results.md / .json,
+scores.safetensors), so the training results are never overwritten.  A comparison run
+(``variants``) is re-evaluated variant by variant, with a comparison table on top.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import apply_overrides, from_dict, load_yaml
+from ..errors import ConfigError
+
+JOB = "eval"
+
+
+def load_overridden(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    from .train import TrainConfig
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml; pass a run directory written by backmix-vlm train")
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return from_dict(TrainConfig, dict(data)), data
+    except ConfigError as e:
+        raise ConfigError(f"{path} + overrides: {e}") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {device!r} but no CUDA GPU is visible; use run.device=cpu or auto")
+    return torch.device(device)
+
+
+def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | None = None) -> dict[str, Any]:
+    """Load ``checkpoint`` into the configured model, evaluate, write results into ``out_dir``."""
+    from ..engine.checkpoint import load_checkpoint, load_model_state_dict
+    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
+    from ..models.cnn import create_cnn
+    from ..report.tables import write_results
+    from ..runs import record_run
+    from .train import build_datasets
+
+    state = load_checkpoint(checkpoint)
+    data = build_datasets(cfg)
+    classes = state.get("meta", {}).get("classes") or data["train"].classes
+    if len(classes) != len(data["train"].classes):
+        raise ConfigError(f"{checkpoint} was trained on {len(classes)} classes, the config now gives "
+                          f"{len(data['train'].classes)}; overrides may not change the known classes")
+    device = resolve_device(cfg.run.device)
+    model = create_cnn(cfg.model.name, len(classes), **cfg.model.options)
+    load_model_state_dict(model, state["model"], trainable_only=state.get("trainable_only", False), source=checkpoint)
+    model.to(device).eval()
+    evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=device,
+                                 precision=cfg.run.precision, std=cfg.data.std, fit_set=data["train_eval"])
+    torch.manual_seed(cfg.run.seed)
+    evaluator(model, int(state.get("epoch", 0)))
+    record_run(out_dir, cfg, JOB, argv)
+    results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "checkpoint": str(checkpoint)}
+    write_results(out_dir, results, title=f"{cfg.model.name} + {cfg.mixer}: {checkpoint}")
+    save_scores(out_dir / SCORES_FILE, evaluator.per_sample,
+                {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
+                 "positive": cfg.eval.positive, "epoch": int(state.get("epoch", 0))})
+    return results
+
+
+def main(args: Any) -> int:
+    from ..engine.checkpoint import LAST
+    from ..runs import atomic_write_text, write_json
+    from .train import comparison_markdown, variant_configs
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}")
+    overrides = list(getattr(args, "overrides", []) or [])
+    cfg, data = load_overridden(run_dir, overrides)
+    out = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    argv = getattr(args, "argv", None)
+    if not cfg.variants:
+        evaluate_run(cfg, run_dir / LAST, out, argv)
+        print((out / "results.md").read_text())
+        return 0
+    results = {}
+    for name, sub in variant_configs(cfg, data, str(run_dir / "config.yaml")).items():
+        results[name] = evaluate_run(sub, run_dir / name / LAST, out / name, argv)
+    write_json(out / "results.json", {"variants": results})
+    md = comparison_markdown(results, cfg.eval.scores, f"Re-evaluation: {', '.join(results)}")
+    atomic_write_text(out / "results.md", md)
+    print(md)
+    return 0

@@ -1,0 +1,283 @@
+"""``backmix-vlm train``: train a CNN from scratch (optionally with BackMix), evaluate open-set.
+
+The run directory gets ``config.yaml`` + ``run_info.json`` (what ran), ``last.pt`` (atomic,
+every epoch; ``--resume`` continues exactly), ``log.csv`` / ``log.jsonl`` (per epoch),
+``results.md`` / ``results.json`` (accuracy + open-set metrics per unknown set and score),
+``scores.safetensors`` (per-sample scores) and ``plots/`` (BackMix grid, score histograms).
+
+Known / unknown sets: ``data.protocol`` (e.g. ``cifar10`` split 0: 6 known, 4 unknown
+classes) filters the train and test sources to the known classes and evaluates the unknown
+classes of the test split; ``eval.ood`` adds whole OOD datasets.
+
+``variants`` runs the same config several times with overrides and writes one comparison
+table, e.g. plain vs BackMix in one command (``configs/demo.yaml``)::
+
+    variants:
+      plain: [backmix.enabled=false]
+      backmix: []
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, apply_overrides, check_choice,
+                      from_dict, load_yaml, to_dict)
+from ..errors import ConfigError
+from ..runs import make_run_dir, record_run, write_json
+
+JOB = "train"
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]   # = backmix_vlm.data.CIFAR10_MEAN (kept light to import)
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+AUGMENTS = ("backmix", "cutout", "mixup", "cutmix", "none")
+COMPARE_METRICS = ("auroc", "fpr95", "oscr")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class DataConfig:
+    """Training / known test data, the open-set protocol and the input pipeline."""
+
+    train: DataSource = field(default_factory=lambda: DataSource(name="cifar10", split="train"))
+    test: DataSource = field(default_factory=lambda: DataSource(name="cifar10", split="test"))
+    protocol: str | None = None        # open-set protocol: cifar10 | cifar+10 | cifar+50 | svhn | mnist | tinyimagenet
+    protocol_split: int = 0            # which of its standard splits (0-4)
+    image_size: int = 32
+    mean: list[float] = field(default_factory=lambda: list(CIFAR10_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CIFAR10_STD))
+    crop_padding: int | None = None    # RandomCrop padding (default image_size // 8); + horizontal flip
+    num_workers: int = 2               # training loader workers (decode + light augmentation only)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "wrn40_4"              # small_cnn | resnet18_cifar | wrn40_4 (backmix_vlm.models.cnn.CNN_MODELS)
+    options: dict[str, Any] = field(default_factory=dict)  # builder options, e.g. {width: 16} / {drop_rate: 0.3}
+
+
+@dataclass
+class AugmentConfig:
+    """The batch mixer.  ``backmix`` reads the ``backmix`` section; ``backmix.enabled: false``
+    turns it off (plain training) so a sweep can flip one flag."""
+
+    name: str = "backmix"              # backmix | cutout | mixup | cutmix | none
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}
+
+    def validate(self) -> None:
+        check_choice(self.name, AUGMENTS, "augment.name")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    backmix: BackMixConfig = field(default_factory=BackMixConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)   # paper recipe: SGD Nesterov 0.9, lr 0.1, wd 5e-4, cosine, 128
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plots: bool = True                 # write plots/ (BackMix grid, score histograms) at the end
+    variants: dict[str, list[str]] = field(default_factory=dict)  # name -> overrides; one sub-run each
+
+    @property
+    def mixer(self) -> str:
+        """The mixer that actually runs (``none`` when BackMix is switched off)."""
+        return "none" if self.augment.name == "backmix" and not self.backmix.enabled else self.augment.name
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config and its raw (overridden) mapping, which :func:`variant_configs` builds on."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return from_dict(TrainConfig, copy.deepcopy(data)), data
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def variant_configs(cfg: TrainConfig, data: dict[str, Any], where: str = "config") -> dict[str, TrainConfig]:
+    """One config per ``variants`` entry: the base mapping + that variant's overrides."""
+    out: dict[str, TrainConfig] = {}
+    for name, overrides in cfg.variants.items():
+        if not name or any(c in name for c in "/\\") or name.startswith("."):
+            raise ConfigError(f"{where}: variants.{name!r} is not a usable folder name")
+        bad = [o for o in overrides if o.split("=", 1)[0].strip() in ("variants", "run.output_dir", "run.name")]
+        if bad:
+            raise ConfigError(f"{where}: variants.{name} may not override {', '.join(bad)}")
+        sub = copy.deepcopy(data)
+        sub.pop("variants", None)
+        try:
+            out[name] = from_dict(TrainConfig, apply_overrides(sub, list(overrides)))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: variants.{name}: {e}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+def resolve_sources(cfg: TrainConfig) -> tuple[DataSource, DataSource, list[DataSource]]:
+    """(train, known test, unknown sets) after applying ``data.protocol``."""
+    d = cfg.data
+    train, test, unknowns = d.train, d.test, []
+    if d.protocol:
+        from ..data import get_protocol
+
+        p = get_protocol(d.protocol, d.protocol_split)
+        for key, src in (("train", train), ("test", test)):
+            if src.classes is not None:
+                raise ConfigError(f"data.{key}.classes is set, but data.protocol '{d.protocol}' chooses the "
+                                  "known classes; remove one of them")
+        train = dataclasses.replace(train, classes=list(p.known))
+        test = dataclasses.replace(test, classes=list(p.known),
+                                   label=test.label or f"{test.name} known ({p.name} split {p.split})")
+        unknown_label = f"{p.name} unknown (split {p.split})"
+        if p.unknown_dataset == p.known_dataset:
+            unknowns.append(dataclasses.replace(d.test, classes=list(p.unknown), label=unknown_label))
+        else:  # e.g. CIFAR+10: unknown classes come from CIFAR-100
+            unknowns.append(DataSource(name=p.unknown_dataset, root=d.test.root, split="test",
+                                       classes=list(p.unknown), label=unknown_label,
+                                       jpeg_quality=d.test.jpeg_quality))
+    unknowns += list(cfg.eval.ood)
+    names = [u.display_name for u in unknowns]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"eval.ood: unknown sets need distinct labels; repeated: {', '.join(dupes)} "
+                          "(set label: for each)")
+    if not unknowns:
+        raise ConfigError("no unknown set to evaluate: set data.protocol and/or list datasets in eval.ood")
+    return train, test, unknowns
+
+
+def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """Training set (train transform), known test set and unknown sets (eval transform)."""
+    from ..data import build_dataset, build_transform
+
+    d = cfg.data
+    train_src, test_src, unknown_srcs = resolve_sources(cfg)
+
+    def eval_tf(src: DataSource) -> Any:
+        return build_transform(d.image_size, False, d.mean, d.std, resize=src.resize)
+
+    train_tf = build_transform(d.image_size, True, d.mean, d.std, resize=train_src.resize, crop_padding=d.crop_padding)
+    train = build_dataset(train_src, train_tf)
+    known = build_dataset(test_src, eval_tf(test_src))
+    if len(known.classes) != len(train.classes):
+        raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}; "
+                          "the known test set must use the training classes")
+    return {
+        "train": train,
+        "train_src": train_src,
+        "train_eval": lambda: build_dataset(train_src, eval_tf(train_src)),
+        "known": known,
+        "unknowns": {src.display_name: build_dataset(src, eval_tf(src)) for src in unknown_srcs},
+    }
+
+
+# ----------------------------------------------------------------------------- one run
+def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+              argv: list[str] | None = None) -> dict[str, Any]:
+    """Train + evaluate one config into ``run_dir``; returns the results dict (main process)."""
+    from accelerate.utils import set_seed
+
+    from ..engine.checkpoint import LAST
+    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
+    from ..engine.tasks import ClassifierTask
+    from ..engine.trainer import Trainer, build_accelerator
+    from ..models.cnn import create_cnn
+    from ..report.tables import write_results
+
+    run_dir = Path(run_dir)
+    accelerator = build_accelerator(cfg.run)
+    if accelerator.is_main_process:
+        record_run(run_dir, cfg, JOB, argv)
+    data = build_datasets(cfg)
+    train = data["train"]
+    set_seed(cfg.run.seed)
+    model = create_cnn(cfg.model.name, len(train.classes), **cfg.model.options)
+    evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=accelerator.device,
+                                 precision=cfg.run.precision, std=cfg.data.std, fit_set=data["train_eval"])
+    trainer = Trainer(
+        ClassifierTask(model, cfg.data.image_size), train, optim=cfg.optim, run=cfg.run, run_dir=run_dir,
+        num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,
+        augment_options=cfg.augment.options, num_workers=cfg.data.num_workers, evaluate=evaluator,
+        eval_every=cfg.eval.every, meta={"job": JOB, "classes": list(train.classes)}, accelerator=accelerator,
+    )
+    start = time.perf_counter()
+    trainer.fit(resume=resume)
+    if evaluator.result is None:  # resumed a finished run: nothing trained, evaluate once
+        trainer.run_evaluation()
+    if not accelerator.is_main_process:
+        return {}
+    results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": trainer.epoch,
+               "train_time_s": round(time.perf_counter() - start, 1),
+               "final_train": {k: trainer.history[-1][k] for k in ("train_loss", "train_acc")} if trainer.history else None}
+    title = f"{cfg.model.name} + {cfg.mixer} on {data['train_src'].display_name}"
+    write_results(run_dir, results, title=title)
+    save_scores(run_dir / SCORES_FILE, evaluator.per_sample,
+                {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
+                 "positive": cfg.eval.positive, "epoch": trainer.epoch})
+    if cfg.plots:
+        from .visualize import write_plots
+
+        write_plots(run_dir, cfg, checkpoint=run_dir / LAST)
+    accelerator.print(f"results: {run_dir / 'results.md'}")
+    return results
+
+
+# ----------------------------------------------------------------------------- comparison
+def comparison_markdown(results: dict[str, dict[str, Any]], scores: list[str], title: str) -> str:
+    """One table per score: variant | accuracy | AUROC / FPR95 / OSCR per unknown set."""
+    from ..report.tables import paper_table_v
+
+    parts = [f"# {title}"]
+    for score in scores:
+        rows = [{"setting": "", "method": name, "results": res, "score": score} for name, res in results.items()]
+        parts += [f"## Score: {score}", paper_table_v(rows, metrics=COMPARE_METRICS, digits=2).replace(
+            "| Setting | Method |", "| | Variant |")]
+    parts.append("Values in %; FPR95 lower is better. Each variant's own results.md has every metric.")
+    return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+
+
+def run_variants(cfg: TrainConfig, data: dict[str, Any], run_dir: Path, *, resume: bool,
+                 argv: list[str] | None, where: str) -> dict[str, Any]:
+    from ..engine.checkpoint import LAST
+    from ..runs import atomic_write_text
+
+    configs = variant_configs(cfg, data, where)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        record_run(run_dir, cfg, JOB, argv)
+    results: dict[str, Any] = {}
+    for name, sub in configs.items():
+        sub.run.output_dir, sub.run.name = str(run_dir), name
+        if main_process:
+            print(f"== variant {name} ({sub.model.name} + {sub.mixer}, {sub.optim.epochs} epochs)")
+        results[name] = train_run(sub, run_dir / name, resume=resume and (run_dir / name / LAST).is_file(), argv=argv)
+    if main_process and results and all(results.values()):
+        scores = next(iter(configs.values())).eval.scores
+        write_json(run_dir / "results.json", {"variants": results})
+        md = comparison_markdown(results, scores, f"Comparison: {', '.join(results)}")
+        atomic_write_text(run_dir / "results.md", md)
+        print(md)
+    return results
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(args: Any) -> int:
+    cfg, data = load_train_config(args.config, getattr(args, "overrides", None))
+    resume = bool(getattr(args, "resume", False))
+    if resume and not cfg.run.name:
+        raise ConfigError("--resume needs the run's name: pass run.name=<folder under run.output_dir>")
+    if not cfg.run.name and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("multi-process runs need run.name (every process must write to the same folder)")
+    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, JOB)
+    argv = getattr(args, "argv", None)
+    if cfg.variants:
+        run_variants(cfg, data, run_dir, resume=resume, argv=argv, where=str(args.config))
+    else:
+        train_run(cfg, run_dir, resume=resume, argv=argv)
+    return 0

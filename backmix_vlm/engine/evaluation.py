@@ -71,6 +71,8 @@ class OpenSetEvaluator:
             from ..errors import ConfigError
 
             raise ConfigError(f"eval.scores {', '.join(fitted)} must be fit on the training set, which was not given")
+        # what the scores read (CLIP adapters add cosine / local_cosine for MCM / GL-MCM)
+        self.keep = tuple(dict.fromkeys(("logits", "features", *(k for s in self.scores for k in s.requires))))
         self.result: dict[str, Any] | None = None
         self.per_sample: dict[str, np.ndarray] = {}
 
@@ -80,7 +82,7 @@ class OpenSetEvaluator:
 
     def _outputs(self, model: nn.Module, ds: Dataset, desc: str) -> dict[str, torch.Tensor]:
         return extract_outputs(model, self._loader(ds), device=self.device, precision=self.precision,
-                               desc=desc, keep=("logits", "features"))
+                               desc=desc, keep=self.keep)
 
     def __call__(self, model: nn.Module, epoch: int = 0) -> dict[str, float]:
         """Evaluate ``model`` (already in eval mode) and return the log summary."""

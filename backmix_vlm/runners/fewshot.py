@@ -1,0 +1,296 @@
+"""``backmix-vlm fewshot``: few-shot / full-data prompt tuning with or without BackMix.
+
+For each seed: draw ``data.shots`` images per class (the split is saved as JSON and reused,
+so every result can be reproduced and shared), train the adapter (CoOp, LoCoOp or VPT) over
+the frozen backbone with the shared :class:`~backmix_vlm.engine.trainer.Trainer` — BackMix
+alongside the original samples by default, its mask bank fed by attention maps — then
+evaluate the known test set against every unknown set.  Seeds are aggregated into
+``results.md`` / ``results.json`` (mean ± std); each seed keeps its own run folder
+(``seed<k>/``: checkpoint, logs, results, per-sample scores).
+
+Optimizer keys the config leaves out follow CoOp's ViT-B/16 recipe for the shot count
+(:func:`backmix_vlm.adapters.coop.coop_default_schedule`): SGD lr 0.002, batch 32, cosine,
+one warm-up epoch at 1e-5; 50 / 100 / 200 epochs for 1 / 2-4 / 8-16 shots.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, apply_overrides, check_choice,
+                      from_dict, load_yaml)
+from ..engine.adapter_task import SaliencyConfig
+from ..errors import ConfigError
+from ..runs import make_run_dir, record_run
+
+JOB = "fewshot"
+METHODS = ("coop", "locoop", "vpt")
+FAMILIES = ("clip", "timm")
+SHOT_CHOICES = (1, 2, 4, 8, 16)
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen backbone: an open_clip CLIP (CoOp, LoCoOp, VPT) or a timm ViT (VPT)."""
+
+    family: str = "clip"                   # clip | timm
+    name: str = "ViT-B-16"                 # open_clip model name (or backmix-tiny-clip) | timm model name
+    pretrained: str | None = "openai"      # clip: open_clip tag (null = random init); timm: "timm" (its weights) or null
+    checkpoint: str | None = None          # local weights file (clip state dict, or timm-layout safetensors)
+    image_size: int | None = None          # timm: input size (default: the model's); clip: fixed by the model
+    cache_dir: str | None = None           # open_clip download cache
+
+    def validate(self) -> None:
+        check_choice(self.family, FAMILIES, "backbone.family")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "coop"                     # coop | locoop | vpt
+    options: dict[str, Any] = field(default_factory=dict)  # the adapter's config: CoOpConfig / LoCoOpConfig / VPTConfig fields
+
+    def validate(self) -> None:
+        check_choice(self.name, METHODS, "method.name")
+
+
+@dataclass
+class FewShotDataConfig:
+    train: DataSource = field(default_factory=lambda: DataSource(name="cifar10", split="train"))
+    test: DataSource = field(default_factory=lambda: DataSource(name="cifar10", split="test"))
+    shots: int | str = 16                  # 1 | 2 | 4 | 8 | 16 (any k >= 1 works) | full
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    split_dir: str | None = None           # where split JSON files live (default: <output_dir>/splits, shared by runs)
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        if isinstance(self.shots, str) and self.shots != "full":
+            raise ConfigError(f"data.shots: {self.shots!r} is not accepted; use a number of images per class "
+                              f"({', '.join(map(str, SHOT_CHOICES))}) or 'full'")
+        if isinstance(self.shots, int) and self.shots < 1:
+            raise ConfigError(f"data.shots: {self.shots} is not accepted; use k >= 1 or 'full'")
+        if not self.seeds:
+            raise ConfigError("data.seeds: give at least one seed")
+
+    @property
+    def shots_per_class(self) -> int | None:
+        return None if self.shots == "full" else int(self.shots)
+
+
+@dataclass
+class FewShotEvalConfig(EvalConfig):
+    ood: list[DataSource] = field(default_factory=lambda: [DataSource(name="cifar100"), DataSource(name="svhn")])
+    scores: list[str] = field(default_factory=lambda: ["mcm", "glmcm", "msp", "energy"])
+
+
+@dataclass
+class FewShotConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
+    backmix: BackMixConfig = field(default_factory=BackMixConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
+    setting: str | None = None             # row label in combined tables (default: "<k>-shot" / "Full-data")
+
+    @property
+    def setting_label(self) -> str:
+        if self.setting:
+            return self.setting
+        k = self.data.shots_per_class
+        return "Full-data" if k is None else f"{k}-shot"
+
+    @property
+    def method_label(self) -> str:
+        name = {"coop": "CoOp", "locoop": "LoCoOp", "vpt": "VPT"}[self.method.name]
+        return f"{name} + BackMix" if self.backmix.enabled else name
+
+
+def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = None) -> FewShotConfig:
+    """Load the YAML; optimizer keys it leaves out follow CoOp's recipe for its shot count."""
+    from ..adapters.coop import coop_default_schedule
+
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        shots = from_dict(FewShotDataConfig, copy.deepcopy(data.get("data") or {}), "data").shots_per_class
+        if not isinstance(data.get("optim", {}), dict):
+            raise ConfigError("optim: expected a mapping")
+        data["optim"] = {**coop_default_schedule(shots), **(data.get("optim") or {})}
+        return from_dict(FewShotConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+# ----------------------------------------------------------------------------- backbone
+def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
+    """The frozen base, its tokenizer (CLIP) and its input normalisation + size."""
+    b = cfg.backbone
+    if b.family == "clip":
+        from ..models.clip import load_clip
+
+        bundle = load_clip(b.name, b.pretrained, b.checkpoint, device=device, cache_dir=b.cache_dir)
+        if b.image_size is not None and b.image_size != bundle.image_size:
+            raise ConfigError(f"backbone.image_size: {b.name} takes {bundle.image_size} px inputs; remove the key")
+        return {"base": bundle, "mean": list(bundle.mean), "std": list(bundle.std), "image_size": int(bundle.image_size),
+                "id": {"name": bundle.name, "weights": bundle.pretrained}}
+    if cfg.method.name != "vpt":
+        raise ConfigError(f"method.name: {cfg.method.name} needs a CLIP text tower; use backbone.family=clip "
+                          "(timm backbones support method vpt)")
+    from ..models.vit import load_timm_vit
+
+    pretrained: Any = b.checkpoint or (True if b.pretrained not in (None, "", "none", "false") else False)
+    vit = load_timm_vit(b.name, pretrained=pretrained, img_size=b.image_size).to(device).eval()
+    dc = vit.pretrained_cfg or {}
+    size = b.image_size or int(vit.patch_embed.img_size[0])
+    return {"base": vit, "mean": list(dc.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(dc.get("std", (0.229, 0.224, 0.225))), "image_size": size,
+            "id": {"name": b.name, "weights": str(pretrained)}}
+
+
+def adapter_options(cfg: FewShotConfig) -> dict[str, Any]:
+    options = dict(cfg.method.options)
+    if cfg.method.name in ("coop", "locoop") and "glmcm" in cfg.eval.scores:
+        options.setdefault("local_features", True)  # GL-MCM reads per-patch cosines
+    return options
+
+
+# ----------------------------------------------------------------------------- data
+def build_datasets(cfg: FewShotConfig, backbone: dict[str, Any]) -> dict[str, Any]:
+    from ..data import build_dataset, build_transform
+
+    size, mean, std = backbone["image_size"], backbone["mean"], backbone["std"]
+
+    def eval_tf(src: DataSource) -> Any:
+        return build_transform(size, False, mean, std, resize=src.resize)
+
+    train = build_dataset(cfg.data.train, build_transform(size, True, mean, std, resize=cfg.data.train.resize))
+    known = build_dataset(cfg.data.test, eval_tf(cfg.data.test))
+    if len(known.classes) != len(train.classes):
+        raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}")
+    if not cfg.eval.ood:
+        raise ConfigError("eval.ood: list at least one unknown (OOD) dataset")
+    names = [s.display_name for s in cfg.eval.ood]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"eval.ood: unknown sets need distinct labels; repeated: {', '.join(dupes)}")
+    unknowns = {s.display_name: build_dataset(s, eval_tf(s)) for s in cfg.eval.ood}
+    return {"train": train, "known": known, "unknowns": unknowns,
+            "train_eval": lambda: build_dataset(cfg.data.train, eval_tf(cfg.data.train))}
+
+
+def split_file(cfg: FewShotConfig, run_dir: Path, seed: int) -> Path | None:
+    k = cfg.data.shots_per_class
+    if k is None:
+        return None
+    folder = Path(cfg.data.split_dir) if cfg.data.split_dir else Path(cfg.run.output_dir) / "splits"
+    classes = cfg.data.train.classes
+    tag = "" if classes is None else "_classes" + "-".join(map(str, classes))
+    return folder / f"{cfg.data.train.name}_{cfg.data.train.split}{tag}_{k}shot_seed{seed}.json"
+
+
+# ----------------------------------------------------------------------------- one seed
+def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, Any], data: dict[str, Any], *,
+             accelerator: Any, resume: bool = False) -> dict[str, Any]:
+    """Train + evaluate one seed into ``seed_dir``; returns its results dict."""
+    from accelerate.utils import set_seed
+
+    from ..adapters import create_adapter
+    from ..data import IndexedSubset, fewshot_indices
+    from ..engine.adapter_task import AdapterTask
+    from ..engine.checkpoint import LAST
+    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, needs_fit, save_scores
+    from ..engine.trainer import Trainer
+    from ..report.tables import write_results
+
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    train_full = data["train"]
+    k = cfg.data.shots_per_class
+    if k is None:
+        train, indices = train_full, None
+    else:
+        indices = fewshot_indices(train_full.labels, k, seed, split_file(cfg, seed_dir, seed),
+                                  dataset=f"{cfg.data.train.name}/{cfg.data.train.split}",
+                                  class_names=train_full.classes)
+        train = IndexedSubset(train_full, indices)
+    set_seed(seed)
+    adapter = create_adapter(cfg.method.name, backbone["base"], train_full.classes, adapter_options(cfg))
+    adapter = adapter.to(accelerator.device)
+    run_cfg = dataclasses.replace(cfg.run, seed=seed)
+    evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=accelerator.device,
+                                 precision=cfg.run.precision, std=backbone["std"])
+    if any(needs_fit(s) for s in evaluator.scores):
+        evaluator.fit_set = data["train_eval"]() if indices is None else IndexedSubset(data["train_eval"](), indices)
+    task = AdapterTask(adapter, backbone["image_size"], cfg.saliency, cfg.run.precision)
+    trainer = Trainer(task, train, optim=cfg.optim, run=run_cfg, run_dir=seed_dir, num_classes=len(train_full.classes),
+                      augment="backmix" if cfg.backmix.enabled else "none", backmix=cfg.backmix,
+                      num_workers=cfg.data.num_workers, evaluate=evaluator, eval_every=cfg.eval.every,
+                      meta={"job": JOB, "seed": seed, "classes": list(train_full.classes)}, accelerator=accelerator)
+    start = time.perf_counter()
+    trainer.fit(resume=resume and (seed_dir / LAST).is_file())
+    if evaluator.result is None:
+        trainer.run_evaluation()
+    results = {**evaluator.result, "seed": seed, "shots": cfg.data.shots, "method": cfg.method_label,
+               "num_train": len(train), "epochs": trainer.epoch, "train_time_s": round(time.perf_counter() - start, 1),
+               "trainable_parameters": sum(p.numel() for p in task.trainable_parameters())}
+    if accelerator.is_main_process:
+        write_results(seed_dir, results, title=f"{cfg.method_label}, {cfg.setting_label}, seed {seed}")
+        save_scores(seed_dir / SCORES_FILE, evaluator.per_sample,
+                    {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
+                     "positive": cfg.eval.positive, "epoch": trainer.epoch})
+    return results
+
+
+def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Every seed, then the mean ± std table; returns the aggregated results."""
+    import json
+
+    from ..engine.trainer import build_accelerator
+    from ..report.tables import aggregate_seeds, paper_table_v, write_results
+    from ..runs import atomic_write_text
+
+    run_dir = Path(run_dir)
+    accelerator = build_accelerator(cfg.run)
+    backbone = build_backbone(cfg, accelerator.device)
+    data = build_datasets(cfg, backbone)
+    per_seed = []
+    for seed in cfg.data.seeds:
+        seed_dir = run_dir / f"seed{seed}"
+        done = seed_dir / "results.json"
+        if resume and done.is_file():
+            accelerator.print(f"== seed {seed}: already finished, reusing {done}")
+            per_seed.append(json.loads(done.read_text()))
+            continue
+        accelerator.print(f"== {cfg.method_label}, {cfg.setting_label}, seed {seed}")
+        per_seed.append(run_seed(cfg, seed, seed_dir, backbone, data, accelerator=accelerator, resume=resume))
+    agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
+    agg.update({"setting": cfg.setting_label, "method": cfg.method_label, "seeds": list(cfg.data.seeds),
+                "backbone": backbone["id"], "per_seed": [{k: r.get(k) for k in ("seed", "acc", "train_time_s")}
+                                                         for r in per_seed]})
+    if accelerator.is_main_process:
+        title = f"{cfg.method_label}, {cfg.setting_label} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})"
+        write_results(run_dir, agg, title=title)
+        table = paper_table_v([{"setting": cfg.setting_label, "method": cfg.method_label, "results": agg,
+                                "score": cfg.eval.scores[0]}])
+        atomic_write_text(run_dir / "table_v_row.md", table)
+    return agg
+
+
+def main(args: Any) -> int:
+    from ..report.tables import results_to_markdown
+
+    cfg = load_fewshot_config(args.config, getattr(args, "overrides", None))
+    resume = bool(getattr(args, "resume", False))
+    if resume and not cfg.run.name:
+        raise ConfigError("--resume needs the run's name: pass run.name=<folder under run.output_dir>")
+    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, JOB)
+    record_run(run_dir, cfg, JOB, getattr(args, "argv", None))
+    agg = run_fewshot(cfg, run_dir, resume=resume)
+    print(results_to_markdown(agg, title=f"{cfg.method_label}, {cfg.setting_label}"))
+    print(f"results: {run_dir / 'results.md'}")
+    return 0

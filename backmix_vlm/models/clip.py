@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import socket
 import warnings
@@ -132,8 +133,9 @@ def load_clip(
     )
     download = bool(tag_cfg) and checkpoint is None and load_weights
     offline: list[bool] = []
+    quiet = _quiet_random_init() if not download and checkpoint is None and load_weights else contextlib.nullcontext()
     try:
-        with _offline_guard(name, pretrained, tag_cfg, cache_dir, offline) if download else contextlib.nullcontext():
+        with quiet, _offline_guard(name, pretrained, tag_cfg, cache_dir, offline) if download else contextlib.nullcontext():
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained if download else None, **kwargs)
     except RuntimeError as e:
@@ -197,6 +199,20 @@ def _check_tag(name: str, tag: str) -> dict[str, Any]:
             f"or set model.checkpoint to a local weights file"
         )
     return cfg
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning when random init is what was asked for."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 # ----------------------------------------------------------------------------- offline handling

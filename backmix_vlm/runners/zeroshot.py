@@ -1,0 +1,176 @@
+"""``backmix-vlm zeroshot``: zero-shot OOD / open-set evaluation of a frozen CLIP.
+
+The known (ID) test set's class names become prompts; every image of the known set and of
+each OOD set is encoded once (global + LoCoOp local features, cached on disk), then every
+configured score (MCM, GL-MCM, MSP, MaxLogit, Energy, ODIN, ...) is computed from those
+outputs and written as ``results.md`` / ``results.json`` into the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import DataSource, EvalConfig, RunConfig, check_choice, load_config, to_dict
+from ..errors import ConfigError
+from ..models.clip import PRECISIONS, ClipZeroShotClassifier, load_clip, resolve_templates
+from ..runs import make_run_dir, record_run
+
+JOB = "zeroshot"
+DEFAULT_SCORES = ["mcm", "glmcm", "msp", "maxlogit", "energy"]
+# what zero-shot scores read (local_logits = logit_scale * local_cosine would double the memory)
+OUTPUT_KEEP = ("logits", "features", "cosine", "local_cosine")
+
+
+@dataclass
+class ClipModelConfig:
+    """Which CLIP, with which weights and prompts (see :func:`backmix_vlm.models.clip.load_clip`)."""
+
+    name: str = "ViT-B-16"                 # open_clip model name (open_clip.list_models()), or backmix-tiny-clip
+    pretrained: str | None = "openai"      # open_clip tag; null = random init
+    checkpoint: str | None = None          # local weights file (then `pretrained` only names the tag it holds)
+    templates: str | list[str] = "simple"  # simple | cifar_ensemble | imagenet, or strings with '{}'
+    classnames: list[str] | None = None    # prompt class names (default: the known set's CLIP-friendly names)
+    precision: str = "fp32"                # weight precision: fp32 | fp16 | bf16 (run.precision = autocast)
+    cache_dir: str | None = None           # open_clip / HF download cache (default: the HF cache)
+
+    def validate(self) -> None:
+        check_choice(self.precision, PRECISIONS, "model.precision")
+        try:
+            resolve_templates(self.templates)
+        except Exception as e:  # ModelError -> the config key that caused it
+            raise ConfigError(f"model.templates: {e}") from None
+
+
+@dataclass
+class ZeroShotEvalConfig(EvalConfig):
+    """:class:`EvalConfig` with the CLIP scores as the default list."""
+
+    scores: list[str] = field(default_factory=lambda: list(DEFAULT_SCORES))
+
+
+@dataclass
+class ZeroShotConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    data: DataSource = field(default_factory=DataSource)  # the known (ID) test set
+    eval: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"run.device: {device!r} is not accepted; use auto, cpu, cuda or cuda:N") from None
+
+
+def build_scores(cfg: EvalConfig, std: tuple[float, ...]) -> list[Any]:
+    """Score objects from ``eval.scores`` / ``eval.score_params``; zero-shot has no training data."""
+    from ..ood.scores import Score, get_score
+
+    unknown_params = sorted(set(cfg.score_params) - set(cfg.scores))
+    if unknown_params:
+        raise ConfigError(f"eval.score_params: {', '.join(unknown_params)} not in eval.scores ({', '.join(cfg.scores)})")
+    scores = []
+    for name in cfg.scores:
+        params = dict(cfg.score_params.get(name, {}))
+        if name == "odin":
+            params.setdefault("std", list(std))  # pixel-space epsilon, as the reference code
+        score = get_score(name, **params)
+        if type(score).fit is not Score.fit:
+            raise ConfigError(f"eval.scores: '{name}' must be fit on training features, which a zero-shot "
+                              f"run does not have; use it with backmix-vlm fewshot / train")
+        scores.append(score)
+    return scores
+
+
+def _loader(ds: Any, cfg: EvalConfig, device: torch.device) -> DataLoader:
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Evaluate ``cfg`` and write results.md / results.json into ``run_dir``; return the results."""
+    from ..data import build_dataset
+    from ..ood.evaluate import evaluate_open_set
+    from ..ood.features import cache_file, extract_outputs, model_fingerprint, score_images_loader
+    from ..report.tables import write_results
+
+    if not cfg.eval.ood:
+        raise ConfigError("eval.ood: list at least one unknown (OOD) dataset")
+    names = [cfg.data.display_name] + [src.display_name for src in cfg.eval.ood]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"eval.ood: several datasets are named {', '.join(dupes)}; give each a distinct `label`")
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)  # random-init models (backmix-tiny-clip) are reproducible
+    m = cfg.model
+    bundle = load_clip(m.name, m.pretrained, m.checkpoint, device=device, precision=m.precision,
+                       cache_dir=m.cache_dir)
+    scores = build_scores(cfg.eval, bundle.std)
+    transform = bundle.preprocess_eval
+    known_ds = build_dataset(cfg.data, transform)
+    classnames = m.classnames or known_ds.classes
+    if len(classnames) != len(known_ds.classes):
+        raise ConfigError(f"model.classnames: {len(classnames)} names for the {len(known_ds.classes)} classes "
+                          f"of {cfg.data.display_name}")
+    clf = ClipZeroShotClassifier(bundle, classnames, m.templates).to(device)
+
+    cache_dir = Path(cfg.run.output_dir) / ".cache" / "features"
+    # image tower weights + the exact class embeddings + logit scale = everything outputs depend on
+    text_hash = hashlib.sha256(clf.text_features.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    model_id = dict(name=bundle.name, visual=model_fingerprint(bundle.model.visual), text=text_hash,
+                    logit_scale=float(clf.logit_scale), precision=cfg.run.precision, transform=repr(transform))
+
+    def outputs_of(src: DataSource, ds: Any) -> dict[str, torch.Tensor]:
+        data_id = {**to_dict(src), "root": str(Path(src.root).resolve()), "n": len(ds)}
+        path = cache_file(cache_dir, src.display_name, model=model_id, data=data_id) if cfg.eval.cache_features else None
+        return extract_outputs(clf, _loader(ds, cfg.eval, device), device=device, precision=cfg.run.precision,
+                               cache_path=path, desc=src.display_name, keep=OUTPUT_KEEP)
+
+    known = outputs_of(cfg.data, known_ds)
+    unknowns: dict[str, dict[str, torch.Tensor]] = {}
+    ood_sets: dict[str, Any] = {}
+    for src in cfg.eval.ood:
+        ood_sets[src.display_name] = build_dataset(src, transform)
+        unknowns[src.display_name] = outputs_of(src, ood_sets[src.display_name])
+
+    extra: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+    for score in scores:
+        if getattr(score, "needs_model", False):  # ODIN: gradients through the model, no cache
+            def run_score(name: str, ds: Any, score: Any = score) -> torch.Tensor:
+                return score_images_loader(score, clf, _loader(ds, cfg.eval, device), device=device,
+                                           precision=cfg.run.precision, desc=f"{score.name} {name}")
+            extra[score.name] = (run_score(cfg.data.display_name, known_ds),
+                                 {n: run_score(n, ds) for n, ds in ood_sets.items()})
+
+    results = evaluate_open_set(known, unknowns, scores, positive=cfg.eval.positive, extra_scores=extra)
+    results["known"] = cfg.data.display_name
+    results["model"] = {"name": bundle.name, "pretrained": bundle.pretrained, "templates": list(clf.templates)}
+    write_results(run_dir, results, title=_title(results))
+    return results
+
+
+def _title(results: dict[str, Any]) -> str:
+    m = results["model"]
+    return f"Zero-shot {m['name']} ({m['pretrained'] or 'random init'}): {results['known']} vs unknowns"
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: load the config, record the run, evaluate, print the results table."""
+    from ..report.tables import results_to_markdown
+
+    cfg = load_config(ZeroShotConfig, args.config, getattr(args, "overrides", None))
+    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, JOB)
+    record_run(run_dir, cfg, JOB, getattr(args, "argv", None))
+    results = run_zeroshot(cfg, run_dir)
+    print(results_to_markdown(results, title=_title(results)))
+    print(f"results: {run_dir / 'results.md'}")
+    return 0

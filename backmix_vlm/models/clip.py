@@ -133,7 +133,8 @@ def load_clip(
     )
     download = bool(tag_cfg) and checkpoint is None and load_weights
     offline: list[bool] = []
-    quiet = _quiet_random_init() if not download and checkpoint is None and load_weights else contextlib.nullcontext()
+    # random init was asked for / download errors become one ModelError below
+    quiet = _quiet_open_clip("initialized randomly", "Failed to download weights")
     try:
         with quiet, _offline_guard(name, pretrained, tag_cfg, cache_dir, offline) if download else contextlib.nullcontext():
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
@@ -202,10 +203,10 @@ def _check_tag(name: str, tag: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet_random_init() -> Iterator[None]:
-    """Drop open_clip's "initialized randomly" warning when random init is what was asked for."""
+def _quiet_open_clip(*phrases: str) -> Iterator[None]:
+    """Drop open_clip log lines we replace with our own message (or that state the intent)."""
     def keep(record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
+        return not any(p in record.getMessage() for p in phrases)
 
     root = logging.getLogger()
     root.addFilter(keep)

@@ -43,6 +43,7 @@ class BackboneConfig:
     checkpoint: str | None = None          # local weights file (clip state dict, or timm-layout safetensors)
     image_size: int | None = None          # timm: input size (default: the model's); clip: fixed by the model
     cache_dir: str | None = None           # open_clip download cache
+    options: dict[str, Any] = field(default_factory=dict)  # timm.create_model keywords (e.g. {patch_size: 8, depth: 2})
 
     def validate(self) -> None:
         check_choice(self.family, FAMILIES, "backbone.family")
@@ -122,7 +123,9 @@ def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = N
         if not isinstance(data.get("optim", {}), dict):
             raise ConfigError("optim: expected a mapping")
         data["optim"] = {**coop_default_schedule(shots), **(data.get("optim") or {})}
-        return from_dict(FewShotConfig, data)
+        cfg = from_dict(FewShotConfig, data)
+        adapter_config(cfg)  # validate method.options now, not after the backbone has loaded
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
@@ -133,6 +136,9 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
     b = cfg.backbone
     if b.family == "clip":
         from ..models.clip import load_clip
+
+        if b.options:
+            raise ConfigError("backbone.options: only for timm backbones; CLIP architectures are named by backbone.name")
 
         bundle = load_clip(b.name, b.pretrained, b.checkpoint, device=device, cache_dir=b.cache_dir)
         if b.image_size is not None and b.image_size != bundle.image_size:
@@ -145,7 +151,7 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
     from ..models.vit import load_timm_vit
 
     pretrained: Any = b.checkpoint or (True if b.pretrained not in (None, "", "none", "false") else False)
-    vit = load_timm_vit(b.name, pretrained=pretrained, img_size=b.image_size).to(device).eval()
+    vit = load_timm_vit(b.name, pretrained=pretrained, img_size=b.image_size, **b.options).to(device).eval()
     dc = vit.pretrained_cfg or {}
     size = b.image_size or int(vit.patch_embed.img_size[0])
     return {"base": vit, "mean": list(dc.get("mean", (0.485, 0.456, 0.406))),
@@ -153,11 +159,14 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
             "id": {"name": b.name, "weights": str(pretrained)}}
 
 
-def adapter_options(cfg: FewShotConfig) -> dict[str, Any]:
+def adapter_config(cfg: FewShotConfig) -> Any:
+    """``method.options`` as the adapter's config dataclass (unknown keys fail by name)."""
+    from ..adapters import ADAPTERS
+
     options = dict(cfg.method.options)
     if cfg.method.name in ("coop", "locoop") and "glmcm" in cfg.eval.scores:
         options.setdefault("local_features", True)  # GL-MCM reads per-patch cosines
-    return options
+    return from_dict(ADAPTERS.get(cfg.method.name).config_class, options, "method.options")
 
 
 # ----------------------------------------------------------------------------- data
@@ -204,7 +213,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
     from ..data import IndexedSubset, fewshot_indices
     from ..engine.adapter_task import AdapterTask
     from ..engine.checkpoint import LAST
-    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, needs_fit, save_scores
+    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
     from ..engine.trainer import Trainer
     from ..report.tables import write_results
 
@@ -219,13 +228,15 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
                                   class_names=train_full.classes)
         train = IndexedSubset(train_full, indices)
     set_seed(seed)
-    adapter = create_adapter(cfg.method.name, backbone["base"], train_full.classes, adapter_options(cfg))
+    adapter = create_adapter(cfg.method.name, backbone["base"], train_full.classes, adapter_config(cfg))
     adapter = adapter.to(accelerator.device)
     run_cfg = dataclasses.replace(cfg.run, seed=seed)
+    def fit_set() -> Any:  # the training images under the eval transform (Mahalanobis statistics)
+        full = data["train_eval"]()
+        return full if indices is None else IndexedSubset(full, indices)
+
     evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=accelerator.device,
-                                 precision=cfg.run.precision, std=backbone["std"])
-    if any(needs_fit(s) for s in evaluator.scores):
-        evaluator.fit_set = data["train_eval"]() if indices is None else IndexedSubset(data["train_eval"](), indices)
+                                 precision=cfg.run.precision, std=backbone["std"], fit_set=fit_set)
     task = AdapterTask(adapter, backbone["image_size"], cfg.saliency, cfg.run.precision)
     trainer = Trainer(task, train, optim=cfg.optim, run=run_cfg, run_dir=seed_dir, num_classes=len(train_full.classes),
                       augment="backmix" if cfg.backmix.enabled else "none", backmix=cfg.backmix,

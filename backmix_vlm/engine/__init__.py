@@ -1,0 +1,27 @@
+"""The training engine: the Accelerate loop with BackMix (:mod:`.trainer`), train tasks per model
+family (:mod:`.tasks`), atomic checkpoints + exact resume (:mod:`.checkpoint`) and open-set
+evaluation during training (:mod:`.evaluation`).
+
+Names are imported lazily (``from backmix_vlm.engine import Trainer``) so that importing the
+light modules (checkpoint) does not pull in Accelerate.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Trainer": "trainer", "TrainTask": "trainer", "build_accelerator": "trainer", "build_optimizer": "trainer",
+    "build_scheduler": "trainer", "lr_factor": "trainer",
+    "ClassifierTask": "tasks",
+    "OpenSetEvaluator": "evaluation", "save_scores": "evaluation", "load_scores": "evaluation",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "capture_rng_state": "checkpoint",
+    "restore_rng_state": "checkpoint", "model_state_dict": "checkpoint", "load_model_state_dict": "checkpoint",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,10 +40,17 @@ COMPARE_METRICS = ("auroc", "fpr95", "oscr")
 
 # ----------------------------------------------------------------------------- config
 @dataclass
+class TrainSource(DataSource):
+    """A :class:`DataSource` whose split defaults to ``train`` (so ``train: {name: demo}`` trains on train)."""
+
+    split: str = "train"
+
+
+@dataclass
 class DataConfig:
     """Training / known test data, the open-set protocol and the input pipeline."""
 
-    train: DataSource = field(default_factory=lambda: DataSource(name="cifar10", split="train"))
+    train: TrainSource = field(default_factory=lambda: TrainSource(name="cifar10"))
     test: DataSource = field(default_factory=lambda: DataSource(name="cifar10", split="test"))
     protocol: str | None = None        # open-set protocol: cifar10 | cifar+10 | cifar+50 | svhn | mnist | tinyimagenet
     protocol_split: int = 0            # which of its standard splits (0-4)

@@ -67,7 +67,7 @@ def grid_samples(cfg: Any, checkpoint: Path, num: int) -> dict[str, torch.Tensor
     partner = res.extras["partner"]
     classes = ds.classes
     return {
-        "targets": images, "backgrounds": images[partner], "soft_masks": bank.get(idx[partner]),
+        "indices": idx, "partner": partner, "targets": images, "backgrounds": images[partner], "soft_masks": bank.get(idx[partner]),
         "binary": bank.foreground(idx[partner], cfg.backmix.mask_ratio), "mixed": res.images,
         "titles": [f"{classes[int(labels[i])]} / {classes[int(labels[partner[i]])]}" for i in range(len(idx))],
     }

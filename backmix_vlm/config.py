@@ -50,7 +50,7 @@ class DataSource:
     label: str | None = None          # display name in tables (default: name)
     jpeg_quality: int | None = None   # JPEG round trip at this quality (match JPEG-stored ID data)
     resize: str = "resize"            # resize | crop | center_crop: how to reach the model's size
-    max_samples: int | None = None    # first N samples (after class filtering), for quick runs
+    max_samples: int | None = None    # N evenly spaced samples (after class filtering; class-balanced on sorted data)
     on_corrupt: str = "error"         # error | skip (skipped files are counted in a warning)
 
     @property

@@ -73,11 +73,13 @@ def test_class_filter_relabels_in_given_order():
             build_dataset(DataSource("demo", split="test", classes=bad))
 
 
-def test_max_samples_is_first_n_after_filtering():
-    full = build_dataset(DataSource("demo", split="train", classes=[9, 0]))
+def test_max_samples_is_evenly_spaced_after_filtering():
+    full = build_dataset(DataSource("demo", split="train", classes=[9, 0]))  # 100 images, class-sorted
     ds = build_dataset(DataSource("demo", split="train", classes=[9, 0], max_samples=7))
-    assert len(ds) == 7 and ds.labels == full.labels[:7]
-    assert all(torch.equal(ds[i][0], full[i][0]) for i in range(7))
+    pos = [0, 14, 28, 42, 57, 71, 85]  # floor(i * 100 / 7)
+    assert len(ds) == 7 and ds.labels == [full.labels[p] for p in pos]
+    assert sorted(set(ds.labels)) == [0, 1]  # both classes kept, not just the first folder
+    assert all(torch.equal(ds[i][0], full[p][0]) for i, p in enumerate(pos))
 
 
 def test_empty_split_names_source_and_filter(tmp_path):

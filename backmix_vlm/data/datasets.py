@@ -265,8 +265,10 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
         labels = [remap[labels[i]] for i in pos]
         classes = [classes[c] for c in keep]
     if src.max_samples is not None and len(labels) > src.max_samples:
-        pos = list(range(src.max_samples))
-        records, labels = records.subset(pos), labels[: src.max_samples]
+        # evenly spaced, deterministic: on class-sorted data every class keeps its share
+        n = len(labels)
+        pos = [(i * n) // src.max_samples for i in range(src.max_samples)]
+        records, labels = records.subset(pos), [labels[i] for i in pos]
     if not labels:
         raise DataError(f"{where}: 0 images after filtering (classes: {src.classes}, "
                         f"max_samples: {src.max_samples}); check the class ids and the data folder")

@@ -54,7 +54,7 @@ def model_fingerprint(module: torch.nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)  # 0-dim tensors (logit_scale) cannot be viewed as bytes
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]

@@ -106,3 +106,9 @@ def test_record_run_writes_resolved_config(tmp_path):
     assert on_disk["command"] == ["backmix-vlm", "train", "x.yaml"]
     # the saved config loads back into the same object
     assert to_dict(load_config(_Job, run_dir / "config.yaml")) == to_dict(cfg)
+
+
+def test_yaml_bare_no_stays_a_string(tmp_path):
+    cfg = load_config(_Job, _write(tmp_path, {"run": {"precision": False}}), ["run.device=cpu"])
+    assert cfg.run.precision == "no"
+    assert load_config(_Job, None, ["run.precision=no"]).run.precision == "no"

@@ -1,7 +1,6 @@
 """MaskBank, BackMix (paper Eq. 3 / 4) and the Cutout / Mixup / CutMix baselines."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -152,6 +151,7 @@ def test_backmix_same_location_matches_eq3_reference():
     expected = m * (1 - c_b[:, None]) * x_b + (1 - m) * images  # Eq. 3
     assert torch.equal(res.images, expected)
     pasted = box & (c_b == 1)
+    assert torch.equal(res.extras["pasted_fg"], pasted)
     assert pasted.any() and torch.all(res.images.permute(1, 0, 2, 3)[:, pasted] == 0)
     keep = (box & (c_b == 0))[:, None].expand_as(images)
     assert torch.equal(res.images[keep], x_b[keep])
@@ -171,6 +171,9 @@ def test_backmix_independent_source_box_matches_per_sample_reference():
         patch = images[partner[i], :, st:st + 8, sl:sl + 8] * (1 - c_b[i, st:st + 8, sl:sl + 8])
         expected[:, t:t + 8, l:l + 8] = patch
         assert torch.equal(res.images[i], expected)
+        pasted = torch.zeros(32, 32, dtype=torch.bool)
+        pasted[t:t + 8, l:l + 8] = c_b[i, st:st + 8, sl:sl + 8] == 1
+        assert torch.equal(res.extras["pasted_fg"][i], pasted)
 
 
 def test_backmix_extreme_mask_ratios_are_paste_and_cutout():

@@ -5,8 +5,8 @@ and
 
     x~ = M ⊙ (1 − C_B) ⊙ x_B + (1 − M) ⊙ x_T,        y~ = y_T
 
-* ``C_B``: BI's bank map sharpened to its top ``mask_ratio`` cells (k), upsampled (nearest)
-  to the image size.  Foreground pixels of the pasted patch become ``fill`` (0.0 in
+* ``C_B``: BI's bank map sharpened to its top ``mask_ratio`` cells (k, see
+  :func:`~backmix_vlm.augment.mask_bank.topk_foreground`), upsampled (nearest) to the image.  Foreground pixels of the pasted patch become ``fill`` (0.0 in
   normalised space, i.e. the dataset mean: grey).
 * ``M``: a fixed-size box whose AREA is ``cut_area`` (s) of the image: side
   ``round(sqrt(s) * H)`` x ``round(sqrt(s) * W)``, placed uniformly at random fully inside the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import check_choice
@@ -99,8 +98,17 @@ class BackMix:
     @torch.no_grad()
     def __call__(self, images: Tensor, labels: Tensor, indices: Tensor,
                  return_masks: bool = False) -> MixResult:
-        """Mix a normalised batch (B, C, H, W); ``indices`` are the samples' bank rows."""
-        b, c, h, w = images.shape
+        """Mix a normalised batch (B, C, H, W); ``indices`` are the samples' bank rows.
+
+        Only the boxes are computed: all source patches are read from the BIs with one
+        ``index_select`` on flat pixel indices, their foreground pixels (C_B upsampled by
+        nearest neighbour: pixel row ``y`` reads bank cell ``y * h // H``) are set to ``fill``,
+        and one ``index_copy_`` writes them into a copy of the batch at the target boxes.
+        ``return_masks=True`` adds ``partner``, ``box_mask`` (M), ``fg_mask`` (C_B at image size,
+        BI coordinates), ``pasted_fg`` (pixels set to ``fill``) and ``box`` (top, left,
+        src_top, src_left) to ``MixResult.extras``.
+        """
+        b, _, h, w = images.shape
         device = images.device
         labels = labels.to(device)
         partner = self.partners(labels)
@@ -113,37 +121,41 @@ class BackMix:
             src_top = randint(h - box_h + 1, b, self.generator, device)
             src_left = randint(w - box_w + 1, b, self.generator, device)
 
-        # BI with its estimated foreground blanked out, in BI's own coordinates.
-        fg = self.bank.foreground(indices.to(device)[partner], self.mask_ratio)
-        fg = F.interpolate(fg[:, None].to(device), size=(h, w), mode="nearest")[:, 0].bool()
-        background = images[partner].masked_fill(fg[:, None], self.fill)
-        if not self.same_location:  # move each source box onto its target box
-            background, fg = _shift(background, fg, src_top - top, src_left - left)
+        fg = self.bank.foreground(indices.to(device)[partner], self.mask_ratio).to(device) > 0  # C_B, (B, h', w')
+        fh, fw = fg.shape[-2:]
+        ar_h, ar_w = torch.arange(box_h, device=device), torch.arange(box_w, device=device)
+        rows, cols = (src_top[:, None] + ar_h)[:, :, None], (src_left[:, None] + ar_w)[:, None, :]
+        dst_rows, dst_cols = (top[:, None] + ar_h)[:, :, None], (left[:, None] + ar_w)[:, None, :]
+        batch = torch.arange(b, device=device)
+        images = images.contiguous()
+        patch = images.view(-1).index_select(0, _flat_index(images.shape, partner, rows, cols))
+        patch_fg = fg[batch[:, None, None], rows * fh // h, cols * fw // w]  # (B, box_h, box_w)
+        patch = patch.view(b, -1, box_h, box_w).masked_fill(patch_fg[:, None], self.fill)
+        mixed = images.clone()
+        mixed.view(-1).index_copy_(0, _flat_index(images.shape, batch, dst_rows, dst_cols), patch.view(-1))
 
-        box = box_mask(top, left, box_h, box_w, (h, w))
-        mixed = torch.where(box[:, None], background, images)
         extras = {}
         if return_masks:
+            pasted = torch.zeros(b, h, w, dtype=torch.bool, device=device)
+            pasted[batch[:, None, None], dst_rows, dst_cols] = patch_fg
+            full_r = (torch.arange(h, device=device) * fh // h)[None, :, None]
+            full_c = (torch.arange(w, device=device) * fw // w)[None, None, :]
             extras = {
                 "partner": partner,
-                "box_mask": box,                     # M, target coordinates
-                "fg_mask": fg,                       # C_B moved to target coordinates
-                "pasted_fg": box & fg,               # pixels set to `fill`
+                "box_mask": box_mask(top, left, box_h, box_w, (h, w)),
+                "fg_mask": fg[batch[:, None, None], full_r, full_c],
+                "pasted_fg": pasted,
                 "box": torch.stack([top, left, src_top, src_left], dim=1),
             }
         return MixResult(mixed, labels, None, 1.0, extras)
 
 
-def _shift(images: Tensor, masks: Tensor, dy: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample translation: ``out[b, :, y, x] = in[b, :, y + dy[b], x + dx[b]]`` (edge-clamped).
+def _flat_index(shape: torch.Size, batch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Flat indices into a contiguous (B, C, H, W) tensor of the pixels ``(batch[i], :, rows, cols)``.
 
-    One gather over flattened pixel indices; inside the target box the source index is
-    never clamped because both boxes lie fully inside the image.
+    ``rows`` (B, bh, 1) and ``cols`` (B, 1, bw) give each sample's box; the result is ordered
+    (B, C, bh, bw), so one ``index_select`` / ``index_copy_`` moves all boxes at once.
     """
-    b, c, h, w = images.shape
-    rows = (torch.arange(h, device=images.device) + dy[:, None]).clamp_(0, h - 1)
-    cols = (torch.arange(w, device=images.device) + dx[:, None]).clamp_(0, w - 1)
-    flat = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w)
-    moved = images.flatten(2).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
-    moved_masks = masks.flatten(1).gather(1, flat[:, 0]).view(b, h, w)
-    return moved, moved_masks
+    _, c, h, w = shape
+    chan = torch.arange(c, device=batch.device)[None, :, None, None]
+    return ((batch[:, None, None, None] * c + chan) * (h * w) + (rows * w + cols)[:, None]).reshape(-1)

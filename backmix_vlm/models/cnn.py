@@ -24,7 +24,6 @@ import math
 from typing import Callable
 
 import timm
-import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError

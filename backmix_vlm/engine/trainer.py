@@ -160,7 +160,8 @@ def build_accelerator(run: RunConfig) -> Any:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
     shared = AcceleratorState._shared_state
     if shared and PartialState._shared_state.get("num_processes", 1) == 1:
-        same = shared.get("_mixed_precision") == run.precision and (shared["device"].type == "cpu") == cpu
+        device_type = getattr(shared.get("device"), "type", None)
+        same = shared.get("_mixed_precision") == run.precision and (device_type == "cpu") == cpu
         if not same:  # single process: safe to start over with other settings
             AcceleratorState._reset_state(reset_partial_state=True)
     if device.startswith("cuda:") and not PartialState._shared_state:
@@ -252,6 +253,7 @@ class Trainer:
         self.global_step = 0
         self.best: float | None = None
         self._best_pending = False
+        self.epochs_this_call = 0
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ construction
@@ -364,11 +366,11 @@ class Trainer:
         if resume:
             self.load(self.run_dir / LAST)
         epochs = self.optim_cfg.epochs
-        done_here = 0
-        while self.epoch < epochs and (stop_after is None or done_here < stop_after):
+        self.epochs_this_call = 0
+        while self.epoch < epochs and (stop_after is None or self.epochs_this_call < stop_after):
             row = self.train_epoch(self.epoch)
             self.epoch += 1
-            done_here += 1
+            self.epochs_this_call += 1
             if self.evaluate is not None and (self.epoch == epochs or (self.eval_every and self.epoch % self.eval_every == 0)):
                 row.update(self.run_evaluation())
             self.history.append(row)

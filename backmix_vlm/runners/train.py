@@ -215,7 +215,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     )
     start = time.perf_counter()
     trainer.fit(resume=resume)
-    if evaluator.result is None:  # resumed a finished run: nothing trained, evaluate once
+    if trainer.epochs_this_call == 0:  # resumed a finished run: nothing trained, evaluate once
         trainer.run_evaluation()
     if not accelerator.is_main_process:
         return {}

@@ -152,3 +152,19 @@ def test_trainer_rejects_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="run.precision: fp16 autocast needs a CUDA GPU"):
         Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(),
                 run=RunConfig(device="cpu", precision="fp16"), run_dir=tmp_path, num_classes=3)
+
+
+def test_best_checkpoint_follows_best_metric(tmp_path):
+    model = create_cnn("small_cnn", 3, width=4)
+    values = iter([0.5, 0.9, 0.7])
+    trainer = Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(epochs=3, batch_size=4),
+                      run=RunConfig(device="cpu"), run_dir=tmp_path, num_classes=3, eval_every=1,
+                      evaluate=lambda m, e: {"score": next(values)}, best_metric="score")
+    trainer.fit()
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3 and trainer.best == 0.9
+    wrong = Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(epochs=1, batch_size=4),
+                    run=RunConfig(device="cpu"), run_dir=tmp_path / "w", num_classes=3,
+                    evaluate=lambda m, e: {"score": 1.0}, best_metric="acc")
+    with pytest.raises(ConfigError, match="best_metric: 'acc' is not a logged metric; available: score"):
+        wrong.fit()

@@ -69,6 +69,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 AUGMENTS = ("none", "backmix", "cutout", "mixup", "cutmix")
 MODES = ("alongside", "mixed_only")
 CHECKPOINT_FORMAT = 1
+TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "time")
 
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
 
@@ -187,6 +188,7 @@ class Trainer:
     ``train_set`` yields ``(image, label, index)`` with ``index`` its position in the dataset
     (the mask bank row).  ``evaluate(model, epoch) -> {metric: value}`` is called on the main
     process every ``eval_every`` epochs and after the last one; its values go to the log.
+    ``best_metric`` (a log column, higher = better) also keeps ``best.pt``.
     ``meta`` (plain data: config, class names) is stored in every checkpoint.  The mixer is
     ``augment`` built from the ``backmix`` section plus ``augment_options`` (e.g. mixup
     ``alpha``); ``augment="backmix"`` with ``backmix.enabled=False`` trains plain.
@@ -397,8 +399,15 @@ class Trainer:
         return summary
 
     def _maybe_best(self, row: dict[str, Any]) -> None:
-        if self.best_metric is None or self.best_metric not in row or not self.is_main:
+        """Mark ``best.pt`` for writing when ``best_metric`` (higher = better) improved."""
+        if self.best_metric is None or not self.is_main:
             return
+        evaluated = [k for k in row if k not in TRAIN_COLUMNS]
+        if not evaluated:
+            return
+        if self.best_metric not in row:
+            raise ConfigError(f"best_metric: {self.best_metric!r} is not a logged metric; "
+                              f"available: {', '.join(evaluated)}")
         value = float(row[self.best_metric])
         if self.best is None or value > self.best:
             self.best = value

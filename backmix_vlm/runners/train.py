@@ -89,6 +89,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)   # paper recipe: SGD Nesterov 0.9, lr 0.1, wd 5e-4, cosine, 128
     eval: EvalConfig = field(default_factory=EvalConfig)
     plots: bool = True                 # write plots/ (BackMix grid, score histograms) at the end
+    best_metric: str | None = None     # also keep best.pt by this log column (higher = better), e.g. test_acc
     variants: dict[str, list[str]] = field(default_factory=dict)  # name -> overrides; one sub-run each
 
     @property
@@ -211,7 +212,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         ClassifierTask(model, cfg.data.image_size), train, optim=cfg.optim, run=cfg.run, run_dir=run_dir,
         num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,
         augment_options=cfg.augment.options, num_workers=cfg.data.num_workers, evaluate=evaluator,
-        eval_every=cfg.eval.every, meta={"job": JOB, "classes": list(train.classes)}, accelerator=accelerator,
+        eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)}, accelerator=accelerator,
     )
     start = time.perf_counter()
     trainer.fit(resume=resume)

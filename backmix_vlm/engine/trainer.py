@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -439,7 +440,8 @@ class Trainer:
             "bank": self.bank.state_dict() if self.bank is not None else None,
             "rng": rngs,
             "data": {"seed": self.run_cfg.seed, "world_size": self.world, "batch_size": self.optim_cfg.batch_size,
-                     "num_samples": len(self.train_set), "steps_per_epoch": self.steps_per_epoch},
+                     "num_samples": len(self.train_set), "steps_per_epoch": self.steps_per_epoch,
+                     "num_workers": self.num_workers},
             "history": self.history,
             "best": self.best,
             "meta": self.meta,
@@ -464,6 +466,10 @@ class Trainer:
         if diff:
             raise ModelError(f"{path}: cannot resume exactly, the run changed: "
                              + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
+        if data.get("num_workers", self.num_workers) != self.num_workers:
+            warnings.warn(f"{path}: data.num_workers was {data['num_workers']}, now {self.num_workers}; the "
+                          "augmentation random streams differ, so the resumed run will not match exactly",
+                          stacklevel=2)
         load_model_state_dict(self.model, state["model"], trainable_only=state.get("trainable_only", False),
                               source=path)
         self.optimizer.load_state_dict(state["optimizer"])

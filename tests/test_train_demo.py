@@ -24,8 +24,8 @@ def test_demo_config_trains_both_variants_and_compares(tmp_path, capsys):
         assert set(res["results"]) == {"cifar10 unknown (split 0)", "CIFAR-100"}
         assert res["counts"] == {"known": 120, "cifar10 unknown (split 0)": 80, "CIFAR-100": 200}
     table = (run / "results.md").read_text()
-    assert "| | Variant | Accuracy | cifar10 unknown (split 0) AUROC" in table
-    assert "| plain |" in table and "| backmix |" in table and "## Score: energy" in table
+    assert "| Model | Variant | Accuracy | cifar10 unknown (split 0) AUROC" in table
+    assert "| small_cnn, 1 epochs | plain |" in table and "|  | backmix |" in table and "## Score: energy" in table
     assert Image.open(run / "backmix" / "plots" / "backmix_grid.png").size[0] > 0
     assert not (run / "plain" / "plots" / "backmix_grid.png").exists()  # plain training has no mask bank
     assert "Comparison: plain, backmix" in capsys.readouterr().out

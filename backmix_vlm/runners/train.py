@@ -212,7 +212,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         ClassifierTask(model, cfg.data.image_size), train, optim=cfg.optim, run=cfg.run, run_dir=run_dir,
         num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,
         augment_options=cfg.augment.options, num_workers=cfg.data.num_workers, evaluate=evaluator,
-        eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)}, accelerator=accelerator,
+        eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)},
+        accelerator=accelerator,
     )
     start = time.perf_counter()
     trainer.fit(resume=resume)
@@ -222,7 +223,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         return {}
     results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": trainer.epoch,
                "train_time_s": round(time.perf_counter() - start, 1),
-               "final_train": {k: trainer.history[-1][k] for k in ("train_loss", "train_acc")} if trainer.history else None}
+               "final_train": ({k: trainer.history[-1][k] for k in ("train_loss", "train_acc")}
+                               if trainer.history else None)}
     title = f"{cfg.model.name} + {cfg.mixer} on {data['train_src'].display_name}"
     write_results(run_dir, results, title=title)
     save_scores(run_dir / SCORES_FILE, evaluator.per_sample,
@@ -238,14 +240,15 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
 
 # ----------------------------------------------------------------------------- comparison
 def comparison_markdown(results: dict[str, dict[str, Any]], scores: list[str], title: str) -> str:
-    """One table per score: variant | accuracy | AUROC / FPR95 / OSCR per unknown set."""
+    """One table per score: model | variant | accuracy | AUROC / FPR95 / OSCR per unknown set."""
     from ..report.tables import paper_table_v
 
     parts = [f"# {title}"]
     for score in scores:
-        rows = [{"setting": "", "method": name, "results": res, "score": score} for name, res in results.items()]
+        rows = [{"setting": f"{res.get('model', '')}, {res.get('epochs', '?')} epochs", "method": name,
+                 "results": res, "score": score} for name, res in results.items()]
         parts += [f"## Score: {score}", paper_table_v(rows, metrics=COMPARE_METRICS, digits=2).replace(
-            "| Setting | Method |", "| | Variant |")]
+            "| Setting | Method |", "| Model | Variant |")]
     parts.append("Values in %; FPR95 lower is better. Each variant's own results.md has every metric.")
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 

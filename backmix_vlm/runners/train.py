@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, apply_overrides, check_choice,
-                      from_dict, load_yaml, to_dict)
+                      from_dict, load_yaml)
 from ..errors import ConfigError
 from ..runs import make_run_dir, record_run, write_json
 

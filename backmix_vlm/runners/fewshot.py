@@ -244,7 +244,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
                       meta={"job": JOB, "seed": seed, "classes": list(train_full.classes)}, accelerator=accelerator)
     start = time.perf_counter()
     trainer.fit(resume=resume and (seed_dir / LAST).is_file())
-    if evaluator.result is None:
+    if trainer.epochs_this_call == 0:  # resumed a finished run: evaluate once (every process agrees on this)
         trainer.run_evaluation()
     results = {**evaluator.result, "seed": seed, "shots": cfg.data.shots, "method": cfg.method_label,
                "num_train": len(train), "epochs": trainer.epoch, "train_time_s": round(time.perf_counter() - start, 1),

@@ -10,17 +10,30 @@ gradients, CLIP's patch-to-text similarity (:mod:`backmix_vlm.saliency.local`):
   read after ``loss.backward()`` (no extra pass).  ``saliency.exact_target_grads`` switches to
   Chefer's one-hot target-logit gradient at the cost of one partial backward through the
   blocks the relevance needs.
-* **CoOp / LoCoOp** never send gradients into the image tower, so the maps need their own pass
-  on the clean images (every ``backmix.bank_update_every`` steps): a forward whose blocks below
-  ``start_layer`` run without a graph, and a backward through the last blocks only.
+* **CoOp / LoCoOp** never send gradients into the image tower.  With ``saliency.reuse_forward``
+  (default) the training forward of the 2B batch is reused: a forward pre-hook keeps the clean
+  rows' input of block ``start_layer`` and the text features the step used, and after the step
+  only the *tail* runs again — blocks ``start_layer..L-1`` with explicit attention, CLIP's
+  pooling / projection and the cosine to the text — followed by a backward through that tail.
+  With the default ``start_layer=-1`` that is one block of B images forward + backward instead
+  of a whole extra image-tower forward.  ``reuse_forward=False`` runs the separate pass on the
+  clean images (a forward whose blocks below ``start_layer`` run without a graph, and a
+  backward through the last blocks only); both give the same maps up to float rounding (the
+  blocks below ``start_layer`` run fused attention in training, explicit attention in the
+  separate pass).  When the forward does not contain the clean images (``backmix.mode:
+  mixed_only``) the separate pass runs instead, before the optimizer step.
+
+Bank updates happen every ``backmix.bank_update_every`` steps (the trainer asks for them with
+``saliency_extra_pass`` before the forward).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import check_choice
@@ -36,6 +49,7 @@ class SaliencyConfig:
     source: str = "attention"          # attention (grad x attention relevance) | local (patch-text similarity, CLIP only)
     start_layer: int = -1              # -1: last block only (Chefer's CLIP default; our default, see docs); 0: all blocks
     reuse_backward: bool = True        # VPT: maps from the training backward (no extra pass)
+    reuse_forward: bool = True         # CoOp/LoCoOp: reuse the training forward up to start_layer (tail pass only)
     exact_target_grads: bool = False   # VPT + reuse_backward: Chefer's target-logit gradient (one partial backward)
     local_mode: str = "softmax"        # local source: softmax over classes per patch at the label | cosine
 
@@ -63,6 +77,8 @@ class AdapterTask:
                               "use saliency.source=attention for VPT")
         self._extractor = None
         self._recording = None
+        self._capture: _Capture | None = None   # reuse_forward: requested, filled by the next forward
+        self._captured: _Capture | None = None  # reuse_forward: filled, read by saliency_from_output
 
     # ------------------------------------------------------------------ TrainTask
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -74,6 +90,9 @@ class AdapterTask:
         return self.image_size // patch[0], self.image_size // patch[1]
 
     def forward(self, model: nn.Module, images: Tensor) -> ModelOutput:
+        capture, self._capture = self._capture, None
+        if capture is not None and model.training:
+            return self._forward_capturing(model, images, capture)
         labels, self._record_labels = self._record_labels, None
         if labels is None or not model.training:
             return model(images)
@@ -95,6 +114,9 @@ class AdapterTask:
         return lam * adapter.loss(output, mix.labels_a) + (1 - lam) * adapter.loss(output, mix.labels_b)
 
     def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor) -> Tensor | None:
+        captured, self._captured = self._captured, None
+        if captured is not None:
+            return captured.maps if captured.maps is not None else self._tail_maps(captured)
         rec, self._recording = self._recording, None
         if rec is None:
             return None
@@ -105,6 +127,14 @@ class AdapterTask:
         if self._reuse_backward():  # maps come from this step's training backward
             self._record_labels = labels
             return None
+        if self._reuse_forward():  # maps come from this step's training forward + a tail pass
+            self._capture = _Capture(images, labels)
+            return None
+        return self._separate_pass(model, images, labels)
+
+    # ------------------------------------------------------------------ CoOp / LoCoOp maps
+    def _separate_pass(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        """Maps from their own pass on the clean images (or CLIP's patch-text similarity)."""
         was_training = model.training
         model.eval()  # dropout-free maps; the frozen base is in eval mode anyway
         try:
@@ -122,11 +152,83 @@ class AdapterTask:
             model.train(was_training)
         return maps.float().detach()
 
+    def _forward_capturing(self, model: nn.Module, images: Tensor, cap: "_Capture") -> ModelOutput:
+        """The training forward, keeping the clean rows' input of block ``start`` and the text features."""
+        b = cap.labels.shape[0]
+        if images.shape[0] < b or not torch.equal(images[:b], cap.images):
+            # the clean images are not in this batch (mixed_only): separate pass, before the optimizer step
+            cap.maps = self._separate_pass(self.model, cap.images, cap.labels)
+            self._captured = cap
+            return model(images)
+        transformer = self.model.base.visual.transformer
+        seq_first = not transformer.batch_first
+
+        def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if cap.x is None:  # first call only
+                x = args[0].detach()
+                cap.x = x[:, :b].transpose(0, 1) if seq_first else x[:b]  # clean rows, (B, T, D)
+
+        handle = transformer.resblocks[self.extractor().start].register_forward_pre_hook(grab)
+        try:
+            with _keep_text_features(self.model, cap):
+                out = model(images)
+        finally:
+            handle.remove()
+        if cap.x is None:
+            raise RuntimeError("saliency.reuse_forward: the image tower's block "
+                               f"{self.extractor().start} did not run in the training forward")
+        self._captured = cap
+        return out
+
+    def _tail_maps(self, cap: "_Capture") -> Tensor:
+        """Relevance of blocks ``start..L-1`` from the captured block input: the tail pass only."""
+        model = self.model
+        text = cap.text
+        if text is None:  # the adapter's forward did not go through encode_text
+            with torch.no_grad():
+                text = model.encode_text()
+        was_training = model.training
+        model.eval()
+        try:  # the trainer calls saliency_from_output under no_grad; the relevance needs a graph
+            with torch.enable_grad(), self._autocast():
+                maps = self.extractor()(cap.x, cap.labels, self._tail_logits_fn(text))
+        finally:
+            model.train(was_training)
+        return maps.float().detach()
+
+    def _tail_logits_fn(self, text_features: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x_start (B, T, D) -> logit_scale · cos(image, text)``: what ``clip_logits_fn`` computes
+        after block ``start`` (open_clip ``VisionTransformer.forward`` from the transformer on)."""
+        base = self.model.base
+        visual = base.visual
+        transformer = visual.transformer
+        blocks = list(transformer.resblocks)[self.extractor().start:]
+        seq_first = not transformer.batch_first
+        text = F.normalize(text_features.detach(), dim=-1)
+
+        def tail(x: Tensor) -> Tensor:
+            if seq_first:
+                x = x.transpose(0, 1)  # NLD -> LND
+            for block in blocks:
+                x = block(x)
+            if seq_first:
+                x = x.transpose(0, 1)
+            pooled, _ = visual._pool(x)
+            if visual.proj is not None:
+                pooled = pooled @ visual.proj
+            image = F.normalize(pooled, dim=-1)
+            return base.logit_scale.detach().exp() * image @ text.to(image.dtype).t()
+
+        return tail
+
     # ------------------------------------------------------------------ helpers
     _record_labels: Tensor | None = None
 
     def _reuse_backward(self) -> bool:
         return self.is_vpt and self.cfg.source == "attention" and self.cfg.reuse_backward
+
+    def _reuse_forward(self) -> bool:
+        return not self.is_vpt and self.cfg.source == "attention" and self.cfg.reuse_forward
 
     def _patch_size(self) -> tuple[int, int]:
         m = self.model
@@ -161,3 +263,40 @@ class AdapterTask:
             device = next(self.model.parameters()).device.type
             return torch.autocast(device_type=device, dtype=torch.bfloat16)
         return nullcontext()
+
+
+@dataclass
+class _Capture:
+    """One reuse-forward bank update: the clean batch, then what the training forward left."""
+
+    images: Tensor
+    labels: Tensor
+    x: Tensor | None = None       # clean rows' input of block start_layer, (B, T, D), detached
+    text: Tensor | None = None    # the text features of the training forward, detached
+    maps: Tensor | None = None    # set when the separate pass had to run instead (mixed_only)
+
+
+@contextmanager
+def _keep_text_features(adapter: nn.Module, cap: _Capture) -> Iterator[None]:
+    """Let the adapter's own ``encode_text`` call store its (detached) result in ``cap.text``.
+
+    The training forward computes the class text features anyway; keeping them saves a text-tower
+    forward per bank update (with 1000 classes that costs more than the image tail).
+    """
+    original = adapter.encode_text
+    saved = adapter.__dict__.get("encode_text")
+
+    def encode_text(*args: Any, **kwargs: Any) -> Tensor:
+        out = original(*args, **kwargs)
+        if cap.text is None:
+            cap.text = out.detach()
+        return out
+
+    adapter.encode_text = encode_text  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if saved is None:
+            del adapter.encode_text
+        else:
+            adapter.encode_text = saved  # type: ignore[method-assign]

@@ -21,7 +21,7 @@ GRID = (4, 4)  # tiny CLIP: 32 px, patch 8
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+    return load_clip(TINY_CLIP, pretrained=None, layout="batch_first")  # tests count rows in (N, L, D)
 
 
 def _adapter(tiny, method: str, seq_first: bool = False):

@@ -195,8 +195,12 @@ def _reference_global_local(model, x):
     cls = v.class_embedding.expand(t.shape[0], 1, -1)
     t = v.ln_pre(torch.cat([cls, t], 1) + v.positional_embedding)
     blocks = v.transformer.resblocks
+
+    def run(blk, t):  # the blocks take (N, L, D) or (L, N, D) depending on the model's layout
+        return blk(t) if v.transformer.batch_first else blk(t.transpose(0, 1)).transpose(0, 1)
+
     for blk in blocks[:-1]:
-        t = blk(t)
+        t = run(blk, t)
     last = blocks[-1]
     # local: LoCoOp's v path on the last block's input (per token, no attention mixing)
     width = t.shape[-1]
@@ -208,7 +212,7 @@ def _reference_global_local(model, x):
     val = val + last.mlp(last.ln_2(val))
     local = v.ln_post(val[:, 1:]) @ v.proj
     # global: full block, class token
-    t = last(t)
+    t = run(last, t)
     glob = v.ln_post(t[:, 0]) @ v.proj
     return glob, local
 
@@ -232,6 +236,23 @@ def test_local_part_matches_step_by_step_reference(tiny, images):
         tokens = tiny.model.visual.transformer(tiny.model.visual._embeds(images))
         mixed = tiny.model.visual.ln_post(tokens[:, 1:]) @ tiny.model.visual.proj
     assert not torch.allclose(loc, mixed, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
+def test_block_layout_changes_nothing_but_speed(images, layout):
+    torch.manual_seed(0)
+    ref = load_clip(TINY_CLIP, pretrained=None, layout="batch_first")
+    torch.manual_seed(0)
+    other = load_clip(TINY_CLIP, pretrained=None, layout=layout)
+    assert other.model.visual.transformer.batch_first == (layout == "batch_first")
+    with torch.no_grad():
+        torch.testing.assert_close(other.model.encode_image(images), ref.model.encode_image(images), rtol=1e-5, atol=1e-5)
+        tokens = ref.tokenizer(["a photo of a cat."])
+        torch.testing.assert_close(other.model.encode_text(tokens), ref.model.encode_text(tokens), rtol=1e-5, atol=1e-5)
+        for a, b in zip(encode_image_global_local(other.model, images), encode_image_global_local(ref.model, images)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="layout 'nchw' is not accepted"):
+        load_clip(TINY_CLIP, pretrained=None, layout="nchw")
 
 
 def test_local_features_leave_no_hooks_and_accept_visual_tower(tiny, images):

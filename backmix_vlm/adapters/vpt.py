@@ -86,7 +86,8 @@ class _ClipVision:
     def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.visual.transformer.batch_first:
             return block(x)
-        return block(x.transpose(0, 1)).transpose(0, 1)
+        # contiguous: a strided (L, N, D) view makes CPU bf16 projections several times slower
+        return block(x.transpose(0, 1).contiguous()).transpose(0, 1)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(x)

@@ -105,6 +105,7 @@ def load_clip(
     precision: str = "fp32",
     cache_dir: str | None = None,
     load_weights: bool = True,
+    layout: str = "auto",
 ) -> ClipBundle:
     """Build an open_clip model with its tokenizer and transforms, frozen and in eval mode.
 
@@ -114,6 +115,9 @@ def load_clip(
     ``pretrained`` then only says which tag the file holds, so its QuickGELU and normalisation
     settings are used — nothing is downloaded.  ``load_weights=False`` builds the tag's
     architecture and preprocessing with random weights (offline tests, shape checks).
+    ``layout`` (``auto`` | ``batch_first`` | ``seq_first``) sets how the transformer blocks are
+    fed; ``auto`` is ``seq_first`` on CPU — same math, but open_clip's batch-first attention
+    projects a non-contiguous view that is ~7x slower in CPU bf16 (docs/benchmarks_speed.md).
     """
     if precision not in PRECISIONS:
         raise ModelError(f"precision {precision!r} is not accepted; choose one of {', '.join(PRECISIONS)}")
@@ -149,6 +153,7 @@ def load_clip(
         load_clip_checkpoint(model, checkpoint)
 
     model.eval().requires_grad_(False)
+    set_block_layout(model, layout, device)
     pp = open_clip.get_model_preprocess_cfg(model)
     size = tuple(pp["size"]) if isinstance(pp["size"], (tuple, list)) else (pp["size"], pp["size"])
     return ClipBundle(
@@ -162,6 +167,27 @@ def load_clip(
         name=name,
         pretrained=str(checkpoint) if checkpoint is not None else pretrained if load_weights else None,
     )
+
+
+LAYOUTS = ("auto", "batch_first", "seq_first")
+
+
+def set_block_layout(model: nn.Module, layout: str, device: str | torch.device = "cpu") -> None:
+    """Feed both towers' blocks batch-first ``(N, L, D)`` or sequence-first ``(L, N, D)``."""
+    if layout not in LAYOUTS:
+        raise ModelError(f"layout {layout!r} is not accepted; choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = "seq_first" if torch.device(device).type == "cpu" else "batch_first"
+    first = layout == "batch_first"
+    for owner in (getattr(model, "visual", None), model):
+        tower = getattr(owner, "transformer", None)
+        if tower is None or not hasattr(tower, "resblocks") or not hasattr(tower, "batch_first"):
+            continue
+        tower.batch_first = first
+        for block in tower.resblocks:
+            attn = getattr(block, "attn", None)
+            if isinstance(attn, nn.MultiheadAttention):
+                attn.batch_first = first
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

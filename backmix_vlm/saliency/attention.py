@@ -540,7 +540,7 @@ class AttentionRelevance:
 
         with torch.enable_grad(), explicit_attention(self.blocks, record, no_grad_below=start):
             out = logits_fn(images)
-        selected = _select_logits(getattr(out, "logits", out), targets).sum()  # ModelOutput or tensor
+            selected = _select_logits(getattr(out, "logits", out), targets).sum()  # ModelOutput or tensor
         needed = attns[start:]
         if any(a is None for a in needed):
             raise ModelError("logits_fn did not run the transformer blocks given to AttentionRelevance")

@@ -115,3 +115,15 @@ def test_bad_config_is_named(override, message):
 def test_timm_backbone_needs_vpt(tmp_path):
     with pytest.raises(ConfigError, match="needs a CLIP text tower"):
         run_fewshot(_cfg(tmp_path, "backbone.family=timm", "backbone.name=vit_tiny_patch16_224"), tmp_path / "x")
+
+
+def test_eval_job_reproduces_fewshot_results(tmp_path, capsys):
+    args = ["fewshot", str(CONFIG), f"run.output_dir={tmp_path}", "run.name=r", "data.seeds=[1]", *FAST]
+    assert cli_main(args) == 0
+    trained = json.loads((tmp_path / "r" / "seed1" / "results.json").read_text())
+    assert cli_main(["eval", str(tmp_path / "r")]) == 0
+    (evaluated,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("eval-*/seed1/results.json")]
+    assert evaluated["acc"] == pytest.approx(trained["acc"], abs=1e-6)
+    for score in ("mcm", "glmcm", "msp", "energy"):
+        assert evaluated["results"]["c100"][score]["auroc"] == pytest.approx(
+            trained["results"]["c100"][score]["auroc"], abs=1e-6)

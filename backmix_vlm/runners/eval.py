@@ -1,6 +1,6 @@
 """``backmix-vlm eval <run-dir> [overrides]``: re-evaluate a trained run's checkpoint.
 
-The run's resolved ``config.yaml`` is reloaded, ``overrides`` applied (e.g. other scores
+Works for ``train`` and ``fewshot`` runs.  The run's resolved ``config.yaml`` is reloaded, ``overrides`` applied (e.g. other scores
 ``eval.scores=[msp,odin,mahalanobis]``, other unknown sets ``eval.ood=[...]``, another
 protocol split), the model rebuilt and its ``last.pt`` weights loaded.  Results go into a
 new ``<run-dir>/eval-<timestamp>/`` (config.yaml, run_info.json, results.md / .json,
@@ -74,7 +74,47 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
     return results
 
 
+def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
+                         argv: list[str] | None = None) -> dict[str, Any]:
+    """Re-evaluate every seed of a ``fewshot`` run (adapter weights from ``seed<k>/last.pt``)."""
+    from ..adapters import create_adapter
+    from ..engine.checkpoint import LAST, load_checkpoint
+    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
+    from ..report.tables import aggregate_seeds, write_results
+    from ..runs import record_run
+    from .fewshot import adapter_config, build_backbone, build_datasets, load_fewshot_config
+
+    cfg = load_fewshot_config(run_dir / "config.yaml", overrides)
+    device = resolve_device(cfg.run.device)
+    backbone = build_backbone(cfg, device)
+    data = build_datasets(cfg, backbone)
+    record_run(out_dir, cfg, JOB, argv)
+    per_seed = []
+    for seed in cfg.data.seeds:
+        ckpt = run_dir / f"seed{seed}" / LAST
+        state = load_checkpoint(ckpt)
+        adapter = create_adapter(cfg.method.name, backbone["base"], data["train"].classes, adapter_config(cfg))
+        adapter.load_state_dict_trainable(state["model"])
+        adapter.to(device).eval()
+        evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=device,
+                                     precision=cfg.run.precision, std=backbone["std"], fit_set=data["train_eval"])
+        torch.manual_seed(seed)
+        evaluator(adapter, int(state.get("epoch", 0)))
+        seed_out = out_dir / f"seed{seed}"
+        write_results(seed_out, {**evaluator.result, "seed": seed, "checkpoint": str(ckpt)},
+                      title=f"{cfg.method_label}, {cfg.setting_label}, seed {seed}: {ckpt}")
+        save_scores(seed_out / SCORES_FILE, evaluator.per_sample,
+                    {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
+                     "positive": cfg.eval.positive, "epoch": int(state.get("epoch", 0))})
+        per_seed.append(evaluator.result)
+    agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
+    write_results(out_dir, agg, title=f"Re-evaluation: {cfg.method_label}, {cfg.setting_label}")
+    return agg
+
+
 def main(args: Any) -> int:
+    import json
+
     from ..engine.checkpoint import LAST
     from ..runs import atomic_write_text, write_json
     from .train import comparison_markdown, variant_configs
@@ -83,9 +123,14 @@ def main(args: Any) -> int:
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
     overrides = list(getattr(args, "overrides", []) or [])
-    cfg, data = load_overridden(run_dir, overrides)
     out = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     argv = getattr(args, "argv", None)
+    info = run_dir / "run_info.json"
+    if info.is_file() and json.loads(info.read_text()).get("job") == "fewshot":
+        evaluate_fewshot_run(run_dir, overrides, out, argv)
+        print((out / "results.md").read_text())
+        return 0
+    cfg, data = load_overridden(run_dir, overrides)
     if not cfg.variants:
         evaluate_run(cfg, run_dir / LAST, out, argv)
         print((out / "results.md").read_text())

@@ -133,7 +133,10 @@ def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = N
 # ----------------------------------------------------------------------------- backbone
 def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
     """The frozen base, its tokenizer (CLIP) and its input normalisation + size."""
+    import torch
+
     b = cfg.backbone
+    torch.manual_seed(cfg.run.seed)  # random-init backbones (tests, tiny models) are rebuilt identically by `eval`
     if b.family == "clip":
         from ..models.clip import load_clip
 

@@ -127,3 +127,15 @@ def test_eval_job_reproduces_fewshot_results(tmp_path, capsys):
     for score in ("mcm", "glmcm", "msp", "energy"):
         assert evaluated["results"]["c100"][score]["auroc"] == pytest.approx(
             trained["results"]["c100"][score]["auroc"], abs=1e-6)
+
+
+def test_visualize_fewshot_run_draws_the_attention_bank(tmp_path, capsys):
+    from PIL import Image
+
+    args = ["fewshot", str(CONFIG), f"run.output_dir={tmp_path}", "run.name=v", "data.seeds=[1]", *FAST]
+    assert cli_main(args) == 0
+    assert cli_main(["visualize", str(tmp_path / "v"), "--num", "4"]) == 0
+    grid = tmp_path / "v" / "seed1" / "plots" / "backmix_grid.png"
+    width, height = Image.open(grid).size
+    assert width > 0 and height >= width  # 4 rows (pairs) x 4 columns (TI, BI, mask, mixed)
+    assert (tmp_path / "v" / "seed1" / "plots" / "score_hist_c100.png").is_file()

@@ -7,12 +7,33 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import yaml
 
 from . import __version__
 from .config import to_dict
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(device: Any) -> torch.device:
+    """``auto`` → CUDA when visible, else CPU; anything else must be a device torch accepts."""
+    import torch
+
+    from .errors import ConfigError
+
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"run.device: {name!r} is not accepted; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name!r} but no CUDA GPU is visible; use run.device=cpu or auto")
+    return dev
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

@@ -35,8 +35,7 @@ def build_scores(cfg: EvalConfig, std: tuple[float, ...] | list[float] | None = 
     if unknown:
         from ..errors import ConfigError
 
-        raise ConfigError(f"eval.score_params has parameters for {', '.join(unknown)}, which "
-                          f"eval.scores does not list ({', '.join(cfg.scores)})")
+        raise ConfigError(f"eval.score_params: {', '.join(unknown)} not in eval.scores ({', '.join(cfg.scores)})")
     scores = []
     for name in cfg.scores:
         params = dict(cfg.score_params.get(name, {}))

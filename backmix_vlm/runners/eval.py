@@ -17,6 +17,7 @@ import torch
 
 from ..config import apply_overrides, from_dict, load_yaml
 from ..errors import ConfigError
+from ..runs import resolve_device
 
 JOB = "eval"
 
@@ -32,14 +33,6 @@ def load_overridden(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str,
         return from_dict(TrainConfig, dict(data)), data
     except ConfigError as e:
         raise ConfigError(f"{path} + overrides: {e}") from None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {device!r} but no CUDA GPU is visible; use run.device=cpu or auto")
-    return torch.device(device)
 
 
 def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ..config import DataSource, EvalConfig, RunConfig, check_choice, load_config, to_dict
 from ..errors import ConfigError
 from ..models.clip import PRECISIONS, ClipZeroShotClassifier, load_clip, resolve_templates
-from ..runs import make_run_dir, record_run
+from ..runs import make_run_dir, record_run, resolve_device
 
 JOB = "zeroshot"
 DEFAULT_SCORES = ["mcm", "glmcm", "msp", "maxlogit", "energy"]
@@ -62,32 +62,15 @@ class ZeroShotConfig:
     eval: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"run.device: {device!r} is not accepted; use auto, cpu, cuda or cuda:N") from None
-
-
 def build_scores(cfg: EvalConfig, std: tuple[float, ...]) -> list[Any]:
     """Score objects from ``eval.scores`` / ``eval.score_params``; zero-shot has no training data."""
-    from ..ood.scores import Score, get_score
+    from ..engine.evaluation import build_scores as build_eval_scores, needs_fit
 
-    unknown_params = sorted(set(cfg.score_params) - set(cfg.scores))
-    if unknown_params:
-        raise ConfigError(f"eval.score_params: {', '.join(unknown_params)} not in eval.scores ({', '.join(cfg.scores)})")
-    scores = []
-    for name in cfg.scores:
-        params = dict(cfg.score_params.get(name, {}))
-        if name == "odin":
-            params.setdefault("std", list(std))  # pixel-space epsilon, as the reference code
-        score = get_score(name, **params)
-        if type(score).fit is not Score.fit:
-            raise ConfigError(f"eval.scores: '{name}' must be fit on training features, which a zero-shot "
+    scores = build_eval_scores(cfg, std)  # ODIN gets the pixel-space epsilon, as the reference code
+    for score in scores:
+        if needs_fit(score):
+            raise ConfigError(f"eval.scores: '{score.name}' must be fit on training features, which a zero-shot "
                               f"run does not have; use it with backmix-vlm fewshot / train")
-        scores.append(score)
     return scores
 
 

@@ -59,6 +59,18 @@ class DataSource:
 
 
 @dataclass
+class ViewsConfig:
+    """Random training geometry (crop / flip), drawn per sample on the batch's device.
+
+    The loader then returns each image in its canonical frame (decoded + resized, as for
+    evaluation) and BackMix's mask bank stays in that frame (see ``docs/methods.md``).
+    """
+
+    name: str = "auto"                # auto | crop_flip | resized_crop_flip | flip | none | loader (v0.1: in the workers)
+    options: dict[str, Any] = field(default_factory=dict)  # sampler options: padding, flip_p, scale, ratio
+
+
+@dataclass
 class EvalConfig:
     """Open-set / OOD evaluation."""
 
@@ -97,6 +109,7 @@ class BackMixConfig:
     pairing: str = "random"           # random | different_class
     mode: str = "alongside"           # alongside (original + mixed) | mixed_only
     bank_update_every: int = 1        # steps between bank updates when maps need an extra pass
+    mask_source: str = "bank"         # bank (the method) | random (ablation) | oracle (true masks of a bgshift dataset)
 
 
 # ----------------------------------------------------------------------------- machinery

@@ -30,11 +30,12 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_resume import make_trainer
 
-    full = make_trainer(Path(tmp) / "full")
+    # device views (the default path): crop / flip drawn per rank, coverage-weighted bank update gathered
+    full = make_trainer(Path(tmp) / "full", device_views=True)
     assert full.world == WORLD and full.rank == rank
     full.fit()
-    make_trainer(Path(tmp) / "split").fit(stop_after=1)
-    resumed = make_trainer(Path(tmp) / "split", model_seed=5)
+    make_trainer(Path(tmp) / "split", device_views=True).fit(stop_after=1)
+    resumed = make_trainer(Path(tmp) / "split", model_seed=5, device_views=True)
     resumed.fit(resume=True)
     for name, t in (("full", full), ("resumed", resumed)):
         model = t.accelerator.unwrap_model(t.model)

@@ -20,7 +20,7 @@ from backmix_vlm.models.cnn import create_cnn
 SIZE, K = 16, 3
 
 
-def tiny_dataset(n: int = 40, k: int = K, size: int = SIZE, seed: int = 0) -> ImageDataset:
+def tiny_dataset(n: int = 40, k: int = K, size: int = SIZE, seed: int = 0, train_tf: bool = True) -> ImageDataset:
     """Random uint8 images with a class-coloured square: learnable, tiny, self-contained."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 120, size=(n, size, size, 3), dtype=np.uint8)
@@ -28,7 +28,7 @@ def tiny_dataset(n: int = 40, k: int = K, size: int = SIZE, seed: int = 0) -> Im
     for i, y in enumerate(labels):
         x[i, 4:12, 4:12, y] = 255
     # random crop + flip in the transform: the data order AND augmentation must replay
-    tf = build_transform(size, train=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+    tf = build_transform(size, train=train_tf, mean=(0.5,) * 3, std=(0.25,) * 3)
     return ImageDataset(ArrayRecords(x, "tiny"), labels, [f"c{j}" for j in range(k)], "tiny", transform=tf)
 
 
@@ -40,13 +40,19 @@ def rng_hungry_eval(model, epoch):
         return {"acc": float(model(x).logits.softmax(-1).max(-1).values.mean())}
 
 
-def make_trainer(run_dir, *, model_seed=0, eval_every=1, augment="backmix", num_workers=0, **optim):
+def make_trainer(run_dir, *, model_seed=0, eval_every=1, augment="backmix", num_workers=0, device_views=False,
+                 **optim):
+    from backmix_vlm.augment.geometry import build_views
+
     torch.manual_seed(model_seed)
     model = create_cnn("small_cnn", K, width=4)
     cfg = OptimConfig(epochs=2, batch_size=8, lr=0.05, **optim)
-    return Trainer(ClassifierTask(model, SIZE), tiny_dataset(), optim=cfg, run=RunConfig(device="cpu", seed=3),
-                   run_dir=run_dir, num_classes=K, augment=augment, backmix=BackMixConfig(mode="alongside"),
-                   num_workers=num_workers, evaluate=rng_hungry_eval, eval_every=eval_every)
+    # device_views: the loader gives canonical images, crop + flip are drawn by the trainer
+    views = build_views("crop_flip", {"padding": 2}, (0.5,) * 3, (0.25,) * 3) if device_views else None
+    return Trainer(ClassifierTask(model, SIZE), tiny_dataset(train_tf=not device_views), optim=cfg,
+                   run=RunConfig(device="cpu", seed=3), run_dir=run_dir, num_classes=K, augment=augment,
+                   backmix=BackMixConfig(mode="alongside"), num_workers=num_workers, evaluate=rng_hungry_eval,
+                   eval_every=eval_every, views=views)
 
 
 def strip_time(history):
@@ -65,18 +71,20 @@ def assert_same_state(a: Trainer, b: Trainer):
         assert torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("augment,num_workers", [("backmix", 0), ("cutmix", 2)])
-def test_resume_is_bitwise_exact(tmp_path, augment, num_workers):
-    full = make_trainer(tmp_path / "full", augment=augment, num_workers=num_workers)
+@pytest.mark.parametrize("augment,num_workers,device_views",
+                         [("backmix", 0, False), ("cutmix", 2, False), ("backmix", 2, True)])
+def test_resume_is_bitwise_exact(tmp_path, augment, num_workers, device_views):
+    kw = {"augment": augment, "num_workers": num_workers, "device_views": device_views}
+    full = make_trainer(tmp_path / "full", **kw)
     full_log = full.fit()
 
-    first = make_trainer(tmp_path / "split", augment=augment, num_workers=num_workers)
+    first = make_trainer(tmp_path / "split", **kw)
     first.fit(stop_after=1)  # "interrupted" after epoch 1 (checkpoint written)
     assert load_checkpoint(tmp_path / "split" / LAST)["epoch"] == 1
 
     torch.manual_seed(1234)  # a fresh process: other weights, other global RNG state
     random.seed(99)
-    resumed = make_trainer(tmp_path / "split", augment=augment, num_workers=num_workers, model_seed=7)
+    resumed = make_trainer(tmp_path / "split", model_seed=7, **kw)
     resumed_log = resumed.fit(resume=True)
 
     assert resumed.epoch == full.epoch == 2 and resumed.global_step == full.global_step

@@ -16,6 +16,13 @@ and
 * ``same_location=True`` (paper): the patch comes from the same place in BI.  False (official
   code): an independent, uniformly random source box in BI.
 * The label is TI's alone: no label mixing (``MixResult.lam == 1``).
+* Frames: with a ``geometry`` (each batch image's random view of its canonical image, see
+  :mod:`~backmix_vlm.augment.geometry`), BI's bank row is mapped into BI's *current view*
+  before sharpening, so C_B lies on BI's object as it appears in the batch.
+* ``mask_source``: where C_B comes from — ``bank`` (the method), ``random`` (a uniformly random
+  top-k of the bank's cells: an ablation) or ``oracle`` (the true foreground masks of a
+  dataset that has them, ``true_masks`` (N, H, W) in the canonical frame: the best the
+  mechanism can do).
 
 Everything is batched tensor work on the batch's device (no per-sample loop, no PIL), and
 all randomness comes from ``generator`` (or torch's global RNG when None).
@@ -23,16 +30,19 @@ all randomness comes from ``generator`` (or torch's global RNG when None).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import check_choice
+from ..errors import ConfigError
 from .base import MixResult, box_mask, check_fraction, rand, randint, randperm
 from .factory import MIXERS
-from .mask_bank import MaskBank
+from .mask_bank import MaskBank, topk_foreground
 
 PAIRINGS = ("random", "different_class")
+MASK_SOURCES = ("bank", "random", "oracle")
 
 
 def box_side(cut_area: float, size: tuple[int, int]) -> tuple[int, int]:
@@ -75,8 +85,15 @@ class BackMix:
 
     def __init__(self, bank: MaskBank, cut_area: float = 0.25, mask_ratio: float = 0.25,
                  same_location: bool = True, pairing: str = "random",
-                 generator: torch.Generator | None = None, fill: float = 0.0) -> None:
+                 generator: torch.Generator | None = None, fill: float = 0.0,
+                 mask_source: str = "bank", true_masks: Tensor | None = None) -> None:
         self.bank = bank
+        check_choice(mask_source, MASK_SOURCES, "backmix.mask_source")
+        if mask_source == "oracle" and true_masks is None:
+            raise ConfigError("backmix.mask_source: 'oracle' needs the true foreground masks of the training "
+                              "set (a dataset with foreground masks, e.g. bgshift)")
+        self.mask_source = mask_source
+        self.true_masks = true_masks
         self.cut_area = check_fraction(cut_area, "cut_area")
         self.mask_ratio = check_fraction(mask_ratio, "mask_ratio")
         self.same_location = bool(same_location)
@@ -87,7 +104,8 @@ class BackMix:
 
     def __repr__(self) -> str:
         return (f"BackMix(cut_area={self.cut_area}, mask_ratio={self.mask_ratio}, "
-                f"same_location={self.same_location}, pairing={self.pairing!r}, fill={self.fill})")
+                f"same_location={self.same_location}, pairing={self.pairing!r}, fill={self.fill}, "
+                f"mask_source={self.mask_source!r})")
 
     def partners(self, labels: Tensor) -> Tensor:
         """Index (within the batch) of each sample's background image."""
@@ -95,10 +113,23 @@ class BackMix:
             return different_class_partners(labels, self.generator)
         return random_partners(labels.shape[0], self.generator, labels.device)
 
+    def foreground(self, indices: Tensor, geometry: Any = None) -> Tensor:
+        """C_B (B, h', w') bool for the images ``indices`` (bank rows), in their views."""
+        if self.mask_source == "oracle":
+            masks = self.true_masks.index_select(0, indices.to(self.true_masks.device)).to(indices.device).float()
+            if geometry is not None:
+                masks = geometry.to(indices.device).to_view(masks)
+            return masks >= 0.5
+        if self.mask_source == "random":
+            n, (h, w) = indices.shape[0], self.bank.size
+            return topk_foreground(rand((n, h, w), self.generator, indices.device), self.mask_ratio) > 0
+        return self.bank.view_foreground(indices, self.mask_ratio, geometry).to(indices.device) > 0
+
     @torch.no_grad()
     def __call__(self, images: Tensor, labels: Tensor, indices: Tensor,
-                 return_masks: bool = False) -> MixResult:
-        """Mix a normalised batch (B, C, H, W); ``indices`` are the samples' bank rows.
+                 return_masks: bool = False, geometry: Any = None) -> MixResult:
+        """Mix a normalised batch (B, C, H, W); ``indices`` are the samples' bank rows,
+        ``geometry`` (optional) the views the batch images are of.
 
         Only the boxes are computed: all source patches are read from the BIs with one
         ``index_select`` on flat pixel indices, their foreground pixels (C_B upsampled by
@@ -121,7 +152,7 @@ class BackMix:
             src_top = randint(h - box_h + 1, b, self.generator, device)
             src_left = randint(w - box_w + 1, b, self.generator, device)
 
-        fg = self.bank.foreground(indices.to(device)[partner], self.mask_ratio).to(device) > 0  # C_B, (B, h', w')
+        fg = self.foreground(indices.to(device)[partner], None if geometry is None else geometry[partner])  # C_B
         fh, fw = fg.shape[-2:]
         ar_h, ar_w = torch.arange(box_h, device=device), torch.arange(box_w, device=device)
         rows, cols = (src_top[:, None] + ar_h)[:, :, None], (src_left[:, None] + ar_w)[:, None, :]

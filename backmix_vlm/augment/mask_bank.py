@@ -14,11 +14,18 @@ mixes exactly as the interrupted one would have.
   with the mean of its new maps, so the result does not depend on batch order.
 * Reading (:meth:`MaskBank.get`) returns a copy and never changes the bank (the official code
   normalises bank rows in place every time it samples a background; we do not).
+* Frames (issue 7): with a :class:`~backmix_vlm.augment.geometry.ViewGeometry`, maps of a
+  random view are mapped back to the image's canonical frame before the update, and only the
+  cells the view covered move, each by ``beta * coverage`` (:meth:`MaskBank.update` with
+  ``geometry``); :meth:`MaskBank.view_foreground` maps a row into a view before sharpening.
+  Without a geometry every map is taken to be in the canonical frame (Eq. 4 exactly).
 * Distributed: when ``torch.distributed`` is initialised with world size > 1, :meth:`update`
   all-gathers indices and maps from every rank (in rank order) and applies the same update
   on every copy, so all banks stay identical.  It is a collective: every rank must call it.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,6 +104,7 @@ class MaskBank(nn.Module):
         self.size = (h, w)
         self.momentum = float(momentum)
         self.register_buffer("bank", torch.full((int(num_samples), h, w), INIT_VALUE, device=device))
+        self.skipped = 0  # maps refused for non-finite values (logged by the trainer)
 
     @classmethod
     def from_config(cls, cfg: BackMixConfig, num_samples: int, size: tuple[int, int],
@@ -120,11 +128,24 @@ class MaskBank(nn.Module):
         """Binary foreground masks C_B (B, h, w): the sharpened maps of these samples."""
         return topk_foreground(self.get(indices), ratio)
 
+    def view_foreground(self, indices: Tensor, ratio: float, geometry: Any = None) -> Tensor:
+        """C_B in each sample's current view: the canonical row mapped into the view (parts of
+        the view outside the image count as background), then sharpened to its top ``ratio``."""
+        maps = self.get(indices)
+        if geometry is not None:
+            maps = geometry.to(maps.device).to_view(maps)
+        return topk_foreground(maps, ratio)
+
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
-    def update(self, indices: Tensor, maps: Tensor, distributed: bool | None = None) -> None:
+    def update(self, indices: Tensor, maps: Tensor, distributed: bool | None = None,
+               geometry: Any = None) -> None:
         """EMA-update the rows ``indices`` with new foreground maps (B, h', w') in [0, 1].
 
+        ``geometry`` (a :class:`~backmix_vlm.augment.geometry.ViewGeometry`): the maps are of
+        these views; they are mapped back to the canonical frame and each cell moves by
+        ``momentum * coverage``.  Maps with non-finite values are skipped (their rows keep their
+        value) and counted in ``skipped``.
         ``distributed=None`` gathers from all ranks whenever a multi-process group is running;
         pass False to update only this copy (e.g. when maps were already gathered).
         """
@@ -135,26 +156,46 @@ class MaskBank(nn.Module):
         indices = indices.reshape(-1).to(device=self.bank.device, dtype=torch.long)
         if maps.shape[0] != indices.shape[0]:
             raise ValueError(f"MaskBank.update: {indices.shape[0]} indices but {maps.shape[0]} maps")
-        maps = resize_maps(maps.detach().to(device=self.bank.device, dtype=self.bank.dtype), self.size)
+        maps = maps.detach().to(device=self.bank.device, dtype=self.bank.dtype)
+        finite = torch.isfinite(maps.flatten(1)).all(dim=1)
+        if not bool(finite.all()):  # e.g. an fp16 overflow in a relevance map: never enter the bank
+            self.skipped += int((~finite).sum())
+            maps = torch.where(finite[:, None, None], maps, torch.zeros_like(maps))
+        weights = finite.to(maps.dtype)[:, None, None].expand(-1, *self.size)
+        if geometry is not None:
+            maps, coverage = geometry.to(maps.device).to_canonical(maps, self.size)
+            weights = weights * coverage.to(maps.dtype)
+        else:
+            maps = resize_maps(maps, self.size)
         if distributed is None:
             distributed = distributed_active()
         if distributed:
             indices = all_gather_rows(indices)
             maps = all_gather_rows(maps.contiguous())
-        self._ema_rows(self._check_indices(indices), maps)
+            weights = all_gather_rows(weights.contiguous())
+        self._ema_rows(self._check_indices(indices), maps, weights)
 
-    def _ema_rows(self, indices: Tensor, maps: Tensor) -> None:
+    def _ema_rows(self, indices: Tensor, maps: Tensor, weights: Tensor) -> None:
+        """``C <- C + momentum * w * (new - C)`` per cell; ``w`` = 1 is Eq. 4 exactly."""
         if indices.numel() == 0:
             return
         rows, inverse = torch.unique(indices, sorted=True, return_inverse=True)
         if rows.numel() == indices.numel():  # no duplicates: put the maps in sorted-row order
             new = torch.empty_like(maps).index_copy_(0, inverse, maps)
-        else:  # duplicates: mean of their maps, via a (deterministic) matmul instead of atomics
+            weight = torch.empty_like(weights).index_copy_(0, inverse, weights)
+        else:  # duplicates: weighted mean of their maps, mean weight (deterministic matmuls)
             onehot = F.one_hot(inverse, rows.numel()).T.to(maps.dtype)  # (U, B)
-            new = (onehot @ maps.flatten(1)) / onehot.sum(1, keepdim=True)
+            mass = onehot @ weights.flatten(1)
+            new = (onehot @ (maps * weights).flatten(1)) / mass.clamp_min(1e-12)
             new = new.view(-1, *self.size)
+            weight = (mass / onehot.sum(1, keepdim=True)).view(-1, *self.size)
         old = self.bank.index_select(0, rows)
-        self.bank.index_copy_(0, rows, self.momentum * new + (1.0 - self.momentum) * old)
+        if bool((weight == 1).all()):  # the exact arithmetic of Eq. 4
+            updated = self.momentum * new + (1.0 - self.momentum) * old
+        else:
+            step = self.momentum * weight
+            updated = step * new + (1.0 - step) * old
+        self.bank.index_copy_(0, rows, updated)
 
     def _check_indices(self, indices: Tensor) -> Tensor:
         indices = indices.reshape(-1).to(device=self.bank.device, dtype=torch.long)

@@ -23,6 +23,13 @@ Design choices (documented because they change numbers):
   each epoch, ``--resume`` replays the remaining epochs bit for bit.
 * **Evaluation never perturbs training.**  It runs on the main process with all RNG states
   saved before and restored after, so ``eval.every`` does not change the trained weights.
+* **Mask bank in the canonical frame.**  With ``views`` (a
+  :class:`~backmix_vlm.augment.geometry.DeviceViews`), the loader returns each image in its
+  canonical frame and the trainer draws each sample's crop / flip on the device: BackMix maps
+  the background image's bank row into that image's current view before masking, and maps
+  taken on a view go back to the canonical frame before the EMA update (only the cells the view
+  covered move).  Without ``views`` the loader's augmentation is used as is (v0.1 behaviour:
+  the bank then mixes the frames of different random views).
 * **Bank maps come from the training forward.**  With ``alongside`` the maps are the
   originals' (rows ``[:B]``); with ``mixed_only`` they are taken from the mixed images w.r.t.
   the target label, as Algorithm 1 of the paper reads ("obtain C-hat with respect to x-tilde").
@@ -32,6 +39,7 @@ Design choices (documented because they change numbers):
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -70,7 +78,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 AUGMENTS = ("none", "backmix", "cutout", "mixup", "cutmix")
 MODES = ("alongside", "mixed_only")
 CHECKPOINT_FORMAT = 1
-TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "time")
+TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "time", "bank_skipped")
 
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
 
@@ -195,6 +203,8 @@ class Trainer:
     ``alpha``); ``augment="backmix"`` with ``backmix.enabled=False`` trains plain.
     """
 
+    _mixer_takes_geometry = False  # set by _build_mixer
+
     def __init__(
         self,
         task: TrainTask,
@@ -213,6 +223,7 @@ class Trainer:
         best_metric: str | None = None,
         meta: dict[str, Any] | None = None,
         accelerator: Any = None,
+        views: Any = None,
     ) -> None:
         check_choice(augment, AUGMENTS, "augment")
         self.backmix = backmix or BackMixConfig()
@@ -246,6 +257,9 @@ class Trainer:
         self.steps_per_epoch = per_rank // self.batch_size if self.drop_last else 1
         self.loader_generator = torch.Generator()
         self.mix_generator = torch.Generator().manual_seed(epoch_seed(run.seed, 0, self.rank, stream=2))
+        self.views = views
+        self.view_generator = torch.Generator().manual_seed(epoch_seed(run.seed, 0, self.rank, stream=3))
+        self.true_masks = getattr(train_set, "foreground_masks", None)  # datasets with known foregrounds
 
         self.bank, self.mixer = self._build_mixer()
         optimizer = build_optimizer(task.trainable_parameters(), optim)
@@ -274,7 +288,13 @@ class Trainer:
                                   "(no CAM head / saliency); choose augment none, cutout, mixup or cutmix")
             bank = MaskBank.from_config(self.backmix, len(self.train_set), tuple(size), device=self.device)
         options = {**asdict(self.backmix), **self.augment_options}  # BackMix keys, then mixer options
+        if self.augment == "backmix" and self.backmix.mask_source == "oracle":
+            if self.true_masks is None:
+                raise ConfigError("backmix.mask_source: 'oracle' needs a training set with foreground masks "
+                                  "(e.g. the bgshift datasets); this one has none")
+            options["true_masks"] = self.true_masks.to(self.device)
         mixer = build_mixer(self.augment, options, bank, self.num_classes, self.mix_generator)
+        self._mixer_takes_geometry = "geometry" in inspect.signature(mixer.__call__).parameters
         return bank, mixer
 
     def _loader(self, epoch: int) -> DataLoader:
@@ -291,6 +311,9 @@ class Trainer:
 
         acc, task, cfg = self.accelerator, self.task, self.backmix
         b = images.shape[0]
+        geometry = None
+        if self.views is not None:  # each sample's random view of its canonical image
+            images, geometry = self.views(images, self.view_generator)
         extra_maps = None
         if (self.bank is not None and task.saliency_size is not None
                 and self.global_step % cfg.bank_update_every == 0):
@@ -298,7 +321,8 @@ class Trainer:
         if self.mixer is None:
             mix = MixResult(images, labels)
         else:
-            mix = self.mixer(images, labels, indices)
+            kw = {"geometry": geometry} if self._mixer_takes_geometry else {}
+            mix = self.mixer(images, labels, indices, **kw)
             if cfg.mode == "alongside":
                 mix = alongside(images, labels, mix)
         self.optimizer.zero_grad(set_to_none=True)
@@ -321,7 +345,7 @@ class Trainer:
                 with torch.no_grad():
                     maps = task.saliency_from_output(_slice_output(out, rows), mix.images[rows], row_labels)
             if maps is not None:
-                self.bank.update(indices, maps)
+                self.bank.update(indices, maps, geometry=geometry)
         self.global_step += 1
         with torch.no_grad():
             correct = (out.logits[rows].argmax(-1) == row_labels).sum()
@@ -356,8 +380,16 @@ class Trainer:
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}; "
                                      "lower optim.lr, set optim.grad_clip or use run.precision=no")
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-                "train_acc": correct / max(seen, 1), "time": time.perf_counter() - start}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+               "train_acc": correct / max(seen, 1), "time": time.perf_counter() - start}
+        if self.bank is not None:
+            row["bank_skipped"] = self.bank.skipped
+            if self.true_masks is not None:  # how well the bank's top-k masks find the true foreground
+                from ..saliency.mask_quality import mask_quality
+
+                quality = mask_quality(self.bank.bank, self.true_masks, self.backmix.mask_ratio)
+                row.update({f"mask_{k}": v for k, v in quality.items()})
+        return row
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, stop_after: int | None = None) -> list[dict[str, Any]]:
@@ -403,7 +435,7 @@ class Trainer:
         """Mark ``best.pt`` for writing when ``best_metric`` (higher = better) improved."""
         if self.best_metric is None or not self.is_main:
             return
-        evaluated = [k for k in row if k not in TRAIN_COLUMNS]
+        evaluated = [k for k in row if k not in TRAIN_COLUMNS and not k.startswith("mask_")]
         if not evaluated:
             return
         if self.best_metric not in row:
@@ -416,7 +448,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
-        return {"mixer": self.mix_generator, "loader": self.loader_generator}
+        gens = {"mixer": self.mix_generator, "loader": self.loader_generator}
+        if self.views is not None:
+            gens["views"] = self.view_generator
+        return gens
 
     def state_dict(self) -> dict[str, Any]:
         """The full training state; RNG states are gathered from every process."""

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, apply_overrides, check_choice,
-                      from_dict, load_yaml)
+from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
+                      check_choice, from_dict, load_yaml)
 from ..engine.adapter_task import SaliencyConfig
 from ..errors import ConfigError
 from ..runs import make_run_dir, record_run
@@ -65,6 +65,7 @@ class FewShotDataConfig:
     shots: int | str = 16                  # 1 | 2 | 4 | 8 | 16 (any k >= 1 works) | full
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     split_dir: str | None = None           # where split JSON files live (default: <output_dir>/splits, shared by runs)
+    views: ViewsConfig = field(default_factory=ViewsConfig)  # random geometry on the device (auto: RandomResizedCrop + flip above 64 px)
     num_workers: int = 2
 
     def validate(self) -> None:
@@ -174,6 +175,7 @@ def adapter_config(cfg: FewShotConfig) -> Any:
 
 # ----------------------------------------------------------------------------- data
 def build_datasets(cfg: FewShotConfig, backbone: dict[str, Any]) -> dict[str, Any]:
+    from ..augment.geometry import train_pipeline
     from ..data import build_dataset, build_transform
 
     size, mean, std = backbone["image_size"], backbone["mean"], backbone["std"]
@@ -181,7 +183,8 @@ def build_datasets(cfg: FewShotConfig, backbone: dict[str, Any]) -> dict[str, An
     def eval_tf(src: DataSource) -> Any:
         return build_transform(size, False, mean, std, resize=src.resize)
 
-    train = build_dataset(cfg.data.train, build_transform(size, True, mean, std, resize=cfg.data.train.resize))
+    train_tf, views = train_pipeline(cfg.data.views, size, mean, std, resize=cfg.data.train.resize)
+    train = build_dataset(cfg.data.train, train_tf)
     known = build_dataset(cfg.data.test, eval_tf(cfg.data.test))
     if len(known.classes) != len(train.classes):
         raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}")
@@ -192,7 +195,7 @@ def build_datasets(cfg: FewShotConfig, backbone: dict[str, Any]) -> dict[str, An
     if dupes:
         raise ConfigError(f"eval.ood: unknown sets need distinct labels; repeated: {', '.join(dupes)}")
     unknowns = {s.display_name: build_dataset(s, eval_tf(s)) for s in cfg.eval.ood}
-    return {"train": train, "known": known, "unknowns": unknowns,
+    return {"train": train, "views": views, "known": known, "unknowns": unknowns,
             "train_eval": lambda: build_dataset(cfg.data.train, eval_tf(cfg.data.train))}
 
 
@@ -244,7 +247,8 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
     trainer = Trainer(task, train, optim=cfg.optim, run=run_cfg, run_dir=seed_dir, num_classes=len(train_full.classes),
                       augment="backmix" if cfg.backmix.enabled else "none", backmix=cfg.backmix,
                       num_workers=cfg.data.num_workers, evaluate=evaluator, eval_every=cfg.eval.every,
-                      meta={"job": JOB, "seed": seed, "classes": list(train_full.classes)}, accelerator=accelerator)
+                      meta={"job": JOB, "seed": seed, "classes": list(train_full.classes)}, accelerator=accelerator,
+                      views=data["views"])
     start = time.perf_counter()
     trainer.fit(resume=resume and (seed_dir / LAST).is_file())
     if trainer.epochs_this_call == 0:  # resumed a finished run: evaluate once (every process agrees on this)

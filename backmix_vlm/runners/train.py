@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, apply_overrides, check_choice,
-                      from_dict, load_yaml)
+from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
+                      check_choice, from_dict, load_yaml)
 from ..errors import ConfigError
 from ..runs import make_run_dir, record_run, write_json
 
@@ -58,7 +58,8 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(CIFAR10_MEAN))
     std: list[float] = field(default_factory=lambda: list(CIFAR10_STD))
     crop_padding: int | None = None    # RandomCrop padding (default image_size // 8); + horizontal flip
-    num_workers: int = 2               # training loader workers (decode + light augmentation only)
+    views: ViewsConfig = field(default_factory=ViewsConfig)  # random crop / flip on the device (auto: crop_flip)
+    num_workers: int = 2               # training loader workers (decode only; geometry runs on the device)
 
 
 @dataclass
@@ -162,6 +163,7 @@ def resolve_sources(cfg: TrainConfig) -> tuple[DataSource, DataSource, list[Data
 
 def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     """Training set (train transform), known test set and unknown sets (eval transform)."""
+    from ..augment.geometry import train_pipeline
     from ..data import build_dataset, build_transform
 
     d = cfg.data
@@ -170,7 +172,8 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     def eval_tf(src: DataSource) -> Any:
         return build_transform(d.image_size, False, d.mean, d.std, resize=src.resize)
 
-    train_tf = build_transform(d.image_size, True, d.mean, d.std, resize=train_src.resize, crop_padding=d.crop_padding)
+    train_tf, views = train_pipeline(d.views, d.image_size, d.mean, d.std, resize=train_src.resize,
+                                     crop_padding=d.crop_padding)
     train = build_dataset(train_src, train_tf)
     known = build_dataset(test_src, eval_tf(test_src))
     if len(known.classes) != len(train.classes):
@@ -178,6 +181,7 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
                           "the known test set must use the training classes")
     return {
         "train": train,
+        "views": views,
         "train_src": train_src,
         "train_eval": lambda: build_dataset(train_src, eval_tf(train_src)),
         "known": known,
@@ -213,7 +217,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,
         augment_options=cfg.augment.options, num_workers=cfg.data.num_workers, evaluate=evaluator,
         eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)},
-        accelerator=accelerator,
+        accelerator=accelerator, views=data["views"],
     )
     start = time.perf_counter()
     trainer.fit(resume=resume)

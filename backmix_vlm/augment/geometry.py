@@ -1,0 +1,321 @@
+"""Random crop / flip as a batched operation on the batch's device, with the geometry kept.
+
+Why this module exists (issue 7): BackMix keeps one foreground estimate per training image in
+a mask bank.  When crop and flip run in DataLoader workers, every step sees another random
+view of an image, so a bank row would average maps of different frames and its top-k mask
+would be applied to yet another view.  Here the loader returns each image in its
+*canonical frame* (decoded and resized, nothing random), and the trainer draws each sample's
+view here, on the device, knowing its geometry:
+
+* :class:`ViewGeometry` holds, per sample, the crop box in canonical coordinates and a flip
+  flag; it warps images into their views (:meth:`ViewGeometry.warp_images`), canonical maps
+  into views (:meth:`ViewGeometry.to_view`, used for the background image's bank row before
+  top-k masking) and view maps back to the canonical frame with the fraction of each
+  canonical cell the view covered (:meth:`ViewGeometry.to_canonical`, used for the bank's EMA
+  update, which only moves covered cells).
+* Samplers draw geometries: :class:`RandomCropFlip` (CIFAR: zero-padded random crop +
+  horizontal flip, exact pixel copies) and :class:`RandomResizedCropFlip` (CoOp / VPT:
+  torchvision's ``RandomResizedCrop`` sampling rule, vectorised, + flip).
+* :class:`DeviceViews` = a sampler + the warp + the padding fill: what the trainer calls.
+
+Coordinates: a box is ``(y0, x0, y1, x1)`` in fractions of the canonical image (it may reach
+outside [0, 1] for padded crops).  Maps are treated as piecewise constant over their cells
+(as BackMix upsamples them, nearest neighbour); resampling a map averages ``supersample²``
+nearest-neighbour samples per output cell, i.e. area-weighted resampling, exact for flips and
+for cell-aligned shifts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import rand
+
+#: samplers by name (``data.views`` in the configs)
+VIEW_SAMPLERS: Registry = Registry("view sampler")
+
+
+@dataclass
+class ViewGeometry:
+    """Per-sample views of canonical images: ``boxes`` (B, 4) = (y0, x0, y1, x1) in canonical
+    fractions, ``flip`` (B,) bool (horizontal flip of the crop)."""
+
+    boxes: Tensor
+    flip: Tensor
+
+    @classmethod
+    def identity(cls, n: int, device: torch.device | str | None = None) -> "ViewGeometry":
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device).repeat(n, 1)
+        return cls(boxes, torch.zeros(n, dtype=torch.bool, device=device))
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def __getitem__(self, idx: Tensor | slice) -> "ViewGeometry":
+        return ViewGeometry(self.boxes[idx], self.flip[idx])
+
+    def to(self, device: torch.device | str) -> "ViewGeometry":
+        return ViewGeometry(self.boxes.to(device), self.flip.to(device))
+
+    # ------------------------------------------------------------------ coordinate maps
+    def view_to_canonical(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """View fractions (B, ...) -> canonical fractions; ``u`` vertical, ``v`` horizontal."""
+        y0, x0, y1, x1 = (self.boxes[:, i].reshape(-1, *([1] * (u.ndim - 1))) for i in range(4))
+        flip = self.flip.reshape(-1, *([1] * (v.ndim - 1)))
+        v = torch.where(flip, 1.0 - v, v)
+        return y0 + u * (y1 - y0), x0 + v * (x1 - x0)
+
+    def canonical_to_view(self, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`view_to_canonical`."""
+        y0, x0, y1, x1 = (self.boxes[:, i].reshape(-1, *([1] * (y.ndim - 1))) for i in range(4))
+        flip = self.flip.reshape(-1, *([1] * (x.ndim - 1)))
+        u, v = (y - y0) / (y1 - y0), (x - x0) / (x1 - x0)
+        return u, torch.where(flip, 1.0 - v, v)
+
+    # ------------------------------------------------------------------ images
+    def warp_images(self, images: Tensor, size: tuple[int, int] | None = None,
+                    fill: Tensor | Sequence[float] | float = 0.0, mode: str = "bilinear") -> Tensor:
+        """Each image's view at ``size`` (default: the input size); pixels outside the canonical
+        image take ``fill`` (per channel).  Integer-pixel crops at the same size are exact copies."""
+        b, c, h, w = images.shape
+        oh, ow = size or (h, w)
+        dtype = images.dtype if images.is_floating_point() else torch.float32
+        u = (torch.arange(oh, device=images.device, dtype=torch.float32) + 0.5) / oh
+        v = (torch.arange(ow, device=images.device, dtype=torch.float32) + 0.5) / ow
+        y, x = self.view_to_canonical(u.view(1, oh, 1).expand(b, oh, ow), v.view(1, 1, ow).expand(b, oh, ow))
+        grid = torch.stack([2 * x - 1, 2 * y - 1], dim=-1)  # grid_sample: (x, y) in [-1, 1], align_corners=False
+        fill_t = torch.as_tensor(fill, dtype=dtype, device=images.device).reshape(1, -1, 1, 1)
+        src = images.to(dtype) - fill_t  # zero padding of (image - fill) == padding with fill
+        out = F.grid_sample(src, grid.to(dtype), mode=mode, padding_mode="zeros", align_corners=False)
+        return out + fill_t
+
+    # ------------------------------------------------------------------ maps
+    def to_view(self, maps: Tensor, size: tuple[int, int] | None = None, supersample: int = 4,
+                outside: float = 0.0) -> Tensor:
+        """Canonical maps (B, h, w) -> each sample's view at ``size`` (default (h, w)).
+
+        A view cell averages the canonical cells under it (area-weighted); parts of the view
+        outside the canonical image (padding) count as ``outside`` (0: background).
+        """
+        b, h, w = maps.shape
+        oh, ow = size or (h, w)
+        u, v = _cell_samples(oh, ow, supersample, maps.device)
+        y, x = self.view_to_canonical(u.expand(b, -1, -1), v.expand(b, -1, -1))
+        vals, inside = _sample_nearest(maps, y, x)
+        vals = torch.where(inside, vals, torch.full_like(vals, outside))
+        return _pool_cells(vals, oh, ow, supersample)
+
+    def to_canonical(self, maps: Tensor, size: tuple[int, int] | None = None,
+                     supersample: int = 4) -> tuple[Tensor, Tensor]:
+        """View maps (B, h', w') -> canonical maps at ``size`` and the coverage of each cell.
+
+        Returns ``(maps, coverage)``, both (B, h, w): a canonical cell's value is the mean of
+        the view cells over the part of it the view saw, ``coverage`` the fraction it saw
+        (0 where the view did not reach: those cells carry no information).
+        """
+        b, vh, vw = maps.shape
+        h, w = size or (vh, vw)
+        y, x = _cell_samples(h, w, supersample, maps.device)
+        u, v = self.canonical_to_view(y.expand(b, -1, -1), x.expand(b, -1, -1))
+        vals, inside = _sample_nearest(maps, u, v)
+        inside_f = inside.to(vals.dtype)
+        covered = _pool_cells(inside_f, h, w, supersample)
+        total = _pool_cells(vals * inside_f, h, w, supersample)
+        return torch.where(covered > 0, total / covered.clamp_min(1e-12), torch.zeros_like(total)), covered
+
+
+def _cell_samples(h: int, w: int, s: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(1, h*s, w*s) sample fractions: ``s x s`` evenly spaced points inside each of h x w cells."""
+    u = (torch.arange(h * s, device=device, dtype=torch.float32) + 0.5) / (h * s)
+    v = (torch.arange(w * s, device=device, dtype=torch.float32) + 0.5) / (w * s)
+    return u.view(1, -1, 1).expand(1, h * s, w * s), v.view(1, 1, -1).expand(1, h * s, w * s)
+
+
+def _sample_nearest(maps: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Values of piecewise-constant maps (B, h, w) at fractions (y, x) (B, H, W), and whether
+    each point lies inside the map."""
+    b, h, w = maps.shape
+    inside = (y >= 0) & (y < 1) & (x >= 0) & (x < 1)
+    rows = (y * h).floor().long().clamp(0, h - 1)
+    cols = (x * w).floor().long().clamp(0, w - 1)
+    flat = maps.reshape(b, -1).float()
+    vals = flat.gather(1, (rows * w + cols).reshape(b, -1)).view_as(y)
+    return vals, inside
+
+
+def _pool_cells(vals: Tensor, h: int, w: int, s: int) -> Tensor:
+    """Mean over each cell's ``s x s`` samples: (B, h*s, w*s) -> (B, h, w)."""
+    return vals.view(vals.shape[0], h, s, w, s).mean(dim=(2, 4))
+
+
+# ----------------------------------------------------------------------------- samplers
+def _flips(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return rand((n,), generator, device) < p
+
+
+@VIEW_SAMPLERS.register("crop_flip")
+class RandomCropFlip:
+    """CIFAR-style augmentation: pad by ``padding`` px (zeros), random crop back to the image
+    size, horizontal flip with probability ``flip_p``.  Shifts are whole pixels, so the
+    warped views are exact pixel copies (as torchvision's ``RandomCrop`` + flip)."""
+
+    def __init__(self, padding: int = 4, flip_p: float = 0.5) -> None:
+        if int(padding) < 0:
+            raise ConfigError(f"views: padding={padding!r}; expected an integer >= 0")
+        if not 0.0 <= float(flip_p) <= 1.0:
+            raise ConfigError(f"views: flip_p={flip_p!r}; expected a number in [0, 1]")
+        self.padding, self.flip_p = int(padding), float(flip_p)
+
+    def __repr__(self) -> str:
+        return f"RandomCropFlip(padding={self.padding}, flip_p={self.flip_p})"
+
+    def __call__(self, n: int, size: tuple[int, int], generator: torch.Generator | None,
+                 device: torch.device) -> ViewGeometry:
+        h, w = size
+        p = self.padding
+        # same draw as torchvision: top-left of the crop in the padded image, 0..2p
+        dy = (rand((n,), generator, device) * (2 * p + 1)).floor() - p
+        dx = (rand((n,), generator, device) * (2 * p + 1)).floor() - p
+        boxes = torch.stack([dy / h, dx / w, (dy + h) / h, (dx + w) / w], dim=1)
+        return ViewGeometry(boxes, _flips(n, self.flip_p, generator, device))
+
+
+@VIEW_SAMPLERS.register("resized_crop_flip")
+class RandomResizedCropFlip:
+    """torchvision's ``RandomResizedCrop(scale, ratio)`` sampling, vectorised, + flip.
+
+    Per sample: up to 10 draws of (area fraction ~ U(scale), log aspect ~ U(log ratio)); the
+    first that fits inside the image is used, otherwise the central crop of the closest
+    allowed aspect ratio (torchvision's fallback).  Boxes are continuous (the warp resamples
+    bilinearly), which is what RandomResizedCrop's resize does too.
+    """
+
+    def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 flip_p: float = 0.5, attempts: int = 10) -> None:
+        scale, ratio = tuple(float(s) for s in scale), tuple(float(r) for r in ratio)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"views: scale={scale!r}; expected (min, max) with 0 < min <= max <= 1")
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise ConfigError(f"views: ratio={ratio!r}; expected (min, max) with 0 < min <= max")
+        if not 0.0 <= float(flip_p) <= 1.0:
+            raise ConfigError(f"views: flip_p={flip_p!r}; expected a number in [0, 1]")
+        self.scale, self.ratio, self.flip_p, self.attempts = scale, ratio, float(flip_p), int(attempts)
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCropFlip(scale={self.scale}, ratio={self.ratio}, flip_p={self.flip_p})"
+
+    def __call__(self, n: int, size: tuple[int, int], generator: torch.Generator | None,
+                 device: torch.device) -> ViewGeometry:
+        h, w = size
+        k = self.attempts
+        area = h * w * (self.scale[0] + rand((n, k), generator, device) * (self.scale[1] - self.scale[0]))
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(lo + rand((n, k), generator, device) * (hi - lo))
+        cw = torch.sqrt(area * aspect).round()
+        ch = torch.sqrt(area / aspect).round()
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        top = (rand((n, k), generator, device) * (h - ch + 1)).floor()
+        left = (rand((n, k), generator, device) * (w - cw + 1)).floor()
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=device))
+        # fallback: central crop at the closest allowed aspect ratio (torchvision)
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            fw, fh = w, round(w / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            fh, fw = h, round(h * self.ratio[1])
+        else:
+            fw, fh = w, h
+        pick = first.clamp_min(0)[:, None]
+        ch_, cw_ = ch.gather(1, pick)[:, 0], cw.gather(1, pick)[:, 0]
+        top_, left_ = top.gather(1, pick)[:, 0], left.gather(1, pick)[:, 0]
+        bad = first < 0
+        ch_ = torch.where(bad, torch.full_like(ch_, fh), ch_)
+        cw_ = torch.where(bad, torch.full_like(cw_, fw), cw_)
+        top_ = torch.where(bad, torch.full_like(top_, (h - fh) // 2), top_)
+        left_ = torch.where(bad, torch.full_like(left_, (w - fw) // 2), left_)
+        boxes = torch.stack([top_ / h, left_ / w, (top_ + ch_) / h, (left_ + cw_) / w], dim=1)
+        return ViewGeometry(boxes, _flips(n, self.flip_p, generator, device))
+
+
+@VIEW_SAMPLERS.register("flip")
+class RandomFlip:
+    """Horizontal flip only (no crop)."""
+
+    def __init__(self, flip_p: float = 0.5) -> None:
+        self.flip_p = float(flip_p)
+
+    def __call__(self, n: int, size: tuple[int, int], generator: torch.Generator | None,
+                 device: torch.device) -> ViewGeometry:
+        g = ViewGeometry.identity(n, device)
+        return ViewGeometry(g.boxes, _flips(n, self.flip_p, generator, device))
+
+
+class DeviceViews:
+    """What the trainer calls: draw each sample's view and warp the canonical batch into it.
+
+    ``fill`` is the value of pixels outside the canonical image in the batch's own space
+    (for a normalised batch, the normalised black ``-mean / std``, so the views equal
+    torchvision's zero-padded crops of the unnormalised image followed by ``Normalize``).
+    """
+
+    def __init__(self, sampler, fill: Sequence[float] | float = 0.0, mode: str = "bilinear") -> None:
+        self.sampler, self.fill, self.mode = sampler, fill, mode
+
+    def __repr__(self) -> str:
+        return f"DeviceViews({self.sampler!r})"
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, ViewGeometry]:
+        geometry = self.sampler(images.shape[0], tuple(images.shape[-2:]), generator, images.device)
+        return geometry.warp_images(images, fill=self.fill, mode=self.mode).to(images.dtype), geometry
+
+
+def build_views(name: str, options: dict | None = None, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> DeviceViews | None:
+    """``data.views`` -> :class:`DeviceViews` (``none`` -> None).  Padding is black in pixel
+    space: ``-mean / std`` for a normalised batch."""
+    if name == "none":
+        return None
+    sampler = VIEW_SAMPLERS.get(name)(**dict(options or {}))
+    fill: Sequence[float] | float = 0.0
+    if mean is not None and std is not None:
+        fill = [-m / s for m, s in zip(mean, std)]
+    return DeviceViews(sampler, fill)
+
+
+VIEW_CHOICES = ("auto", "crop_flip", "resized_crop_flip", "flip", "none", "loader")
+
+
+def train_pipeline(views: Any, image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
+                   resize: str = "resize", crop_padding: int | None = None) -> tuple[Any, DeviceViews | None]:
+    """The training set's per-sample transform and the trainer's :class:`DeviceViews`.
+
+    ``views`` is a :class:`~backmix_vlm.config.ViewsConfig`.  ``auto`` follows the classic
+    recipes: a zero-padded random crop (``crop_padding``, default ``image_size // 8``) + flip
+    up to 64 px, ``RandomResizedCrop`` + flip above (CoOp).  Every choice but ``loader``
+    gives the loader the evaluation transform (the canonical frame); ``loader`` keeps v0.1's
+    augmentation in the DataLoader workers and returns no device views.
+    """
+    from ..config import check_choice
+    from ..data import build_transform
+
+    check_choice(views.name, VIEW_CHOICES, "data.views.name")
+    if views.name == "loader":
+        return build_transform(image_size, True, mean, std, resize=resize, crop_padding=crop_padding), None
+    name, options = views.name, dict(views.options)
+    if name == "auto":
+        small = image_size <= 64 or crop_padding is not None
+        name = "crop_flip" if small else "resized_crop_flip"
+        if small:
+            options.setdefault("padding", image_size // 8 if crop_padding is None else int(crop_padding))
+    try:
+        device_views = build_views(name, options, mean, std)
+    except TypeError as e:
+        raise ConfigError(f"data.views.options: {e}") from None
+    return build_transform(image_size, False, mean, std, resize=resize), device_views

@@ -75,6 +75,7 @@ class EvalConfig:
     """Open-set / OOD evaluation."""
 
     ood: list[DataSource] = field(default_factory=list)  # unknown sets
+    extra_known: list[DataSource] = field(default_factory=list)  # known classes under a shift: accuracy only (acc/<label>)
     scores: list[str] = field(default_factory=lambda: ["msp", "maxlogit", "energy"])
     score_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {energy: {temperature: 1}}
     batch_size: int = 128

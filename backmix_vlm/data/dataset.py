@@ -39,6 +39,7 @@ class ImageDataset(Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         jpeg_quality: int | None = None,
         crop_size: int | None = None,
+        masks: Any = None,
     ) -> None:
         if len(records) != len(labels):
             raise ValueError(f"{name}: {len(records)} images but {len(labels)} labels")
@@ -49,7 +50,20 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.jpeg_quality = jpeg_quality
         self.crop_size = crop_size
+        if masks is not None and len(masks) != len(self.labels):
+            raise ValueError(f"{name}: {len(masks)} foreground masks but {len(self.labels)} images")
+        self.masks = masks
 
+    @property
+    def foreground_masks(self) -> torch.Tensor | None:
+        """(N, H, W) bool true foreground masks in the image's canonical frame, or None.
+
+        Only datasets that know their foregrounds have them (``bgshift``); a crop changes the
+        frame, so ``crop_size`` datasets report None.
+        """
+        if self.masks is None or self.crop_size:
+            return None
+        return torch.as_tensor(self.masks, dtype=torch.bool)
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -84,7 +98,8 @@ class ImageDataset(Dataset):
         """A new ImageDataset holding ``positions`` (re-indexed 0..n-1; same classes)."""
         positions = [int(p) for p in positions]
         return ImageDataset(self.records.subset(positions), [self.labels[p] for p in positions],
-                            self.classes, self.name, self.transform, self.jpeg_quality, self.crop_size)
+                            self.classes, self.name, self.transform, self.jpeg_quality, self.crop_size,
+                            masks=None if self.masks is None else self.masks[positions])
 
     def find_unreadable(self, workers: int = 4) -> list[int]:
         """Positions whose image cannot be decoded (decodes every image once, in threads)."""
@@ -138,6 +153,11 @@ class IndexedSubset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def foreground_masks(self) -> torch.Tensor | None:
+        masks = getattr(self.dataset, "foreground_masks", None)
+        return None if masks is None else masks[torch.as_tensor(self.indices)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         i = int(i)

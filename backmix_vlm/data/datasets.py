@@ -140,6 +140,25 @@ DATASETS.add("tinyimagenet", DatasetSpec(
 DATASETS.add("imagefolder", DatasetSpec("imagefolder", None, allow_flat=True))
 
 
+def _bgshift(d: Path, split: str, looked: list) -> Found | None:
+    """A generated background-shift dataset (:mod:`backmix_vlm.data.bgshift`): ``<d>/<split>.npz``."""
+    from .bgshift import read_split
+    from .records import ArrayRecords
+
+    looked.append(f"{d}/{{meta.json,{split}.npz}}")
+    if not ((d / "meta.json").is_file() and (d / f"{split}.npz").is_file()):
+        return None
+    images, labels, masks, names = read_split(d, split)
+    return Found(ArrayRecords(images, str(d / f"{split}.npz")), [int(v) for v in labels], list(names), "bgshift",
+                 str(d), masks=masks)
+
+
+DATASETS.add("bgshift", DatasetSpec(
+    "bgshift", None, (), _bgshift,
+    "<root>/{meta.json, train|test_matched|test_swapped|unknown_known_bg|unknown_unseen_bg.npz} written by "
+    "python -m backmix_vlm.data.bgshift"))
+
+
 def _demo(src: DataSource) -> Found:
     from importlib import resources
 
@@ -252,6 +271,7 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
     labels, classes = _label_space(found, canonical, names_from, spec.name)
     ds_name = src.display_name
     records = found.records
+    masks = found.masks
     where = f"{spec.name} split '{src.split}' ({found.where})"
 
     if src.classes is not None:
@@ -262,6 +282,7 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
         remap = {c: i for i, c in enumerate(keep)}
         pos = [i for i, y in enumerate(labels) if y in remap]
         records = records.subset(pos)
+        masks = None if masks is None else masks[pos]
         labels = [remap[labels[i]] for i in pos]
         classes = [classes[c] for c in keep]
     if src.max_samples is not None and len(labels) > src.max_samples:
@@ -269,12 +290,13 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
         n = len(labels)
         pos = [(i * n) // src.max_samples for i in range(src.max_samples)]
         records, labels = records.subset(pos), [labels[i] for i in pos]
+        masks = None if masks is None else masks[pos]
     if not labels:
         raise DataError(f"{where}: 0 images after filtering (classes: {src.classes}, "
                         f"max_samples: {src.max_samples}); check the class ids and the data folder")
 
     ds = ImageDataset(records, labels, classes, ds_name, transform, src.jpeg_quality,
-                      CROP_SIZE if src.resize == "crop" else None)
+                      CROP_SIZE if src.resize == "crop" else None, masks=masks)
     if src.on_corrupt == "skip":
         ds = ds.drop_unreadable()
         if len(ds) == 0:

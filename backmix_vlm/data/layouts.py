@@ -49,6 +49,7 @@ class Found:
     class_keys: list[str] | None
     layout: str
     where: str
+    masks: Any = None  # (N, H, W) bool true foreground masks, for datasets that have them (bgshift)
 
 
 # ----------------------------------------------------------------------------- torchvision

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import EvalConfig, check_choice
-from ..ood.evaluate import evaluate_open_set, predictions
+from ..ood.evaluate import accuracy, evaluate_open_set, predictions
 from ..ood.features import extract_outputs, score_images_loader
 from ..ood.scores import Score, get_score
 from ..runs import atomic_write_bytes
@@ -60,9 +60,11 @@ class OpenSetEvaluator:
 
     def __init__(self, known: Dataset, unknowns: Mapping[str, Dataset], cfg: EvalConfig, *,
                  device: torch.device | str, precision: str = "no", fit_set: Dataset | Callable[[], Dataset] | None = None,
-                 std: tuple[float, ...] | list[float] | None = None) -> None:
+                 std: tuple[float, ...] | list[float] | None = None,
+                 extra_known: Mapping[str, Dataset] | None = None) -> None:
         check_choice(cfg.positive, ("known", "unknown"), "eval.positive")
         self.known, self.unknowns, self.cfg = known, dict(unknowns), cfg
+        self.extra_known = dict(extra_known or {})  # known classes under a shift: closed-set accuracy
         self.device, self.precision, self.fit_set = torch.device(device), precision, fit_set
         self.scores = build_scores(cfg, std)
         fitted = [s.name for s in self.scores if needs_fit(s)]
@@ -104,6 +106,9 @@ class OpenSetEvaluator:
         self.result = evaluate_open_set(known, unknowns, [s for s in self.scores if not s.needs_model],
                                         positive=self.cfg.positive, extra_scores=extra)
         self.result["epoch"] = epoch
+        if self.extra_known:
+            self.result["extra_known"] = {name: {"acc": accuracy(self._outputs(model, ds, name))}
+                                          for name, ds in self.extra_known.items()}
         self.per_sample = per_sample_scores(known, unknowns, self.scores, extra)
         return summarize(self.result)
 
@@ -131,6 +136,9 @@ def summarize(result: Mapping[str, Any]) -> dict[str, float]:
     row: dict[str, float] = {}
     if result.get("acc") is not None:
         row["test_acc"] = float(result["acc"])
+    for name, res in result.get("extra_known", {}).items():
+        if res.get("acc") is not None:
+            row[f"acc/{name}"] = float(res["acc"])
     for ood, per_score in result["results"].items():
         for score, metrics in per_score.items():
             for m in LOG_METRICS:

@@ -62,6 +62,8 @@ def results_to_markdown(
     if seeds:
         acc_line += f" (mean ± std over {seeds} seeds)"
     parts.append(acc_line)
+    for name, res in (results.get("extra_known") or {}).items():
+        parts.append(f"**Accuracy on {name}** (known classes under a shift): {fmt(res.get('acc'))}%")
     counts = results.get("counts") or {}
     for ood_name, per_score in results["results"].items():
         n = counts.get(ood_name)

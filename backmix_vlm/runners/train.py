@@ -186,6 +186,7 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
         "train_eval": lambda: build_dataset(train_src, eval_tf(train_src)),
         "known": known,
         "unknowns": {src.display_name: build_dataset(src, eval_tf(src)) for src in unknown_srcs},
+        "extra_known": {src.display_name: build_dataset(src, eval_tf(src)) for src in cfg.eval.extra_known},
     }
 
 
@@ -211,7 +212,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     set_seed(cfg.run.seed)
     model = create_cnn(cfg.model.name, len(train.classes), **cfg.model.options)
     evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=accelerator.device,
-                                 precision=cfg.run.precision, std=cfg.data.std, fit_set=data["train_eval"])
+                                 precision=cfg.run.precision, std=cfg.data.std, fit_set=data["train_eval"],
+                                 extra_known=data["extra_known"])
     trainer = Trainer(
         ClassifierTask(model, cfg.data.image_size), train, optim=cfg.optim, run=cfg.run, run_dir=run_dir,
         num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,

@@ -35,6 +35,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: str = "no"             # no | bf16 | fp16  (autocast; bf16 is ~4x faster on modern CPUs)
+    channels_last: bool = False       # CNNs: NHWC memory format (faster convolutions with bf16 on CPU and GPU)
+    compile: bool = False             # torch.compile the model for training (first steps pay the compile time)
 
 
 @dataclass
@@ -98,6 +100,8 @@ class OptimConfig:
     epochs: int = 200
     batch_size: int = 128
     grad_clip: float | None = None
+    label_smoothing: float = 0.0      # cross-entropy label smoothing (train job; airbench: 0.2)
+    norm_lr_scale: float = 1.0        # LR multiplier of normalisation-layer parameters, weight decay kept (airbench: 64)
 
 
 @dataclass

@@ -88,7 +88,7 @@ def test_views_registry_and_errors() -> None:
     v = build_views("crop_flip", {"padding": 2}, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     assert isinstance(v, DeviceViews) and v.fill == [-2.0, -2.0, -2.0]
     assert build_views("none") is None
-    with pytest.raises(RegistryError, match="available: crop_flip, flip, resized_crop_flip"):
+    with pytest.raises(RegistryError, match="available: crop_flip, flip, identity, resized_crop_flip"):
         build_views("rotate")
     with pytest.raises(ConfigError, match="scale"):
         RandomResizedCropFlip(scale=(0.5, 0.1))

@@ -40,6 +40,7 @@ from .base import rand
 
 #: samplers by name (``data.views`` in the configs)
 VIEW_SAMPLERS: Registry = Registry("view sampler")
+PAD_MODES = ("zeros", "reflect")
 
 
 @dataclass
@@ -81,7 +82,8 @@ class ViewGeometry:
 
     # ------------------------------------------------------------------ images
     def warp_images(self, images: Tensor, size: tuple[int, int] | None = None,
-                    fill: Tensor | Sequence[float] | float = 0.0, mode: str = "bilinear") -> Tensor:
+                    fill: Tensor | Sequence[float] | float = 0.0, mode: str = "bilinear",
+                    pad_mode: str = "zeros") -> Tensor:
         """Each image's view at ``size`` (default: the input size); pixels outside the canonical
         image take ``fill`` (per channel).  Integer-pixel crops at the same size are exact copies."""
         b, c, h, w = images.shape
@@ -93,7 +95,8 @@ class ViewGeometry:
         grid = torch.stack([2 * x - 1, 2 * y - 1], dim=-1)  # grid_sample: (x, y) in [-1, 1], align_corners=False
         fill_t = torch.as_tensor(fill, dtype=dtype, device=images.device).reshape(1, -1, 1, 1)
         src = images.to(dtype) - fill_t  # zero padding of (image - fill) == padding with fill
-        out = F.grid_sample(src, grid.to(dtype), mode=mode, padding_mode="zeros", align_corners=False)
+        padding = "reflection" if pad_mode == "reflect" else "zeros"
+        out = F.grid_sample(src, grid.to(dtype), mode=mode, padding_mode=padding, align_corners=False)
         return out + fill_t
 
     # ------------------------------------------------------------------ maps
@@ -162,19 +165,22 @@ def _flips(n: int, p: float, generator: torch.Generator | None, device: torch.de
 
 @VIEW_SAMPLERS.register("crop_flip")
 class RandomCropFlip:
-    """CIFAR-style augmentation: pad by ``padding`` px (zeros), random crop back to the image
-    size, horizontal flip with probability ``flip_p``.  Shifts are whole pixels, so the
+    """CIFAR-style augmentation: pad by ``padding`` px (``pad_mode`` zeros = black, as
+    torchvision's RandomCrop; or ``reflect``: mirrored at the border, edge pixel repeated, as
+    airbench's translate), random crop back to the image size, horizontal flip with probability ``flip_p``.  Shifts are whole pixels, so the
     warped views are exact pixel copies (as torchvision's ``RandomCrop`` + flip)."""
 
-    def __init__(self, padding: int = 4, flip_p: float = 0.5) -> None:
+    def __init__(self, padding: int = 4, flip_p: float = 0.5, pad_mode: str = "zeros") -> None:
         if int(padding) < 0:
             raise ConfigError(f"views: padding={padding!r}; expected an integer >= 0")
         if not 0.0 <= float(flip_p) <= 1.0:
             raise ConfigError(f"views: flip_p={flip_p!r}; expected a number in [0, 1]")
-        self.padding, self.flip_p = int(padding), float(flip_p)
+        if pad_mode not in PAD_MODES:
+            raise ConfigError(f"views: pad_mode={pad_mode!r}; choose {', '.join(PAD_MODES)}")
+        self.padding, self.flip_p, self.pad_mode = int(padding), float(flip_p), pad_mode
 
     def __repr__(self) -> str:
-        return f"RandomCropFlip(padding={self.padding}, flip_p={self.flip_p})"
+        return f"RandomCropFlip(padding={self.padding}, flip_p={self.flip_p}, pad_mode={self.pad_mode!r})"
 
     def __call__(self, n: int, size: tuple[int, int], generator: torch.Generator | None,
                  device: torch.device) -> ViewGeometry:
@@ -260,20 +266,42 @@ class RandomFlip:
 class DeviceViews:
     """What the trainer calls: draw each sample's view and warp the canonical batch into it.
 
-    ``fill`` is the value of pixels outside the canonical image in the batch's own space
-    (for a normalised batch, the normalised black ``-mean / std``, so the views equal
-    torchvision's zero-padded crops of the unnormalised image followed by ``Normalize``).
+    A float batch is taken to be normalised already: pixels outside the canonical image get
+    ``fill`` (the normalised black ``-mean / std``, so the views equal torchvision's
+    zero-padded crops of the unnormalised image followed by ``Normalize``).  A ``uint8`` batch
+    (``data.cache: memory``) is scaled to [0, 1], warped with black padding, then normalised
+    with ``mean`` / ``std`` here, on the device.
     """
 
-    def __init__(self, sampler, fill: Sequence[float] | float = 0.0, mode: str = "bilinear") -> None:
+    def __init__(self, sampler, fill: Sequence[float] | float = 0.0, mode: str = "bilinear",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         self.sampler, self.fill, self.mode = sampler, fill, mode
+        self.mean, self.std = mean, std
+        self.pad_mode = getattr(sampler, "pad_mode", "zeros")
 
     def __repr__(self) -> str:
         return f"DeviceViews({self.sampler!r})"
 
     def __call__(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, ViewGeometry]:
         geometry = self.sampler(images.shape[0], tuple(images.shape[-2:]), generator, images.device)
-        return geometry.warp_images(images, fill=self.fill, mode=self.mode).to(images.dtype), geometry
+        if images.dtype == torch.uint8:
+            views = geometry.warp_images(images.float().div_(255), mode=self.mode, pad_mode=self.pad_mode)
+            if self.mean is not None:
+                mean = torch.as_tensor(self.mean, device=views.device).view(1, -1, 1, 1)
+                std = torch.as_tensor(self.std, device=views.device).view(1, -1, 1, 1)
+                views = (views - mean) / std
+            return views, geometry
+        return geometry.warp_images(images, fill=self.fill, mode=self.mode,
+                                    pad_mode=self.pad_mode).to(images.dtype), geometry
+
+
+@VIEW_SAMPLERS.register("identity")
+class NoView:
+    """No geometry (every view is the whole canonical image): normalisation only."""
+
+    def __call__(self, n: int, size: tuple[int, int], generator: torch.Generator | None,
+                 device: torch.device) -> ViewGeometry:
+        return ViewGeometry.identity(n, device)
 
 
 def build_views(name: str, options: dict | None = None, mean: Sequence[float] | None = None,
@@ -286,26 +314,32 @@ def build_views(name: str, options: dict | None = None, mean: Sequence[float] | 
     fill: Sequence[float] | float = 0.0
     if mean is not None and std is not None:
         fill = [-m / s for m, s in zip(mean, std)]
-    return DeviceViews(sampler, fill)
+    return DeviceViews(sampler, fill, mean=mean, std=std)
 
 
 VIEW_CHOICES = ("auto", "crop_flip", "resized_crop_flip", "flip", "none", "loader")
+CACHE_CHOICES = ("none", "memory")
 
 
 def train_pipeline(views: Any, image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-                   resize: str = "resize", crop_padding: int | None = None) -> tuple[Any, DeviceViews | None]:
+                   resize: str = "resize", crop_padding: int | None = None,
+                   uint8: bool = False) -> tuple[Any, DeviceViews | None]:
     """The training set's per-sample transform and the trainer's :class:`DeviceViews`.
 
     ``views`` is a :class:`~backmix_vlm.config.ViewsConfig`.  ``auto`` follows the classic
     recipes: a zero-padded random crop (``crop_padding``, default ``image_size // 8``) + flip
     up to 64 px, ``RandomResizedCrop`` + flip above (CoOp).  Every choice but ``loader``
     gives the loader the evaluation transform (the canonical frame); ``loader`` keeps v0.1's
-    augmentation in the DataLoader workers and returns no device views.
+    augmentation in the DataLoader workers and returns no device views.  ``uint8``: the loader
+    gives un-normalised pixels (``data.cache: memory``) and the views normalise on the device.
     """
     from ..config import check_choice
     from ..data import build_transform
 
     check_choice(views.name, VIEW_CHOICES, "data.views.name")
+    if uint8 and views.name == "loader":
+        raise ConfigError("data.cache: memory decodes each image once, so augmentation cannot run in the "
+                          "loader: choose another data.views.name (e.g. auto)")
     if views.name == "loader":
         return build_transform(image_size, True, mean, std, resize=resize, crop_padding=crop_padding), None
     name, options = views.name, dict(views.options)
@@ -314,8 +348,12 @@ def train_pipeline(views: Any, image_size: int, mean: Sequence[float] | None, st
         name = "crop_flip" if small else "resized_crop_flip"
         if small:
             options.setdefault("padding", image_size // 8 if crop_padding is None else int(crop_padding))
+    if uint8 and name == "none":
+        name = "identity"  # the device still has to normalise
     try:
         device_views = build_views(name, options, mean, std)
     except TypeError as e:
         raise ConfigError(f"data.views.options: {e}") from None
+    if uint8:
+        return build_transform(image_size, False, None, None, resize=resize), device_views
     return build_transform(image_size, False, mean, std, resize=resize), device_views

@@ -11,9 +11,11 @@ only the adapter) and implement ``saliency_extra_pass`` when their maps need the
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.output import ModelOutput
@@ -24,8 +26,13 @@ class ClassifierTask:
 
     trainable_only = False
 
-    def __init__(self, model: nn.Module, image_size: int | tuple[int, int]) -> None:
+    def __init__(self, model: nn.Module, image_size: int | tuple[int, int], label_smoothing: float = 0.0) -> None:
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"optim.label_smoothing: {label_smoothing!r} is not accepted; expected a number in [0, 1)")
         self.model = model
+        self.label_smoothing = float(label_smoothing)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self._saliency_size: tuple[int, int] | None | str = "unset"
 
@@ -37,6 +44,8 @@ class ClassifierTask:
         return out if isinstance(out, ModelOutput) else ModelOutput(logits=out)
 
     def loss(self, output: ModelOutput, mix: Any) -> Tensor:
+        if self.label_smoothing:
+            return mix.loss(output.logits, functools.partial(F.cross_entropy, label_smoothing=self.label_smoothing))
         return mix.loss(output.logits)
 
     def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor) -> Tensor | None:

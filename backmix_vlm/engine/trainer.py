@@ -73,7 +73,9 @@ from .checkpoint import (
 )
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant", "step")
+SCHEDULES = ("cosine", "constant", "step", "triangle")
+#: airbench's piecewise-linear schedule: factor 0.2 at step 0, 1.0 at 23 % of training, 0.07 at the end
+TRIANGLE = (0.2, 0.23, 0.07)
 PRECISIONS = ("no", "bf16", "fp16")
 AUGMENTS = ("none", "backmix", "cutout", "mixup", "cutmix")
 MODES = ("alongside", "mixed_only")
@@ -111,18 +113,38 @@ class TrainTask(Protocol):
 
 
 # ----------------------------------------------------------------------------- pure helpers
-def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum, the paper's recipe) or AdamW over ``params``."""
+def norm_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter of a normalisation layer (BatchNorm / GroupNorm / LayerNorm)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    return {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+
+
+def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig,
+                    norm_ids: set[int] | None = None) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum, the paper's recipe) or AdamW over ``params``.
+
+    ``cfg.norm_lr_scale != 1``: the parameters in ``norm_ids`` get ``lr * scale`` and a weight
+    decay divided by the scale, so their decay per step is unchanged (airbench's 64x BN biases).
+    """
     check_choice(cfg.name, OPTIMIZERS, "optim.name")
     params = list(params)
     if not params:
         raise ConfigError("optim: the model has no trainable parameters (requires_grad is False everywhere)")
     if cfg.lr <= 0:
         raise ConfigError(f"optim.lr: {cfg.lr!r} is not accepted; expected a positive number")
+    if cfg.norm_lr_scale <= 0:
+        raise ConfigError(f"optim.norm_lr_scale: {cfg.norm_lr_scale!r} is not accepted; expected a positive number")
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if cfg.norm_lr_scale != 1.0 and norm_ids:
+        scale = cfg.norm_lr_scale
+        groups = [{"params": [p for p in params if id(p) not in norm_ids]},
+                  {"params": [p for p in params if id(p) in norm_ids], "lr": cfg.lr * scale,
+                   "weight_decay": cfg.weight_decay / scale}]
+        groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, *, steps_per_epoch: int, cfg: OptimConfig) -> float:
@@ -136,6 +158,9 @@ def lr_factor(step: int, *, steps_per_epoch: int, cfg: OptimConfig) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * t))
     if cfg.schedule == "step":
         return 0.1 ** sum(t >= m for m in (0.5, 0.75))
+    if cfg.schedule == "triangle":
+        start, peak, end = TRIANGLE
+        return start + (1 - start) * t / peak if t < peak else 1 + (end - 1) * (t - peak) / (1 - peak)
     return 1.0
 
 
@@ -262,8 +287,13 @@ class Trainer:
         self.true_masks = getattr(train_set, "foreground_masks", None)  # datasets with known foregrounds
 
         self.bank, self.mixer = self._build_mixer()
-        optimizer = build_optimizer(task.trainable_parameters(), optim)
+        optimizer = build_optimizer(task.trainable_parameters(), optim, norm_parameters(task.model))
+        self.channels_last = bool(getattr(run, "channels_last", False))
+        if self.channels_last:
+            task.model.to(memory_format=torch.channels_last)
         self.model, self.optimizer = acc.prepare(task.model, optimizer)
+        if getattr(run, "compile", False):  # the loop calls self.model; checkpoints unwrap it
+            self.model = torch.compile(self.model)
         self.scheduler = build_scheduler(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                          else self.optimizer, optim, self.steps_per_epoch)
         self.epoch = 0            # epochs completed
@@ -314,6 +344,8 @@ class Trainer:
         geometry = None
         if self.views is not None:  # each sample's random view of its canonical image
             images, geometry = self.views(images, self.view_generator)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         extra_maps = None
         if (self.bank is not None and task.saliency_size is not None
                 and self.global_step % cfg.bank_update_every == 0):

@@ -24,6 +24,7 @@ import math
 from typing import Callable
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
@@ -35,27 +36,46 @@ CNN_MODELS: Registry[Callable[..., tuple[nn.Module, int, int]]] = Registry("cnn 
 
 
 class CamHead(nn.Module):
-    """Conv1x1 -> GAP: logits are the spatial mean of the class activation maps."""
+    """Conv1x1 -> GAP: logits are the spatial mean of the class activation maps.
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    ``scale`` multiplies the maps (airbench's fixed 1/9 output scale); ``bias`` as a linear layer's.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, scale: float = 1.0) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_features, num_classes, kernel_size=1, bias=True)
+        self.conv = nn.Conv2d(in_features, num_classes, kernel_size=1, bias=bias)
+        self.scale = float(scale)
 
     def forward(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
         cam = self.conv(fmap)
+        if self.scale != 1.0:
+            cam = cam * self.scale
         return cam.mean(dim=(2, 3)), cam
 
 
-class CamClassifier(nn.Module):
-    """A feature-map backbone + :class:`CamHead`, returning :class:`ModelOutput`."""
+TTA_MODES = ("none", "flip", "flip_translate")
 
-    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, stride: int) -> None:
+
+class CamClassifier(nn.Module):
+    """A feature-map backbone + :class:`CamHead`, returning :class:`ModelOutput`.
+
+    ``tta`` (evaluation only): ``flip`` averages the outputs of the image and its mirror;
+    ``flip_translate`` also averages over 1 px shifts up-left and down-right (reflect-padded),
+    weighted 1/2 : 1/4 : 1/4 as in airbench's level-2 test-time augmentation.  Training
+    forwards and the CAM are never augmented.
+    """
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, stride: int,
+                 tta: str = "none", head_bias: bool = True, head_scale: float = 1.0) -> None:
         super().__init__()
+        if tta not in TTA_MODES:
+            raise ModelError(f"model option tta={tta!r} is not accepted; choose {', '.join(TTA_MODES)}")
         self.backbone = backbone
-        self.head = CamHead(num_features, num_classes)
+        self.head = CamHead(num_features, num_classes, bias=head_bias, scale=head_scale)
         self.num_features = num_features
         self.num_classes = num_classes
         self.stride = stride
+        self.tta = tta
 
     def cam_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """CAM / mask-bank resolution for this input size (every downsampling rounds up)."""
@@ -65,17 +85,36 @@ class CamClassifier(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def forward(self, x: Tensor) -> ModelOutput:
+    def _forward(self, x: Tensor) -> ModelOutput:
         fmap = self.backbone(x)
         logits, cam = self.head(fmap)
         return ModelOutput(logits=logits, features=fmap.mean(dim=(2, 3)), cam=cam)
 
+    def forward(self, x: Tensor) -> ModelOutput:
+        if self.training or self.tta == "none":
+            return self._forward(x)
+        out = self._forward(x)
+        views = [x.flip(-1)]
+        weights = [0.5, 0.5]
+        if self.tta == "flip_translate":
+            padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            h, w = x.shape[-2:]
+            for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
+                views += [shifted, shifted.flip(-1)]
+            weights = [0.25, 0.25] + [0.125] * 4
+        logits, features = weights[0] * out.logits, weights[0] * out.features
+        for wgt, v in zip(weights[1:], views):
+            o = self._forward(v)
+            logits, features = logits + wgt * o.logits, features + wgt * o.features
+        return ModelOutput(logits=logits, features=features, cam=out.cam)
 
-def create_cnn(name: str, num_classes: int, **kw) -> CamClassifier:
+
+def create_cnn(name: str, num_classes: int, tta: str = "none", **kw) -> CamClassifier:
     """Build a registered CNN (``CNN_MODELS``) with a CAM head for ``num_classes`` classes.
 
     ``kw`` goes to the backbone builder (e.g. ``drop_rate``, ``in_chans``); unknown options
-    raise a ModelError listing the accepted ones.
+    raise a ModelError listing the accepted ones.  ``tta``: see :class:`CamClassifier`.
+    A backbone may carry ``head_options`` (``head_bias`` / ``head_scale`` of the CamHead).
     """
     builder = CNN_MODELS.get(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -84,9 +123,10 @@ def create_cnn(name: str, num_classes: int, **kw) -> CamClassifier:
     unknown = [k for k in kw if k not in accepted]
     if unknown:
         raise ModelError(f"model '{name}': unknown option(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(accepted) or 'none'}")
+                         f"accepted: {', '.join(accepted + ['tta']) or 'none'}")
     backbone, num_features, stride = builder(**kw)
-    return CamClassifier(backbone, num_features, num_classes, stride)
+    head = getattr(backbone, "head_options", {})
+    return CamClassifier(backbone, num_features, num_classes, stride, tta=tta, **head)
 
 
 # ----------------------------------------------------------------------------- ResNet-18 (timm)
@@ -180,3 +220,97 @@ def small_cnn(width: int = 32, in_chans: int = 3) -> tuple[nn.Module, int, int]:
     layers = block(in_chans, widths[0], 1) + block(widths[0], widths[1], 2)
     layers += block(widths[1], widths[2], 2) + block(widths[2], widths[3], 1)
     return nn.Sequential(*layers), widths[-1], 4
+
+
+# ----------------------------------------------------------------------------- airbench-class net
+class _FastBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with the scale frozen at 1 (only the shift learns), eps 1e-12 and a fast running
+    average (airbench: momentum 0.6 in its convention = 0.4 in PyTorch's)."""
+
+    def __init__(self, num_features: int, momentum: float = 0.4) -> None:
+        super().__init__(num_features, eps=1e-12, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+def _dirac_conv(cin: int, cout: int, kernel: int = 3, padding: str | int = "same", bias: bool = False) -> nn.Conv2d:
+    """3x3 conv initialised PyTorch's way plus an identity on the first ``min(cin, cout)`` filters
+    (an implicit residual at initialisation)."""
+    conv = nn.Conv2d(cin, cout, kernel, padding=padding, bias=bias)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(cin, cout)])
+        if bias:
+            conv.bias.zero_()
+    return conv
+
+
+class _ConvGroup(nn.Module):
+    """conv -> max-pool 2 -> BN -> GELU -> (conv -> BN -> GELU) x (depth - 1)."""
+
+    def __init__(self, cin: int, cout: int, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_dirac_conv(cin, cout), nn.MaxPool2d(2), _FastBatchNorm(cout), nn.GELU()]
+        for _ in range(depth - 1):
+            layers += [_dirac_conv(cout, cout), _FastBatchNorm(cout), nn.GELU()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class AirbenchNet(nn.Module):
+    """A compact fast-training CIFAR net after Keller Jordan's airbench (speed-run recipe).
+
+    A frozen 2x2 *whitening* convolution (initialised from the training images' patch
+    covariance by :meth:`init_from_data`: its filters are the covariance's eigenvectors scaled
+    by 1/sqrt(eigenvalue), with both signs), GELU, then three conv groups of ``widths`` with a
+    max-pool each.  Departure from airbench: the whitening conv keeps the size ("same"
+    padding), so 32 px inputs give a 4x4 CAM (airbench's 31 px gives 3x3), and the head is the
+    toolkit's Conv1x1-GAP CAM head (airbench: max-pool 3 + linear), with airbench's 1/9 scale.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (64, 256, 256), depth: int = 2, in_chans: int = 3,
+                 whiten_kernel: int = 2) -> None:
+        super().__init__()
+        whiten_width = 2 * in_chans * whiten_kernel ** 2
+        self.whiten = nn.Conv2d(in_chans, whiten_width, whiten_kernel, padding=0, bias=True)
+        self.whiten_pad = (0, whiten_kernel - 1, 0, whiten_kernel - 1)  # "same" size: pad right / bottom
+        self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)
+        groups, cin = [], whiten_width
+        for w in widths:
+            groups.append(_ConvGroup(cin, w, depth))
+            cin = w
+        self.groups = nn.Sequential(*groups)
+        self.act = nn.GELU()
+        self.num_features = cin
+        self.head_options = {"head_bias": False, "head_scale": 1 / 9}
+
+    @torch.no_grad()
+    def init_from_data(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Whitening filters from (normalised) training images (B, C, H, W); airbench uses 5,000."""
+        k = self.whiten.kernel_size
+        c = images.shape[1]
+        patches = images.float().unfold(2, k[0], 1).unfold(3, k[1], 1)          # B, C, H', W', kh, kw
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k[0] * k[1])
+        cov = patches.T @ patches / patches.shape[0]
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, *k).flip(0)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.groups(self.act(self.whiten(torch.nn.functional.pad(x, self.whiten_pad))))
+
+
+@CNN_MODELS.register("airbench")
+def airbench(widths: tuple[int, ...] | list[int] = (64, 256, 256), depth: int = 2,
+             in_chans: int = 3) -> tuple[nn.Module, int, int]:
+    """airbench94-class net (~0.7 GFLOP / 32 px image at the default widths); stride 8."""
+    model = AirbenchNet(tuple(int(w) for w in widths), int(depth), in_chans)
+    return model, model.num_features, 2 ** len(model.groups)
+
+
+@CNN_MODELS.register("airbench_wide")
+def airbench_wide(widths: tuple[int, ...] | list[int] = (128, 384, 384), depth: int = 2,
+                  in_chans: int = 3) -> tuple[nn.Module, int, int]:
+    """The larger variant (airbench95's widths, ~1.9 GFLOP / image for forward + backward)."""
+    return airbench(widths, depth, in_chans)

@@ -59,6 +59,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(CIFAR10_STD))
     crop_padding: int | None = None    # RandomCrop padding (default image_size // 8); + horizontal flip
     views: ViewsConfig = field(default_factory=ViewsConfig)  # random crop / flip on the device (auto: crop_flip)
+    cache: str = "none"                # none | memory: decode the training set once into a uint8 tensor
     num_workers: int = 2               # training loader workers (decode only; geometry runs on the device)
 
 
@@ -163,7 +164,7 @@ def resolve_sources(cfg: TrainConfig) -> tuple[DataSource, DataSource, list[Data
 
 def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     """Training set (train transform), known test set and unknown sets (eval transform)."""
-    from ..augment.geometry import train_pipeline
+    from ..augment.geometry import CACHE_CHOICES, train_pipeline
     from ..data import build_dataset, build_transform
 
     d = cfg.data
@@ -172,9 +173,14 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     def eval_tf(src: DataSource) -> Any:
         return build_transform(d.image_size, False, d.mean, d.std, resize=src.resize)
 
+    check_choice(d.cache, CACHE_CHOICES, "data.cache")
     train_tf, views = train_pipeline(d.views, d.image_size, d.mean, d.std, resize=train_src.resize,
-                                     crop_padding=d.crop_padding)
+                                     crop_padding=d.crop_padding, uint8=d.cache == "memory")
     train = build_dataset(train_src, train_tf)
+    if d.cache == "memory":
+        from ..data.memory import InMemoryDataset
+
+        train = InMemoryDataset.decode(train, num_workers=d.num_workers)
     known = build_dataset(test_src, eval_tf(test_src))
     if len(known.classes) != len(train.classes):
         raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}; "
@@ -211,11 +217,13 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     train = data["train"]
     set_seed(cfg.run.seed)
     model = create_cnn(cfg.model.name, len(train.classes), **cfg.model.options)
+    if hasattr(model.backbone, "init_from_data"):  # e.g. airbench's whitening conv: from 5,000 training images
+        model.backbone.init_from_data(training_images(train, data["views"], 5000))
     evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=accelerator.device,
                                  precision=cfg.run.precision, std=cfg.data.std, fit_set=data["train_eval"],
                                  extra_known=data["extra_known"])
     trainer = Trainer(
-        ClassifierTask(model, cfg.data.image_size), train, optim=cfg.optim, run=cfg.run, run_dir=run_dir,
+        ClassifierTask(model, cfg.data.image_size, cfg.optim.label_smoothing), train, optim=cfg.optim, run=cfg.run, run_dir=run_dir,
         num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,
         augment_options=cfg.augment.options, num_workers=cfg.data.num_workers, evaluate=evaluator,
         eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)},
@@ -298,3 +306,16 @@ def main(args: Any) -> int:
     else:
         train_run(cfg, run_dir, resume=resume, argv=argv)
     return 0
+
+
+def training_images(train: Any, views: Any, n: int) -> Any:
+    """``n`` evenly spaced training images in the model's input space (normalised, canonical frame)."""
+    import torch
+
+    step = max(1, len(train) // n)
+    images = torch.stack([train[i][0] for i in range(0, len(train), step)][:n])
+    if images.dtype == torch.uint8:  # data.cache: memory, normalised by the device views
+        mean = torch.as_tensor(views.mean).view(1, -1, 1, 1)
+        std = torch.as_tensor(views.std).view(1, -1, 1, 1)
+        images = (images.float() / 255 - mean) / std
+    return images.float()

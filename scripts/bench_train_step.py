@@ -33,13 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_coop import PRECISION_NAMES, PeakRSS, _Sized, _timed, machine_info  # noqa: E402
 
-MODELS = {"small_cnn": {"width": 32}, "resnet18_cifar": {}}
+MODELS = {"small_cnn": {"width": 32}, "resnet18_cifar": {}, "airbench": {}}
 NUM_CLASSES = 6     # CIFAR-10 open-set protocol: 6 known classes
 BANK_ROWS = 50_000  # CIFAR-10 train size
 
 
-def worker(model: str, precision: str, batch: int, reps: int, seed: int, threads: int) -> dict[str, Any]:
+def worker(model: str, precision: str, batch: int, reps: int, seed: int, threads: int,
+           views: bool = True) -> dict[str, Any]:
     import tempfile
+
+    from backmix_vlm.augment.geometry import build_views
 
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.tasks import ClassifierTask
@@ -60,7 +63,9 @@ def worker(model: str, precision: str, batch: int, reps: int, seed: int, threads
         trainers[name] = Trainer(ClassifierTask(net, 32), _Sized(BANK_ROWS),
                                  optim=OptimConfig(lr=0.1, batch_size=batch, epochs=1),
                                  run=RunConfig(device="cpu", precision=precision, seed=seed), run_dir=run_dir,
-                                 num_classes=NUM_CLASSES, augment=augment, backmix=BackMixConfig())
+                                 num_classes=NUM_CLASSES, augment=augment, backmix=BackMixConfig(),
+                                 # both sides draw crop + flip on the device (the frame-consistent bank)
+                                 views=build_views("crop_flip", {"padding": 4}) if views else None)
         trainers[name].model.train()
     names = list(trainers)
     steps: dict[str, list[float]] = {n: [] for n in names}
@@ -78,10 +83,12 @@ def worker(model: str, precision: str, batch: int, reps: int, seed: int, threads
             print(f"[{model}/{precision}] round {r}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in steps.items()),
                   file=sys.stderr, flush=True)
     mixer = trainers["backmix"].mixer
-    mixer(images[:batch], labels[:batch], indices[:batch])
-    mix_s = statistics.median(_timed(lambda: mixer(images[:batch], labels[:batch], indices[:batch]))
+    geometry = trainers["backmix"].views(images[:batch], None)[1] if views else None
+    mixer(images[:batch], labels[:batch], indices[:batch], geometry=geometry)
+    mix_s = statistics.median(_timed(lambda: mixer(images[:batch], labels[:batch], indices[:batch], geometry=geometry))
                               for _ in range(max(reps, 5)))
     return {"model": model, "precision": precision, "batch": batch, "threads": torch.get_num_threads(),
+            "views": views,
             "step_s": steps, "step_rss_growth_mib": growth, "mix_s": mix_s}
 
 
@@ -97,7 +104,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     info = report["machine"]
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch "
+    lines = [f"Device views (crop + flip drawn by the trainer, frame-consistent bank): "
+             f"{report['runs'][0].get('views', False)}.", "", f"Machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch "
              f"{info['torch']}, {info['date']}; load average at start "
              f"{', '.join(f'{x:.1f}' for x in info['loadavg_start'])}, at end "
              f"{', '.join(f'{x:.1f}' for x in info['loadavg_end'])}; wall time {info['wall_s'] / 60:.1f} min.", "",
@@ -129,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-views", dest="views", action="store_false",
+                   help="v0.1: no device views (crop / flip in the loader, bank in mixed frames)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17), "MALLOC_TRIM_THRESHOLD_": str(1 << 17)}
     runs = []
     for spec in args.runs:
-        cfg = {**spec, "batch": args.batch, "reps": args.reps, "seed": args.seed, "threads": args.threads}
+        cfg = {**spec, "batch": args.batch, "reps": args.reps, "seed": args.seed, "threads": args.threads,
+               "views": args.views}
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env,
                               stdout=subprocess.PIPE, text=True, check=True)
         res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -419,7 +419,8 @@ class Trainer:
             if self.true_masks is not None:  # how well the bank's top-k masks find the true foreground
                 from ..saliency.mask_quality import mask_quality
 
-                quality = mask_quality(self.bank.bank, self.true_masks, self.backmix.mask_ratio)
+                # measured at the configured k (the paper's 0.25 when k = 0 masks nothing)
+                quality = mask_quality(self.bank.bank, self.true_masks, self.backmix.mask_ratio or 0.25)
                 row.update({f"mask_{k}": v for k, v in quality.items()})
         return row
 

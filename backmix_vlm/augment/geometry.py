@@ -109,11 +109,13 @@ class ViewGeometry:
         """
         b, h, w = maps.shape
         oh, ow = size or (h, w)
-        u, v = _cell_samples(oh, ow, supersample, maps.device)
-        y, x = self.view_to_canonical(u.expand(b, -1, -1), v.expand(b, -1, -1))
-        vals, inside = _sample_nearest(maps, y, x)
-        vals = torch.where(inside, vals, torch.full_like(vals, outside))
-        return _pool_cells(vals, oh, ow, supersample)
+        u, v = _axis_samples(oh, supersample, maps.device), _axis_samples(ow, supersample, maps.device)
+        y, x = self.view_to_canonical(u.expand(b, -1), v.expand(b, -1))
+        rows, cols = _axis_weights(y, h, supersample), _axis_weights(x, w, supersample)   # (B, oh, h), (B, ow, w)
+        out = rows @ maps.float() @ cols.transpose(1, 2)
+        if outside:
+            out = out + outside * (1 - rows.sum(-1)[:, :, None] * cols.sum(-1)[:, None, :])
+        return out
 
     def to_canonical(self, maps: Tensor, size: tuple[int, int] | None = None,
                      supersample: int = 4) -> tuple[Tensor, Tensor]:
@@ -125,37 +127,32 @@ class ViewGeometry:
         """
         b, vh, vw = maps.shape
         h, w = size or (vh, vw)
-        y, x = _cell_samples(h, w, supersample, maps.device)
-        u, v = self.canonical_to_view(y.expand(b, -1, -1), x.expand(b, -1, -1))
-        vals, inside = _sample_nearest(maps, u, v)
-        inside_f = inside.to(vals.dtype)
-        covered = _pool_cells(inside_f, h, w, supersample)
-        total = _pool_cells(vals * inside_f, h, w, supersample)
+        y, x = _axis_samples(h, supersample, maps.device), _axis_samples(w, supersample, maps.device)
+        u, v = self.canonical_to_view(y.expand(b, -1), x.expand(b, -1))
+        rows, cols = _axis_weights(u, vh, supersample), _axis_weights(v, vw, supersample)  # (B, h, vh), (B, w, vw)
+        covered = rows.sum(-1)[:, :, None] * cols.sum(-1)[:, None, :]
+        total = rows @ maps.float() @ cols.transpose(1, 2)
         return torch.where(covered > 0, total / covered.clamp_min(1e-12), torch.zeros_like(total)), covered
 
 
-def _cell_samples(h: int, w: int, s: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(1, h*s, w*s) sample fractions: ``s x s`` evenly spaced points inside each of h x w cells."""
-    u = (torch.arange(h * s, device=device, dtype=torch.float32) + 0.5) / (h * s)
-    v = (torch.arange(w * s, device=device, dtype=torch.float32) + 0.5) / (w * s)
-    return u.view(1, -1, 1).expand(1, h * s, w * s), v.view(1, 1, -1).expand(1, h * s, w * s)
+def _axis_samples(n: int, s: int, device: torch.device) -> Tensor:
+    """(1, n*s) sample fractions along one axis: ``s`` evenly spaced points inside each of n cells."""
+    return ((torch.arange(n * s, device=device, dtype=torch.float32) + 0.5) / (n * s)).view(1, -1)
 
 
-def _sample_nearest(maps: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Values of piecewise-constant maps (B, h, w) at fractions (y, x) (B, H, W), and whether
-    each point lies inside the map."""
-    b, h, w = maps.shape
-    inside = (y >= 0) & (y < 1) & (x >= 0) & (x < 1)
-    rows = (y * h).floor().long().clamp(0, h - 1)
-    cols = (x * w).floor().long().clamp(0, w - 1)
-    flat = maps.reshape(b, -1).float()
-    vals = flat.gather(1, (rows * w + cols).reshape(b, -1)).view_as(y)
-    return vals, inside
+def _axis_weights(pos: Tensor, n: int, s: int) -> Tensor:
+    """(B, m*s) sample fractions (``s`` per output cell) -> (B, m, n) weights: the share of each
+    output cell's samples that falls in each of the ``n`` source cells (0 for samples outside).
 
-
-def _pool_cells(vals: Tensor, h: int, w: int, s: int) -> Tensor:
-    """Mean over each cell's ``s x s`` samples: (B, h*s, w*s) -> (B, h, w)."""
-    return vals.view(vals.shape[0], h, s, w, s).mean(dim=(2, 4))
+    Boxes are axis-aligned and flips act on one axis, so nearest-neighbour sampling of a
+    piecewise-constant map is separable: averaging ``s x s`` samples per cell equals
+    ``rows @ map @ cols^T`` with these weights (tiny batched matmuls instead of gathers).
+    """
+    b, ms = pos.shape
+    inside = (pos >= 0) & (pos < 1)
+    index = (pos * n).floor().long().clamp(0, n - 1)
+    onehot = torch.zeros(b, ms, n, device=pos.device).scatter_(2, index[..., None], inside[..., None].float())
+    return onehot.view(b, ms // s, s, n).mean(2)
 
 
 # ----------------------------------------------------------------------------- samplers

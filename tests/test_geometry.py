@@ -158,3 +158,18 @@ def test_pasted_mask_covers_background_object_in_its_current_view() -> None:
         in_view = g.warp_images(obj[:, None].repeat(2, 1, 1, 1), mode="nearest")[0, 0] > 0.5
         fg = res.extras["fg_mask"][target]
         assert float((fg & in_view).sum() / fg.sum()) >= 0.9, flip
+
+
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_whole_pixel_fast_path_equals_the_general_warp(pad_mode) -> None:
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 12, 12)
+    g = RandomCropFlip(padding=3, pad_mode=pad_mode)(16, (12, 12), torch.Generator().manual_seed(0),
+                                                      torch.device("cpu"))
+    assert g.shift is not None
+    fill = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
+    slow = g.warp_images(images, fill=fill.flatten(), pad_mode=pad_mode)
+    fast = g.shift_images(images - fill, pad_mode) + fill
+    assert torch.allclose(fast, slow, atol=1e-5)
+    raw = (torch.rand(16, 3, 12, 12) * 255).to(torch.uint8)                  # uint8 input, no rounding
+    assert torch.equal(g.shift_images(raw, pad_mode).float(), g.warp_images(raw.float(), pad_mode=pad_mode).round())

@@ -50,6 +50,8 @@ class ViewGeometry:
 
     boxes: Tensor
     flip: Tensor
+    shift: Tensor | None = None   # (B, 2) whole-pixel (dy, dx) when every box is a same-size integer shift
+
 
     @classmethod
     def identity(cls, n: int, device: torch.device | str | None = None) -> "ViewGeometry":
@@ -60,10 +62,37 @@ class ViewGeometry:
         return self.boxes.shape[0]
 
     def __getitem__(self, idx: Tensor | slice) -> "ViewGeometry":
-        return ViewGeometry(self.boxes[idx], self.flip[idx])
+        return ViewGeometry(self.boxes[idx], self.flip[idx], None if self.shift is None else self.shift[idx])
 
     def to(self, device: torch.device | str) -> "ViewGeometry":
-        return ViewGeometry(self.boxes.to(device), self.flip.to(device))
+        shift = None if self.shift is None else self.shift.to(device)
+        return ViewGeometry(self.boxes.to(device), self.flip.to(device), shift)
+
+    def shift_images(self, images: Tensor, pad_mode: str = "zeros") -> Tensor:
+        """The views of whole-pixel shifts (``shift``), by one gather on a padded copy: the same
+        pixels as :meth:`warp_images` (zeros or reflect padding), several times faster, and it
+        works on uint8."""
+        b, c, h, w = images.shape
+        p = int(self.shift.abs().max()) if self.shift.numel() else 0
+        if p:
+            mode = "constant" if pad_mode == "zeros" else "replicate"
+            padded = F.pad(images if images.is_floating_point() or mode == "constant" else images.float(),
+                           (p, p, p, p), mode=mode)
+            if pad_mode == "reflect":  # mirror about the border, edge pixel repeated (grid_sample's reflection)
+                ar_h = torch.arange(-p, h + p, device=images.device)
+                ar_w = torch.arange(-p, w + p, device=images.device)
+                rows = torch.where(ar_h < 0, -ar_h - 1, torch.where(ar_h >= h, 2 * h - 1 - ar_h, ar_h))
+                cols = torch.where(ar_w < 0, -ar_w - 1, torch.where(ar_w >= w, 2 * w - 1 - ar_w, ar_w))
+                padded = images[:, :, rows][:, :, :, cols]
+            padded = padded.to(images.dtype)
+        else:
+            padded = images
+        hp, wp = h + 2 * p, w + 2 * p
+        rows = self.shift[:, :1] + p + torch.arange(h, device=images.device)                # (B, h)
+        cols = self.shift[:, 1:] + p + torch.arange(w, device=images.device)                # (B, w)
+        cols = torch.where(self.flip[:, None], cols.flip(1), cols)
+        index = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return padded.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
 
     # ------------------------------------------------------------------ coordinate maps
     def view_to_canonical(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,7 +216,7 @@ class RandomCropFlip:
         dy = (rand((n,), generator, device) * (2 * p + 1)).floor() - p
         dx = (rand((n,), generator, device) * (2 * p + 1)).floor() - p
         boxes = torch.stack([dy / h, dx / w, (dy + h) / h, (dx + w) / w], dim=1)
-        return ViewGeometry(boxes, _flips(n, self.flip_p, generator, device))
+        return ViewGeometry(boxes, _flips(n, self.flip_p, generator, device), torch.stack([dy, dx], 1).long())
 
 
 @VIEW_SAMPLERS.register("resized_crop_flip")
@@ -281,13 +310,20 @@ class DeviceViews:
 
     def __call__(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, ViewGeometry]:
         geometry = self.sampler(images.shape[0], tuple(images.shape[-2:]), generator, images.device)
+        fast = geometry.shift is not None  # whole-pixel crops: one gather (also on uint8)
         if images.dtype == torch.uint8:
-            views = geometry.warp_images(images.float().div_(255), mode=self.mode, pad_mode=self.pad_mode)
+            if fast:
+                views = geometry.shift_images(images, self.pad_mode).float().div_(255)
+            else:
+                views = geometry.warp_images(images.float().div_(255), mode=self.mode, pad_mode=self.pad_mode)
             if self.mean is not None:
                 mean = torch.as_tensor(self.mean, device=views.device).view(1, -1, 1, 1)
                 std = torch.as_tensor(self.std, device=views.device).view(1, -1, 1, 1)
                 views = (views - mean) / std
             return views, geometry
+        if fast:
+            fill = torch.as_tensor(self.fill, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+            return geometry.shift_images(images - fill, self.pad_mode) + fill, geometry
         return geometry.warp_images(images, fill=self.fill, mode=self.mode,
                                     pad_mode=self.pad_mode).to(images.dtype), geometry
 

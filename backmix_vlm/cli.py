@@ -22,6 +22,13 @@ JOBS: dict[str, tuple[str, str]] = {
         "model, score them (MCM, GL-MCM, MSP, MaxLogit, Energy, ...) and write results.md / "
         "results.json (ID accuracy, then every metric per OOD set and score) into the run directory.",
     ),
+    "ood": (
+        "OOD evaluation of any pretrained classifier (timm, torchvision, a train run, your nn.Module).",
+        "Encode the ID test set, the OOD sets and (for scores with training statistics or a linear "
+        "probe) the ID training set once each, then score them with KNN, ViM, ReAct, ASH, GEN, "
+        "Mahalanobis, Energy, MSP, ... and write results.md / results.json, scores.safetensors and "
+        "score histograms into the run directory.",
+    ),
     "train": (
         "Train a CNN from scratch (optionally with BackMix) and evaluate open-set metrics.",
         "Train the configured model with Accelerate (CPU, GPU or `accelerate launch`), checkpoint "

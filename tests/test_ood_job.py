@@ -223,6 +223,10 @@ def test_plain_module_job_and_python_api_agree(tmp_path, data_root, toy_module):
     with torch.no_grad():
         acc = (toy_module.instance(x).argmax(-1) == torch.tensor(known.labels)).double().mean().item()
     assert r2["acc"] == pytest.approx(acc)
+    # under bf16 autocast the head check allows bf16 rounding of the logits
+    r3 = Evaluator(toy_module.instance, known, {"far": far}, device="cpu", precision="bf16").run(
+        ["ash_s", "react"], {"react": {"threshold": 1.0}})
+    assert r3["head"]["name"] == "classifier"
 
 
 def test_errors_are_clear(tmp_path, data_root, toy_module):

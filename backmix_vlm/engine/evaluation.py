@@ -46,7 +46,7 @@ def build_scores(cfg: EvalConfig, std: tuple[float, ...] | list[float] | None = 
 
 
 def needs_fit(score: Score) -> bool:
-    return type(score).fit is not Score.fit
+    return score.requires_fit()
 
 
 class OpenSetEvaluator:
@@ -88,7 +88,7 @@ class OpenSetEvaluator:
         if not any(s.needs_head for s in self.scores):
             return
         from ..errors import ConfigError
-        from ..ood.heads import check_head, find_linear_head
+        from ..ood.heads import check_head, find_linear_head, head_tolerance
 
         while isinstance(getattr(model, "module", None), nn.Module):  # DDP / accelerate wrappers
             model = model.module  # type: ignore[assignment]
@@ -96,7 +96,7 @@ class OpenSetEvaluator:
         if head is None:
             raise ConfigError(f"eval.scores {', '.join(s.name for s in self.scores if s.needs_head)} re-run the "
                               f"model's final linear layer, and {type(model).__name__} has none")
-        check_head(head, known)
+        check_head(head, known, rtol=head_tolerance(self.precision))
         for s in self.scores:
             if s.needs_head:
                 s.set_head(head)

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..models.output import ModelOutput
 from .evaluate import evaluate_open_set
 from .features import cache_file, extract_outputs, model_fingerprint, score_images_loader
-from .heads import LinearHead, check_head, fit_linear_probe, head_info
+from .heads import LinearHead, check_head, fit_linear_probe, head_info, head_tolerance
 from .scores import Score, get_score
 
 Outputs = dict[str, Tensor]
@@ -185,7 +185,7 @@ class Evaluator:
                                   "final linear layer; none was found: set model.head_layer (its name in "
                                   "model.named_modules()) or use probe: true")
         if need_head and self.head is not None:
-            check_head(self.head, known)
+            check_head(self.head, known, rtol=head_tolerance(self.precision))
         for s in self.scores:
             if s.needs_head:
                 s.set_head(self.head)  # type: ignore[arg-type]

@@ -115,6 +115,8 @@ def check_head(head: LinearHead, outputs: Mapping[str, Tensor], *, where: str = 
                rtol: float = 1e-3) -> None:
     """Fail unless ``head(features)`` reproduces the cached ``logits`` (up to ``rtol`` of their scale).
 
+    Use :func:`head_tolerance` for outputs computed under bf16 / fp16 autocast.
+
     A head that does not map the cached features to the logits (features taken after a
     layer that follows, logits from another branch) would make ViM / ReAct / ASH silently
     score something else.
@@ -136,6 +138,11 @@ def check_head(head: LinearHead, outputs: Mapping[str, Tensor], *, where: str = 
             f"(logits up to {scale:.3g}) on '{where}'; the features are not the input of that layer. Set "
             f"model.head_layer to the model's final linear layer (its input is taken as the features)"
         )
+
+
+def head_tolerance(precision: str) -> float:
+    """``check_head``'s relative tolerance for outputs computed at ``precision`` (no | bf16 | fp16)."""
+    return 1e-3 if precision == "no" else 5e-2
 
 
 def fit_linear_probe(features: Tensor, labels: Tensor, *, C: float = 1.0, max_iter: int = 1000,

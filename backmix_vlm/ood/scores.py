@@ -62,6 +62,10 @@ class Score:
     def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
         """Learn training statistics (no-op for most scores)."""
 
+    def requires_fit(self) -> bool:
+        """Whether ``fit`` must see training outputs before ``score`` (it is overridden)."""
+        return type(self).fit is not Score.fit
+
     def score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         self.check(outputs, self.requires)
         return self._score(outputs).float()
@@ -444,6 +448,9 @@ class ReAct(Score):
         self.percentile = _percentile(percentile, "react percentile")
         self.threshold = None if threshold is None else float(threshold)
         self._c: float | None = self.threshold
+
+    def requires_fit(self) -> bool:
+        return self.threshold is None
 
     def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
         if self.threshold is not None:

@@ -207,3 +207,23 @@ def test_head_scores_need_features():
     s = _with_head("react", torch.eye(2), torch.zeros(2), threshold=1.0)
     with pytest.raises(ConfigError, match="needs the model output 'features'"):
         s.score({"logits": torch.zeros(1, 2)})
+
+
+# ----------------------------------------------------------------------------- linear probe
+def test_linear_probe_head_reproduces_sklearn_on_raw_features():
+    from sklearn.linear_model import LogisticRegression
+
+    from backmix_vlm.ood.heads import fit_linear_probe
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(150, 6, generator=g) * torch.tensor([10.0, 1, 1, 0.1, 3, 1]) + 5  # badly scaled, off-centre
+    y = (x[:, :3] - x[:, :3].mean(0)).argmax(dim=1)
+    head = fit_linear_probe(x, y)
+    xs = x.double().numpy()
+    mu, sigma = xs.mean(0), xs.std(0) + 1e-6
+    clf = LogisticRegression(max_iter=1000, random_state=0).fit((xs - mu) / sigma, y.numpy())
+    assert np.allclose(head(x.double()).numpy(), clf.decision_function((xs - mu) / sigma), atol=1e-6)
+    # labels with a gap (class 1 absent): the head still has one row per label id, argmax never picks 1
+    y2 = torch.where(y == 1, torch.tensor(2), y)
+    head2 = fit_linear_probe(x, y2)
+    assert head2.num_classes == 3 and not (head2(x).argmax(-1) == 1).any()

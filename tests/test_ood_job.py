@@ -134,13 +134,13 @@ def test_timm_local_weights_file_headless_gets_a_linear_probe(tmp_path, data_roo
 
     model_cfg = {"source": "timm", "name": "test_vit", "checkpoint": str(weights), "image_size": 32,
                  "options": {"num_classes": 0}}
-    rc = cli.main(["ood", str(_config(tmp_path, data_root, model_cfg)), "eval.scores=[msp, energy, vim, ash_s]",
+    rc = cli.main(["ood", str(_config(tmp_path, data_root, model_cfg)), "eval.scores=[msp, energy, vim, ash_s, odin]",
                    "eval.score_params={vim: {dim: 4}}"])
     assert rc == 0
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["probe"] is True and results["head"]["name"] == "linear_probe"
     assert results["probe_train_acc"] == 1.0  # three colours: linearly separable
-    assert results["acc"] is not None
+    assert results["acc"] is not None and "odin" in results["results"]["far"]  # ODIN perturbs through the probe
 
 
 # ----------------------------------------------------------------------------- plain nn.Module

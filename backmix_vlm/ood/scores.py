@@ -552,3 +552,59 @@ class GEN(Score):
         top = p.topk(min(self.M, p.shape[-1]), dim=-1).values
         g = self.gamma
         return -(top.pow(g) * (1 - top).pow(g)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- NegLabel (zero-shot CLIP)
+@_register("neglabel")
+class NegLabel(Score):
+    """NegLabel (Jiang et al. 2024): ID-label share of the softmax over ID + mined negative labels.
+
+    ``words``: a text file of candidate words (one per line; nouns), ``adjectives``: optional
+    second file (prompted "This is a {} photo").  The CLIP job encodes and selects them once
+    (:meth:`prepare_text`, see :mod:`backmix_vlm.ood.neglabel`); the score then reads the cached
+    ID ``cosine`` and the image embedding ``features``.  Defaults are the paper's: 15 % of the
+    words kept at the 0.95 similarity quantile, τ = 0.01, 100 groups.
+    """
+
+    requires = ("cosine", "features")
+
+    def __init__(self, words: str | None = None, adjectives: str | None = None, ratio: float = 0.15,
+                 percentile: float = 0.95, temperature: float = 0.01, ngroup: int = 100, seed: int = 0) -> None:
+        self.words, self.adjectives = words, adjectives
+        self.ratio, self.percentile = float(ratio), float(percentile)
+        self.temperature = _positive(temperature, "neglabel temperature")
+        if isinstance(ngroup, bool) or int(ngroup) != ngroup or ngroup < 1:
+            raise ConfigError(f"neglabel ngroup must be a positive integer, got {ngroup!r}")
+        self.ngroup, self.seed = int(ngroup), int(seed)
+        self._neg: Tensor | None = None
+        self._neg_words: list[str] = []
+
+    def set_negatives(self, text_features: Tensor, words: list[str] | None = None) -> None:
+        """Unit-norm embeddings (M, D) of the selected negative labels."""
+        self._neg = F.normalize(text_features.detach().float().cpu(), dim=-1)
+        self._neg_words = list(words or [])
+
+    def prepare_text(self, encode: Callable[[list[str], Any], Tensor], pos_text_features: Tensor,
+                     classnames: list[str], templates: Any) -> None:
+        """Encode the word lists with ``encode(words, templates)`` and keep the negative labels."""
+        from .neglabel import load_words, negative_text_features
+
+        if not self.words:
+            raise ConfigError("score 'neglabel' needs a word list: eval.score_params.neglabel.words=/path/words.txt "
+                              "(one English word per line)")
+        adjectives = load_words(self.adjectives) if self.adjectives else []
+        feats, words = negative_text_features(encode, pos_text_features, load_words(self.words), templates,
+                                              adjectives=adjectives, ratio=self.ratio, percentile=self.percentile,
+                                              exclude=classnames)
+        self.set_negatives(feats, words)
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        from .neglabel import neglabel_score
+
+        if self._neg is None:
+            raise ConfigError("score 'neglabel' has no negative labels: it runs in the zero-shot CLIP job, which "
+                              "encodes its word list (or call set_negatives / prepare_text first)")
+        img = F.normalize(outputs["features"].float().cpu(), dim=-1)
+        neg_cos = torch.cat([img[i:i + 2048] @ self._neg.T for i in range(0, img.shape[0], 2048)])
+        return neglabel_score(outputs["cosine"].float().cpu(), neg_cos, temperature=self.temperature,
+                              ngroup=self.ngroup, seed=self.seed)

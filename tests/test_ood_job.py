@@ -85,7 +85,8 @@ def test_ood_job_timm_model_every_score_matches_its_own_forward(tmp_path, data_r
     rc = cli.main(["ood", str(_config(tmp_path, data_root, model_cfg))])
     assert rc == 0
     run = tmp_path / "r"
-    for f in ("results.md", "results.json", "config.yaml", "run_info.json", SCORES_FILE, "plots/score_hist_far.png"):
+    for f in ("results.md", "results.json", "summary.md", "config.yaml", "run_info.json", SCORES_FILE,
+              "plots/score_hist_far.png"):
         assert (run / f).is_file(), f
     results = json.loads((run / "results.json").read_text())
     assert results["head"] == {"name": "fc", "classes": 3, "in_features": results["head"]["in_features"]}
@@ -303,3 +304,14 @@ def test_train_run_directory_and_openset_evaluator_head_scores(tmp_path, data_ro
     ev(net)
     for s in ("vim", "react", "ash_s"):
         assert ev.result["results"]["far"][s]["auroc"] == pytest.approx(results["results"]["far"][s]["auroc"]), s
+
+
+def test_ood_summary_table_averages_and_marks_the_best():
+    from backmix_vlm.report.tables import ood_summary_table
+
+    res = {"results": {"A": {"msp": {"fpr95": 0.5, "auroc": 0.8}, "knn": {"fpr95": 0.3, "auroc": 0.7}},
+                       "B": {"msp": {"fpr95": 0.7, "auroc": 0.6}, "knn": {"fpr95": 0.1, "auroc": 0.9}}}}
+    md = ood_summary_table(res)
+    assert "| Score | A FPR95 ↓ | A AUROC | B FPR95 ↓ | B AUROC | Average FPR95 ↓ | Average AUROC |" in md
+    assert "| msp | 50.00 | **80.00** | 70.00 | 60.00 | 60.00 | 70.00 |" in md
+    assert "| knn | **30.00** | 70.00 | **10.00** | **90.00** | **20.00** | **80.00** |" in md

@@ -5,7 +5,8 @@ encodes the ID test set, every OOD set and, when a score or the linear probe nee
 training set (``train``; ``train.max_samples`` takes an evenly spaced subset) — once each,
 cached under ``run.output_dir/.cache/features``.  Every score in ``eval.scores`` then reads
 those outputs (:class:`backmix_vlm.ood.Evaluator`).  The run directory gets ``results.md`` /
-``results.json`` (ID accuracy, every metric per OOD set and score), ``scores.safetensors``
+``results.json`` (ID accuracy, every metric per OOD set and score), ``summary.md`` (FPR95 /
+AUROC per OOD set and their average, the literature's table), ``scores.safetensors``
 (per-sample scores) and ``plots/score_hist_<set>.png``, as the other jobs.
 """
 from __future__ import annotations
@@ -128,6 +129,10 @@ def run_ood(cfg: OodConfig, run_dir: str | Path) -> dict[str, Any]:
     results["known"] = cfg.data.display_name
     results["model"] = {k: v for k, v in loaded.identity.items() if v not in (None, {}, [])}
     write_results(run_dir, results, title=_title(cfg, results))
+    from ..report.tables import ood_summary_table
+    from ..runs import atomic_write_text
+
+    atomic_write_text(run_dir / "summary.md", f"# {_title(cfg, results)}\n\n" + ood_summary_table(results))
     if ev.per_sample:
         save_scores(run_dir / SCORES_FILE, ev.per_sample,
                     {"scores": [s.name for s in ev.scores], "unknown_sets": list(ood_sets),

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.argv = ["backmix-vlm", *argv]
     try:
+        if getattr(args, "config", None):
+            _preflight_data(args.config, list(getattr(args, "overrides", []) or []))
         module = importlib.import_module(f"backmix_vlm.runners.{args.job}")
         return int(module.main(args) or 0)
     except BackmixError as e:
@@ -98,6 +100,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"backmix-vlm {args.job}: interrupted", file=sys.stderr)
         return 130
+
+
+def _preflight_data(config: str, overrides: list[str]) -> None:
+    """Datasets no job can download (ImageNet-1k protocol) must exist before models load (seconds, not minutes)."""
+    from .config import DataSource, apply_overrides, from_dict, load_yaml
+    from .errors import ConfigError
+    from .data.datasets import DATASETS, preflight
+
+    try:
+        tree = apply_overrides(load_yaml(config), overrides)
+    except ConfigError:
+        return  # the job reports config errors itself
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str) and node["name"] in DATASETS and ("root" in node or "split" in node):
+                try:
+                    src = from_dict(DataSource, node)
+                except ConfigError:
+                    return
+                preflight(src)
+                return
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(tree)
 
 
 if __name__ == "__main__":

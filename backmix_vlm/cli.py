@@ -22,6 +22,13 @@ JOBS: dict[str, tuple[str, str]] = {
         "model, score them (MCM, GL-MCM, MSP, MaxLogit, Energy, ...) and write results.md / "
         "results.json (ID accuracy, then every metric per OOD set and score) into the run directory.",
     ),
+    "ood": (
+        "OOD evaluation of any pretrained classifier (timm, torchvision, a train run, your nn.Module).",
+        "Encode the ID test set, the OOD sets and (for scores with training statistics or a linear "
+        "probe) the ID training set once each, then score them with KNN, ViM, ReAct, ASH, GEN, "
+        "Mahalanobis, Energy, MSP, ... and write results.md / results.json, scores.safetensors and "
+        "score histograms into the run directory.",
+    ),
     "train": (
         "Train a CNN from scratch (optionally with BackMix) and evaluate open-set metrics.",
         "Train the configured model with Accelerate (CPU, GPU or `accelerate launch`), checkpoint "
@@ -83,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.argv = ["backmix-vlm", *argv]
     try:
+        if getattr(args, "config", None):
+            _preflight_data(args.config, list(getattr(args, "overrides", []) or []))
         module = importlib.import_module(f"backmix_vlm.runners.{args.job}")
         return int(module.main(args) or 0)
     except BackmixError as e:
@@ -91,6 +100,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"backmix-vlm {args.job}: interrupted", file=sys.stderr)
         return 130
+
+
+def _preflight_data(config: str, overrides: list[str]) -> None:
+    """Datasets no job can download (ImageNet-1k protocol) must exist before models load (seconds, not minutes)."""
+    from .config import DataSource, apply_overrides, from_dict, load_yaml
+    from .errors import ConfigError
+    from .data.datasets import DATASETS, preflight
+
+    try:
+        tree = apply_overrides(load_yaml(config), overrides)
+    except ConfigError:
+        return  # the job reports config errors itself
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str) and node["name"] in DATASETS and ("root" in node or "split" in node):
+                try:
+                    src = from_dict(DataSource, node)
+                except ConfigError:
+                    return
+                preflight(src)
+                return
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(tree)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,16 @@ unless its label is among its top 20 % of classes.  ``top_k=None`` keeps that fr
 ``K = round(0.2 * num_classes)`` clamped to ``[1, num_classes - 1]`` — K = 2 for CIFAR-10.
 (A fixed K such as 5 of 10 would select far fewer patches than the paper's setting.)
 
+**SCT** (Yu et al., NeurIPS 2024, "Self-Calibrated Tuning"): ``sct: true`` weights both terms
+per sample by the true-class probability ``p_i = softmax(global logits_i)[y_i]``:
+
+    loss = mean_i (1 - p_i) CE_i + lambda_ * (-mean over selected patches of p_{image(patch)} H(patch))
+
+as tmlr-group/SCT (trainers/sct.py): confident samples lean on the OOD regulariser, uncertain
+ones on classification; the weights are not detached there (gradients flow through ``p``),
+``sct_detach: true`` treats them as constants.  The official code's 1e-7 offsets on the weights
+and ``log(p + 1e-5)`` are not copied (differences < 1e-4).
+
 Scores: MCM reads ``ModelOutput.cosine``, GL-MCM also ``local_cosine`` (always computed here).
 """
 from __future__ import annotations
@@ -39,6 +49,8 @@ class LoCoOpConfig(CoOpConfig):
     top_k: int | None = None           # None: round(0.2 * num_classes), LoCoOp's 200/1000
     lambda_: float = 0.25              # weight of the entropy regulariser (LoCoOp default)
     local_features: bool = True        # LoCoOp needs local features; at eval they feed GL-MCM
+    sct: bool = False                  # SCT: weight CE by (1 - p_y) and the regulariser by p_y per sample
+    sct_detach: bool = False           # SCT weights as constants (official code: gradients flow through them)
 
     def validate(self) -> None:
         super().validate()
@@ -60,11 +72,13 @@ def resolve_top_k(top_k: int | None, num_classes: int) -> int:
     return top_k
 
 
-def locoop_regularizer(local_logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> torch.Tensor:
+def locoop_regularizer(local_logits: torch.Tensor, labels: torch.Tensor, top_k: int,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
     """``-mean entropy`` of the patches whose top-K classes miss the label (0 if there are none).
 
     ``local_logits``: ``(B, P, K)``; ``labels``: ``(B,)``.  Minimising this maximises the
-    entropy of background patches.
+    entropy of background patches.  ``weights`` ``(B,)`` (SCT) multiplies each selected
+    patch's entropy by its image's weight before the mean.
     """
     b, p, k = local_logits.shape
     flat = local_logits.reshape(b * p, k)
@@ -77,8 +91,10 @@ def locoop_regularizer(local_logits: torch.Tensor, labels: torch.Tensor, top_k: 
     if selected.dtype in (torch.float16, torch.bfloat16):
         selected = selected.float()  # entropy in full precision under autocast
     logp = F.log_softmax(selected, dim=1)
-    entropy = -(logp.exp() * logp).sum(dim=1).mean()
-    return -entropy
+    entropy = -(logp.exp() * logp).sum(dim=1)
+    if weights is not None:
+        entropy = entropy * weights.to(entropy.dtype).repeat_interleave(p)[background]
+    return -entropy.mean()
 
 
 class LoCoOp(CoOp):
@@ -99,8 +115,23 @@ class LoCoOp(CoOp):
     def loss(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
         if output.local_logits is None:
             raise ValueError("LoCoOp.loss needs output.local_logits: call forward in train mode or with local=True")
-        ce = F.cross_entropy(output.logits, labels)
-        return ce + self.lambda_ * locoop_regularizer(output.local_logits, labels, self.top_k).to(ce.dtype)
+        if not self.cfg.sct:
+            ce = F.cross_entropy(output.logits, labels)
+            return ce + self.lambda_ * locoop_regularizer(output.local_logits, labels, self.top_k).to(ce.dtype)
+        return sct_loss(output.logits, output.local_logits, labels, self.top_k, self.lambda_,
+                        detach=self.cfg.sct_detach)
+
+
+def sct_loss(logits: torch.Tensor, local_logits: torch.Tensor, labels: torch.Tensor, top_k: int, lambda_: float,
+             *, detach: bool = False) -> torch.Tensor:
+    """SCT: ``mean((1 - p_y) CE) + lambda_ * locoop_regularizer(weights = p_y)`` (see the module doc)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    p_true = nll.neg().exp()
+    if detach:
+        p_true = p_true.detach()
+    loss_id = ((1 - p_true) * nll).mean()
+    return loss_id + lambda_ * locoop_regularizer(local_logits, labels, top_k, weights=p_true).to(loss_id.dtype)
 
 
 ADAPTERS.add("locoop", LoCoOp)

@@ -6,7 +6,8 @@ Sources: CIFAR-10/100 official label names (underscores → spaces); SVHN ``zero
 and MNIST ``0``..``9`` as in CLIP's prompt list; Fashion-MNIST torchvision classes in lower
 case; Tiny-ImageNet: the 200 wnids in sorted order (torchvision ``ImageFolder`` / ARPL label
 order) named with CLIP's curated ImageNet class names (``open_clip`` ``IMAGENET_CLASSNAMES``,
-as used by CoOp).
+as used by CoOp); ImageNet-1k: timm's 1000 wnids (``timm.data.ImageNetInfo``, the standard label
+order) with the same CLIP names.
 """
 from __future__ import annotations
 

@@ -139,6 +139,39 @@ DATASETS.add("tinyimagenet", DatasetSpec(
     "http://cs231n.stanford.edu/", _tiny_download, canonical="tinyimagenet"))
 DATASETS.add("imagefolder", DatasetSpec("imagefolder", None, allow_flat=True))
 
+# ImageNet-1k and the four OOD sets of the large-scale protocol (MOS, MCM, LoCoOp, NegLabel).
+# None of them can be downloaded automatically; the missing-data message says where they come from.
+_LARGE_SCALE_OOD = ("the curated subsets of MOS (Huang & Li, CVPR 2021; github.com/deeplearning-wisc/large_scale_ood): "
+                    "10,000 images each for iNaturalist, SUN and Places with no ImageNet-1k concept; Textures = "
+                    "all 5,640 DTD images (www.robots.ox.ac.uk/~vgg/data/dtd/)")
+DATASETS.add("imagenet", DatasetSpec(
+    "imagenet", ("train", "val"), ("imagenet", "ImageNet", "imagenet-1k", "imagenet1k", "ILSVRC2012", "ilsvrc2012"),
+    canonical="imagenet",
+    notes=("ImageNet-1k (ILSVRC-2012) cannot be downloaded automatically: get it from image-net.org (or the "
+           "Hugging Face dataset imagenet-1k) and lay it out as <root>/imagenet/{train,val}/<wnid>/*.JPEG "
+           "(val sorted into class folders, e.g. with the usual valprep.sh); class names = CLIP's "
+           "ImageNet names (backmix_vlm/data/classnames/imagenet.txt)",)))
+
+
+def _ood_images(dirs: Sequence[str], d: Path, split: str, looked: list[str]) -> Found | None:
+    """An unlabelled OOD image set: every image under ``d`` when ``d`` is one of ``dirs`` (label -1)."""
+    from .layouts import _images_in
+
+    looked.append(f"{d}/**/<image> (when the folder is named {' or '.join(dirs)})")
+    if d.name.lower() not in {x.split("/")[-1].lower() for x in dirs} or not d.is_dir():
+        return None
+    paths = _images_in(d)
+    return Found(FileRecords(paths), [-1] * len(paths), None, "torchvision", str(d)) if paths else None
+
+
+for _name, _dirs in (("inaturalist", ("iNaturalist", "inaturalist")), ("sun", ("SUN", "sun")),
+                     ("places", ("Places", "places", "Places365")),
+                     ("textures", ("dtd/images", "Textures/dtd/images", "dtd", "Textures", "textures"))):
+    DATASETS.add(_name, DatasetSpec(
+        _name, None, _dirs, functools.partial(_ood_images, _dirs),
+        f"{_dirs[0]}/**/<image> (e.g. iNaturalist/images/*.jpg), unlabelled",
+        notes=(f"'{_name}' is an OOD set of the ImageNet-1k protocol: {_LARGE_SCALE_OOD}.",)))
+
 
 def _bgshift(d: Path, split: str, looked: list) -> Found | None:
     """A generated background-shift dataset (:mod:`backmix_vlm.data.bgshift`): ``<d>/<split>.npz``."""
@@ -227,6 +260,7 @@ def _missing(spec: DatasetSpec, src: DataSource, looked: dict[str, list[str]]) -
     lines.append(f"  hf: {LAYOUT_HELP['hf']}")
     if spec.download is not None and not src.download:
         lines.append("Or set download: true to fetch it (needs internet).")
+    lines.extend(spec.notes)
     return DataError("\n".join(lines))
 
 
@@ -244,6 +278,27 @@ def _check_source(spec: DatasetSpec, src: DataSource) -> None:
         check_choice(src.max_samples, ("null", "a positive integer"), f"data source '{src.name}' max_samples")
 
 
+_PRELOCATED: dict[tuple[str, str, str, str], Found] = {}
+
+
+def preflight(src: DataSource) -> None:
+    """Fail now, before any model is loaded, when a dataset that cannot be downloaded is absent.
+
+    Only for the sets no job can fetch (those with ``notes``: the ImageNet-1k protocol); what
+    it finds is kept for the next :func:`build_dataset` of the same source, so nothing is
+    scanned twice.
+    """
+    spec = DATASETS.get(src.name)
+    if not spec.notes or spec.fixed is not None:
+        return
+    _check_source(spec, src)
+    looked: dict[str, list[str]] = {}
+    found = _locate(spec, src, looked)
+    if found is None:
+        raise _missing(spec, src, looked)
+    _PRELOCATED[(spec.name, str(Path(src.root).expanduser()), src.split, src.layout)] = found
+
+
 def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDataset:
     """The split described by ``src`` as an :class:`ImageDataset` (see the module docstring).
 
@@ -259,7 +314,8 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
         names_from = DEMO_SPLITS[src.split][1]
     else:
         looked: dict[str, list[str]] = {}
-        found = _locate(spec, src, looked)
+        key = (spec.name, str(Path(src.root).expanduser()), src.split, src.layout)
+        found = _PRELOCATED.pop(key, None) or _locate(spec, src, looked)
         if found is None and src.download and spec.download is not None:
             _check_online(spec.download_url or "")
             spec.download(Path(src.root).expanduser(), src.split)

@@ -46,7 +46,7 @@ def build_scores(cfg: EvalConfig, std: tuple[float, ...] | list[float] | None = 
 
 
 def needs_fit(score: Score) -> bool:
-    return type(score).fit is not Score.fit
+    return score.requires_fit()
 
 
 class OpenSetEvaluator:
@@ -85,10 +85,29 @@ class OpenSetEvaluator:
         return extract_outputs(model, self._loader(ds), device=self.device, precision=self.precision,
                                desc=desc, keep=self.keep)
 
+    def _set_heads(self, model: nn.Module, known: Mapping[str, torch.Tensor]) -> None:
+        """ViM / ReAct / ASH re-run the final layer: hand it over, checked against the known logits."""
+        if not any(s.needs_head for s in self.scores):
+            return
+        from ..errors import ConfigError
+        from ..ood.heads import check_head, find_linear_head, head_tolerance
+
+        while isinstance(getattr(model, "module", None), nn.Module):  # DDP / accelerate wrappers
+            model = model.module  # type: ignore[assignment]
+        head = find_linear_head(model)
+        if head is None:
+            raise ConfigError(f"eval.scores {', '.join(s.name for s in self.scores if s.needs_head)} re-run the "
+                              f"model's final linear layer, and {type(model).__name__} has none")
+        check_head(head, known, rtol=head_tolerance(self.precision))
+        for s in self.scores:
+            if s.needs_head:
+                s.set_head(head)
+
     def __call__(self, model: nn.Module, epoch: int = 0) -> dict[str, float]:
         """Evaluate ``model`` (already in eval mode) and return the log summary."""
         known = self._outputs(model, self.known, "known")
         unknowns = {name: self._outputs(model, ds, name) for name, ds in self.unknowns.items()}
+        self._set_heads(model, known)
         if any(needs_fit(s) for s in self.scores):
             if callable(self.fit_set) and not isinstance(self.fit_set, Dataset):
                 self.fit_set = self.fit_set()

@@ -4,19 +4,25 @@ A score maps a dict of model outputs (the :class:`~backmix_vlm.models.output.Mod
 fields plus ``labels``, as :func:`backmix_vlm.ood.features.extract_outputs` returns them)
 to one number per sample, **higher = more likely known**.  Scores read cached outputs, so
 one forward pass over each dataset serves every score; only ODIN needs the model itself
-(``needs_model = True``, :meth:`ODIN.score_images`).
+(``needs_model = True``, :meth:`ODIN.score_images`).  ViM, ReAct and ASH re-run the final
+linear layer on modified features (``needs_head = True``): the caller hands it over with
+:meth:`Score.set_head` (a :class:`~backmix_vlm.ood.heads.LinearHead`) before ``fit`` / ``score``.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    from .heads import LinearHead
 
 SCORES: Registry[type["Score"]] = Registry("score")
 
@@ -38,9 +44,27 @@ class Score:
     name: str = ""
     requires: tuple[str, ...] = ("logits",)
     needs_model: bool = False
+    needs_head: bool = False   # re-runs the final linear layer (ViM, ReAct, ASH): call set_head first
+    _head: "LinearHead | None" = None
+
+    def set_head(self, head: "LinearHead") -> None:
+        """The model's final linear layer (``logits = features @ W.T + b``) for head-based scores."""
+        self._head = head
+
+    def head(self) -> "LinearHead":
+        if self._head is None:
+            raise ConfigError(
+                f"score '{self.name}' re-runs the model's final linear layer, which was not given: call "
+                f"set_head(LinearHead) (the evaluators find it in the model, or fit a linear probe)"
+            )
+        return self._head
 
     def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
         """Learn training statistics (no-op for most scores)."""
+
+    def requires_fit(self) -> bool:
+        """Whether ``fit`` must see training outputs before ``score`` (it is overridden)."""
+        return type(self).fit is not Score.fit
 
     def score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         self.check(outputs, self.requires)
@@ -264,3 +288,323 @@ class GLMCM(Score):
         glob = (outputs["cosine"].float() / t).softmax(dim=-1).amax(dim=-1)
         local = (outputs["local_cosine"].float() / t).softmax(dim=-1).amax(dim=-1)  # (N, P)
         return glob + local.amax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- post-hoc scores (OpenOOD v1.5's strong rows)
+def _percentile(value: float, what: str, *, upper_open: bool = False) -> float:
+    ok = 0 <= value < 100 if upper_open else 0 <= value <= 100
+    if not ok:
+        raise ConfigError(f"{what} must be in [0, {'100)' if upper_open else '100]'}, got {value!r}")
+    return float(value)
+
+
+def _device(device: str | None, default: torch.device) -> torch.device:
+    if device in (None, "", "auto"):
+        return default
+    return torch.device(device)
+
+
+def knn_distance(queries: Tensor, bank: Tensor, k: int, *, max_elements: int = 1 << 25) -> Tensor:
+    """Exact Euclidean distance from each query to its ``k``-th nearest row of ``bank``.
+
+    Brute force as matrix products on the inputs' device: ``||q - b||^2 = |q|^2 + |b|^2 - 2 q.b``,
+    in blocks of at most ``max_elements`` query x bank entries (32 M floats = 128 MB by default:
+    10,000 queries against 50,000 training rows run as 15 blocks of 671 queries), with a running
+    top-k over bank blocks when the bank is larger than 524,288 rows, so memory never depends on
+    the product of the two sizes.  Returns float32 (N,) on the queries' device.
+    """
+    n, m = queries.shape[0], bank.shape[0]
+    if not 1 <= k <= m:
+        raise ConfigError(f"knn: k = {k} neighbours asked from {m} training features; need 1 <= k <= {m}")
+    bank_block = min(m, max(k, max_elements // 64))
+    q_block = max(1, max_elements // bank_block)
+    bank_sq = bank.pow(2).sum(-1)
+    out = torch.empty(n, dtype=torch.float32, device=queries.device)
+    for i in range(0, n, q_block):
+        q = queries[i:i + q_block]
+        best: Tensor | None = None  # the k largest of (2 q.b - |b|^2) so far = the k smallest distances
+        for j in range(0, m, bank_block):
+            sim = torch.addmm(bank_sq[j:j + bank_block].neg().unsqueeze(0), q, bank[j:j + bank_block].T, alpha=2.0)
+            cand = sim if best is None else torch.cat([best, sim], dim=1)
+            best = cand.topk(min(k, cand.shape[1]), dim=1, sorted=False).values
+        kth = best.amin(dim=1)  # type: ignore[union-attr]
+        out[i:i + q_block] = (q.pow(2).sum(-1) - kth).clamp_min(0).sqrt().float()
+    return out
+
+
+@_register("knn")
+class KNN(Score):
+    """Deep nearest neighbours (Sun et al. 2022): ``-||z - z_(k)||``, z = x / ||x||.
+
+    ``fit`` keeps the L2-normalised training features; the score is minus the distance to the
+    ``k``-th nearest of them (exact search, :func:`knn_distance`).  ``k = 50`` as in the paper
+    for CIFAR-10 (and OpenOOD); the paper uses k = 1000 for ImageNet with all training data.
+    The reference code (faiss ``IndexFlatL2``) returns squared distances: the same ranking,
+    hence the same metrics; ``squared: true`` returns them as is.  ``device``: where the search
+    runs (default: where the features are; "cuda" moves the bank there once).
+    """
+
+    requires = ("features",)
+
+    def __init__(self, k: int = 50, normalize: bool = True, squared: bool = False, device: str | None = None,
+                 max_elements: int = 1 << 25) -> None:
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ConfigError(f"knn k must be a positive integer, got {k!r}")
+        self.k, self.normalize, self.squared, self.device = int(k), bool(normalize), bool(squared), device
+        self.max_elements = int(max_elements)
+        self._bank: Tensor | None = None
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.float()
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
+        self.check(train_outputs, ("features",))
+        feats = train_outputs["features"]
+        self._bank = self._prepare(feats.to(_device(self.device, feats.device)))
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        if self._bank is None:
+            raise ConfigError("score 'knn' must be fit on training outputs (features) first")
+        q = self._prepare(outputs["features"].to(self._bank.device))
+        d = knn_distance(q, self._bank, self.k, max_elements=self.max_elements)
+        return -(d.pow(2) if self.squared else d).cpu()
+
+
+def vim_dim(num_features: int) -> int:
+    """The ViM authors' principal-subspace size: 1000 for D >= 2048, 512 for D >= 768, else D // 2."""
+    if num_features >= 2048:
+        return 1000
+    if num_features >= 768:
+        return 512
+    return max(1, num_features // 2)
+
+
+@_register("vim")
+class ViM(Score):
+    """Virtual-logit matching (Wang et al. 2022).
+
+    ``fit`` (training features + the final layer W, b): origin ``u = -pinv(W) b``; principal
+    subspace = the top ``dim`` eigenvectors of the uncentred covariance of ``x - u``
+    (``(x - u)^T (x - u) / N``); residual ``r(x) = ||(x - u) R||`` over the remaining
+    eigenvectors R; ``alpha = mean max-logit / mean r`` on the training set.  Score =
+    ``logsumexp(W x + b) - alpha r(x)`` — the authors' and OpenOOD's form, a decreasing
+    function of the paper's virtual-class softmax probability, so the metrics are the same.
+    ``dim`` default: :func:`vim_dim` (the authors' rule; OpenOOD sweeps it per benchmark).
+    """
+
+    requires = ("features",)
+    needs_head = True
+
+    def __init__(self, dim: int | None = None) -> None:
+        if dim is not None and (isinstance(dim, bool) or int(dim) != dim or dim < 1):
+            raise ConfigError(f"vim dim must be a positive integer (or null for the authors' rule), got {dim!r}")
+        self.dim = None if dim is None else int(dim)
+        self._u: Tensor | None = None
+        self._residual: Tensor | None = None
+        self._alpha: float | None = None
+
+    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
+        self.check(train_outputs, ("features",))
+        head = self.head()
+        x = train_outputs["features"].double().cpu()
+        d = x.shape[1]
+        dim = vim_dim(d) if self.dim is None else self.dim
+        if not 1 <= dim < d:
+            raise ConfigError(f"vim dim = {dim} must be in [1, {d - 1}] for {d}-d features")
+        w, b = head.weight.double(), head.bias.double()
+        u = -torch.linalg.pinv(w) @ b
+        xc = x - u
+        cov = xc.T @ xc / x.shape[0]
+        eigvals, eigvecs = torch.linalg.eigh(cov)                 # ascending
+        order = torch.argsort(eigvals, descending=True)
+        residual = eigvecs[:, order[dim:]].contiguous()           # (D, D - dim)
+        vlogit = (xc @ residual).norm(dim=-1)
+        alpha = (x @ w.T + b).amax(dim=-1).mean() / vlogit.mean()
+        self._u, self._residual, self._alpha = u, residual, float(alpha)
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        if self._residual is None or self._u is None or self._alpha is None:
+            raise ConfigError("score 'vim' must be fit on training outputs (features) first")
+        x = outputs["features"].double().cpu()
+        energy = torch.logsumexp(self.head()(x), dim=-1)
+        return energy - self._alpha * ((x - self._u) @ self._residual).norm(dim=-1)
+
+
+@_register("react")
+class ReAct(Score):
+    """ReAct (Sun et al. 2021): energy of the logits of features clipped at ``c``.
+
+    ``c`` = the ``percentile``-th percentile of all training activations (every element of
+    the training features, numpy's linear interpolation), or ``threshold`` when given.
+    Score = ``logsumexp(W min(x, c) + b)``.  p = 90 as in the paper and OpenOOD (OpenOOD
+    estimates c on the ID validation split; here, the training set ``fit`` gets).
+    """
+
+    requires = ("features",)
+    needs_head = True
+
+    def __init__(self, percentile: float = 90.0, threshold: float | None = None) -> None:
+        self.percentile = _percentile(percentile, "react percentile")
+        self.threshold = None if threshold is None else float(threshold)
+        self._c: float | None = self.threshold
+
+    def requires_fit(self) -> bool:
+        return self.threshold is None
+
+    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
+        if self.threshold is not None:
+            return
+        self.check(train_outputs, ("features",))
+        acts = train_outputs["features"].float().cpu().numpy().reshape(-1)
+        self._c = float(np.percentile(acts, self.percentile))
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        if self._c is None:
+            raise ConfigError("score 'react' must be fit on training outputs (features) first, or given a threshold")
+        x = outputs["features"].float().cpu().clamp(max=self._c)
+        return torch.logsumexp(self.head()(x), dim=-1)
+
+
+ASH_VARIANTS = ("p", "b", "s")
+
+
+def ash(x: Tensor, percentile: float, variant: str) -> Tensor:
+    """Activation shaping (Djurisic et al. 2023) of pooled features ``x`` (N, D); returns a new tensor.
+
+    Keep the ``k = D - round(D p / 100)`` largest entries of each row, zero the rest (ties in
+    ``topk`` order), then -P: keep them as they are; -B: set each kept entry to
+    ``sum(x) / k`` (binarise, preserving the row sum); -S: multiply the pruned row by
+    ``exp(sum(x) / sum(pruned))``.  ``round`` is round-half-to-even, as ``np.round``.
+    """
+    v = variant.lower()
+    if v not in ASH_VARIANTS:
+        raise ConfigError(f"ash variant {variant!r}; choose one of {', '.join(ASH_VARIANTS)}")
+    _percentile(percentile, "ash percentile", upper_open=True)
+    n = x.shape[1]
+    k = n - int(round(n * percentile / 100.0))
+    values, idx = x.topk(k, dim=1)
+    s1 = x.sum(dim=1, keepdim=True)
+    if v == "b":
+        return torch.zeros_like(x).scatter_(1, idx, (s1 / k).expand_as(values))
+    pruned = torch.zeros_like(x).scatter_(1, idx, values)
+    if v == "p":
+        return pruned
+    return pruned * torch.exp(s1 / pruned.sum(dim=1, keepdim=True))
+
+
+class _ASH(Score):
+    """ASH-P / -B / -S: energy of the logits of shaped penultimate features.
+
+    Score = ``logsumexp(W ash(x) + b)`` (:func:`ash`), applied to the pooled features right
+    before the final layer, as the authors do.  ASH assumes non-negative (post-ReLU)
+    activations; on signed features (a ViT's normalised token) it still runs but is outside
+    the paper's setting.  Default p = 90 (the authors' CIFAR-10 / ImageNet ASH-S setting and
+    OpenOOD's default; the paper's ImageNet ResNet-50 table uses ASH-P@60, ASH-B@65, ASH-S@90).
+    """
+
+    requires = ("features",)
+    needs_head = True
+    variant = "p"
+
+    def __init__(self, percentile: float = 90.0) -> None:
+        self.percentile = _percentile(percentile, f"ash_{self.variant} percentile", upper_open=True)
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        x = ash(outputs["features"].float().cpu(), self.percentile, self.variant)
+        return torch.logsumexp(self.head()(x), dim=-1)
+
+
+@_register("ash_p")
+class ASHP(_ASH):
+    __doc__ = _ASH.__doc__
+    variant = "p"
+
+
+@_register("ash_b")
+class ASHB(_ASH):
+    __doc__ = _ASH.__doc__
+    variant = "b"
+
+
+@_register("ash_s")
+class ASHS(_ASH):
+    __doc__ = _ASH.__doc__
+    variant = "s"
+
+
+@_register("gen")
+class GEN(Score):
+    """Generalized entropy (Liu et al. 2023): ``-sum_{top M} p^gamma (1 - p)^gamma``.
+
+    Over the ``M`` largest softmax probabilities (``M`` capped at the number of classes);
+    gamma = 0.1, M = 100 as in the paper and OpenOOD.
+    """
+
+    def __init__(self, gamma: float = 0.1, M: int = 100) -> None:
+        self.gamma = _positive(gamma, "gen gamma")
+        if isinstance(M, bool) or int(M) != M or M < 1:
+            raise ConfigError(f"gen M must be a positive integer, got {M!r}")
+        self.M = int(M)
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        p = outputs["logits"].double().softmax(dim=-1)
+        top = p.topk(min(self.M, p.shape[-1]), dim=-1).values
+        g = self.gamma
+        return -(top.pow(g) * (1 - top).pow(g)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- NegLabel (zero-shot CLIP)
+@_register("neglabel")
+class NegLabel(Score):
+    """NegLabel (Jiang et al. 2024): ID-label share of the softmax over ID + mined negative labels.
+
+    ``words``: a text file of candidate words (one per line; nouns), ``adjectives``: optional
+    second file (prompted "This is a {} photo").  The CLIP job encodes and selects them once
+    (:meth:`prepare_text`, see :mod:`backmix_vlm.ood.neglabel`); the score then reads the cached
+    ID ``cosine`` and the image embedding ``features``.  Defaults are the paper's: 15 % of the
+    words kept at the 0.95 similarity quantile, τ = 0.01, 100 groups.
+    """
+
+    requires = ("cosine", "features")
+
+    def __init__(self, words: str | None = None, adjectives: str | None = None, ratio: float = 0.15,
+                 percentile: float = 0.95, temperature: float = 0.01, ngroup: int = 100, seed: int = 0) -> None:
+        self.words, self.adjectives = words, adjectives
+        self.ratio, self.percentile = float(ratio), float(percentile)
+        self.temperature = _positive(temperature, "neglabel temperature")
+        if isinstance(ngroup, bool) or int(ngroup) != ngroup or ngroup < 1:
+            raise ConfigError(f"neglabel ngroup must be a positive integer, got {ngroup!r}")
+        self.ngroup, self.seed = int(ngroup), int(seed)
+        self._neg: Tensor | None = None
+        self._neg_words: list[str] = []
+
+    def set_negatives(self, text_features: Tensor, words: list[str] | None = None) -> None:
+        """Unit-norm embeddings (M, D) of the selected negative labels."""
+        self._neg = F.normalize(text_features.detach().float().cpu(), dim=-1)
+        self._neg_words = list(words or [])
+
+    def prepare_text(self, encode: Callable[[list[str], Any], Tensor], pos_text_features: Tensor,
+                     classnames: list[str], templates: Any) -> None:
+        """Encode the word lists with ``encode(words, templates)`` and keep the negative labels."""
+        from .neglabel import load_words, negative_text_features
+
+        if not self.words:
+            raise ConfigError("score 'neglabel' needs a word list: eval.score_params.neglabel.words=/path/words.txt "
+                              "(one English word per line)")
+        adjectives = load_words(self.adjectives) if self.adjectives else []
+        feats, words = negative_text_features(encode, pos_text_features, load_words(self.words), templates,
+                                              adjectives=adjectives, ratio=self.ratio, percentile=self.percentile,
+                                              exclude=classnames)
+        self.set_negatives(feats, words)
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        from .neglabel import neglabel_score
+
+        if self._neg is None:
+            raise ConfigError("score 'neglabel' has no negative labels: it runs in the zero-shot CLIP job, which "
+                              "encodes its word list (or call set_negatives / prepare_text first)")
+        img = F.normalize(outputs["features"].float().cpu(), dim=-1)
+        neg_cos = torch.cat([img[i:i + 2048] @ self._neg.T for i in range(0, img.shape[0], 2048)])
+        return neglabel_score(outputs["cosine"].float().cpu(), neg_cos, temperature=self.temperature,
+                              ngroup=self.ngroup, seed=self.seed)

@@ -179,3 +179,40 @@ def paper_table_v(
 def load_results(path: str | Path) -> dict[str, Any]:
     """Read a ``results.json`` written by :func:`write_results`."""
     return json.loads(Path(path).read_text())
+
+
+def ood_summary_table(results: Mapping[str, Any], metrics: Sequence[str] = ("fpr95", "auroc"), *,
+                      digits: int = 2, mark_best: bool = True) -> str:
+    """The OOD literature's table: one row per score, ``<set> FPR95 / AUROC`` columns and their average.
+
+    Values in percent (means for seed aggregates); with ``mark_best`` the best value of each
+    column is bold (lowest FPR95, highest otherwise).
+    """
+    oods = list(results["results"])
+    scores: list[str] = []
+    for per_score in results["results"].values():
+        scores += [s for s in per_score if s not in scores]
+    cols = [(o, m) for o in oods + ["Average"] for m in metrics]
+    grid: dict[str, list[float | None]] = {}
+    for s in scores:
+        row = []
+        for o, m in cols:
+            if o == "Average":
+                vals = [_mean(results["results"][x].get(s, {}).get(m)) for x in oods]
+                row.append(None if any(v is None for v in vals) else float(np.mean(vals)))
+            else:
+                row.append(_mean(results["results"][o].get(s, {}).get(m)))
+        grid[s] = row
+    best: list[float | None] = []
+    for j, (_, m) in enumerate(cols):
+        vals = [grid[s][j] for s in scores if grid[s][j] is not None]
+        best.append(None if not vals else (min(vals) if m in LOWER_IS_BETTER else max(vals)))
+    header = ["Score"] + [f"{o} {HEADERS.get(m, m)}{' ↓' if m in LOWER_IS_BETTER else ''}" for o, m in cols]
+    rows = []
+    for s in scores:
+        cells = []
+        for j, v in enumerate(grid[s]):
+            cell = MISSING if v is None else f"{100 * v:.{digits}f}"
+            cells.append(f"**{cell}**" if mark_best and v is not None and v == best[j] else cell)
+        rows.append([s] + cells)
+    return _md_table(header, rows) + "\n"

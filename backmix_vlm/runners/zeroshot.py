@@ -105,6 +105,12 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"model.classnames: {len(classnames)} names for the {len(known_ds.classes)} classes "
                           f"of {cfg.data.display_name}")
     clf = ClipZeroShotClassifier(bundle, classnames, m.templates).to(device)
+    for score in scores:  # NegLabel: encode and select its negative labels once
+        if callable(getattr(score, "prepare_text", None)):
+            from ..models.clip import build_text_features
+
+            score.prepare_text(lambda words, tpl: build_text_features(bundle, words, tpl), clf.text_features,
+                               list(classnames), clf.templates)
 
     cache_dir = Path(cfg.run.output_dir) / ".cache" / "features"
     # image tower weights + the exact class embeddings + logit scale = everything outputs depend on

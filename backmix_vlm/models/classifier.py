@@ -1,0 +1,323 @@
+"""Any image classifier as ``ModelOutput(logits, features)``: timm, torchvision, a run, your module.
+
+The OOD scores read two things from a model: its **logits** and its **penultimate features**
+(the input of the final linear layer).  :class:`FeatureClassifier` gets both from any
+``nn.Module`` without changing it:
+
+* **logits**: what ``net(images)`` returns — a ``(B, K)`` tensor, a :class:`ModelOutput`, a
+  ``(logits, features)`` tuple or a dict with ``"logits"`` (and optionally ``"features"``).
+* **features**: returned by the model (ModelOutput / tuple / dict), else captured with a
+  forward hook: the **input** of ``head_layer`` (default: the final linear layer found by
+  :func:`~backmix_vlm.ood.heads.find_head_layer` — timm's ``get_classifier()``, a CAM head's
+  1x1 conv, else the last ``nn.Linear``), or the **output** of ``feature_layer`` when that is
+  given.  Captured ``(B, C, H, W)`` maps are global-average-pooled (a CAM head: GAP then a 1x1
+  conv = the conv then GAP); token tensors ``(B, T, D)`` are refused with a hint.
+* A model **without a classifier head** (timm ``num_classes=0``, an ``nn.Identity`` fc) returns
+  its features; then ``logits`` is None and the OOD job fits a linear probe on them.
+
+:func:`load_classifier` builds one from a source name (``timm`` / ``torchvision`` /
+``module`` / ``run``) and says which input size and normalisation the model expects.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, ModelError
+from .output import ModelOutput
+
+SOURCES = ("timm", "torchvision", "module", "run")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _pool(t: Tensor, where: str) -> Tensor:
+    if t.dim() == 4:
+        return t.mean(dim=(2, 3))
+    if t.dim() == 2:
+        return t
+    if t.dim() > 2 and all(s == 1 for s in t.shape[2:]):
+        return t.flatten(1)
+    raise ModelError(f"{where} gives a {tuple(t.shape)} tensor; features must be (B, D) or a (B, C, H, W) map. "
+                     f"For a transformer pick the layer after pooling (e.g. timm's 'fc_norm' or 'head_drop', "
+                     f"or the classifier's input through model.head_layer)")
+
+
+class FeatureClassifier(nn.Module):
+    """Wrap ``net`` so that ``forward`` returns ``ModelOutput(logits, features)`` (see module doc).
+
+    ``linear_head()`` is the final layer as a :class:`~backmix_vlm.ood.heads.LinearHead`
+    (None for a headless model), for ViM / ReAct / ASH.
+    """
+
+    def __init__(self, net: nn.Module, *, head_layer: str | None = None, feature_layer: str | None = None) -> None:
+        from ..ood.heads import find_head_layer
+
+        super().__init__()
+        self.net = net
+        found = find_head_layer(net, head_layer)
+        self.head_name, head = (found if found is not None else (None, None))
+        self.feature_layer = feature_layer
+        self._captured: Tensor | None = None
+        modules = dict(net.named_modules())
+        if feature_layer is not None:
+            if feature_layer not in modules:
+                raise ConfigError(f"model.feature_layer: no layer named '{feature_layer}' in {type(net).__name__} "
+                                  f"(names from model.named_modules())")
+            modules[feature_layer].register_forward_hook(self._keep_output)
+        elif head is not None:
+            head.register_forward_pre_hook(self._keep_input)
+
+    def _keep_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._captured = output[0] if isinstance(output, (tuple, list)) else output
+
+    def _keep_input(self, module: nn.Module, args: Any) -> None:
+        self._captured = args[0]
+
+    def linear_head(self) -> Any:
+        from ..ood.heads import LinearHead
+
+        if self.head_name is None:
+            return None
+        return LinearHead.from_module(dict(self.net.named_modules())[self.head_name], self.head_name)
+
+    def linear_head_layer(self) -> nn.Module | None:
+        return None if self.head_name is None else dict(self.net.named_modules())[self.head_name]
+
+    def forward(self, images: Tensor) -> ModelOutput:
+        self._captured = None
+        out = self.net(images)
+        logits: Tensor | None
+        features: Tensor | None = None
+        if isinstance(out, ModelOutput):
+            logits, features = out.logits, out.features
+        elif isinstance(out, Mapping):
+            if "logits" not in out:
+                raise ModelError(f"{type(self.net).__name__} returned a dict without 'logits' (keys: {', '.join(out)})")
+            logits, features = out["logits"], out.get("features")
+        elif isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise ModelError(f"{type(self.net).__name__} returned a {len(out)}-tuple; expected (logits, features)")
+            logits, features = out
+        elif isinstance(out, Tensor):
+            logits = out
+        else:
+            raise ModelError(f"{type(self.net).__name__} returned {type(out).__name__}; expected logits (a tensor), "
+                             f"a ModelOutput, (logits, features) or a dict with 'logits'")
+        if self.feature_layer is not None or (features is None and self._captured is not None):
+            if self._captured is None:
+                raise ModelError(f"model.feature_layer '{self.feature_layer}' did not run in the forward pass")
+            features = _pool(self._captured, f"layer '{self.feature_layer or self.head_name}'")
+        if self.head_name is None and features is None:  # headless: the output is the features
+            features, logits = _pool(logits, f"{type(self.net).__name__}'s output"), None
+        self._captured = None
+        return ModelOutput(logits=logits, features=features)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class LoadedClassifier:
+    """A wrapped model plus what its inputs must look like and what identifies its weights."""
+
+    model: FeatureClassifier
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    identity: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    classes: list[str] | None = None
+
+
+def load_classifier(source: str, name: str, *, pretrained: bool = False, checkpoint: str | None = None,
+                    options: Mapping[str, Any] | None = None, image_size: int | None = None,
+                    head_layer: str | None = None, feature_layer: str | None = None) -> LoadedClassifier:
+    """Build the classifier ``name`` from ``source`` (timm | torchvision | module | run), in eval mode.
+
+    * ``timm``: ``timm.create_model(name, **options)``; ``checkpoint`` = a local weights file
+      loaded through ``pretrained_cfg_overlay=dict(file=...)`` (the hub is never contacted),
+      ``pretrained: true`` = timm's weights from the Hugging Face cache (or download when
+      online).  Input size / mean / std from the model's ``pretrained_cfg``.
+    * ``torchvision``: ``torchvision.models.get_model(name, **options)``; ``checkpoint`` = a
+      state-dict file, ``pretrained: true`` = its DEFAULT weights (torch-hub cache / download).
+    * ``module``: ``"package.module:attr"``, an ``nn.Module`` or a callable returning one
+      (called with ``options``); ``checkpoint`` = an optional state dict loaded strictly.
+    * ``run``: a ``backmix-vlm train`` run directory (its config.yaml + last.pt).
+    """
+    if source not in SOURCES:
+        raise ConfigError(f"model.source: {source!r} is not accepted; choose one of {', '.join(SOURCES)}")
+    if not name:
+        raise ConfigError(f"model.name: give the {source} model ({_NAME_HELP[source]})")
+    options = dict(options or {})
+    if source == "run":
+        if options or checkpoint or pretrained:
+            raise ConfigError("model.options / checkpoint / pretrained do not apply to model.source=run "
+                              "(the run's config.yaml and last.pt define the model)")
+        return _load_run(Path(name), head_layer, feature_layer)
+    if source == "timm":
+        net, size, mean, std = _load_timm(name, pretrained, checkpoint, options, image_size)
+    elif source == "torchvision":
+        net, size, mean, std = _load_torchvision(name, pretrained, checkpoint, options, image_size)
+    else:
+        net, size, mean, std = _load_module(name, checkpoint, options, image_size)
+    net.eval()
+    model = FeatureClassifier(net, head_layer=head_layer, feature_layer=feature_layer).eval()
+    head = model.linear_head()
+    ident = {"source": source, "name": name, "pretrained": pretrained, "checkpoint": checkpoint,
+             "options": options, "image_size": size, "head_layer": model.head_name, "feature_layer": feature_layer}
+    return LoadedClassifier(model, size, list(mean), list(std), ident, head.num_classes if head else None)
+
+
+_NAME_HELP = {
+    "timm": "a timm model name, e.g. resnet18 or vit_small_patch14_dinov2",
+    "torchvision": "a torchvision.models name, e.g. resnet18",
+    "module": "'package.module:attr' naming an nn.Module or a function returning one",
+    "run": "a run directory written by backmix-vlm train",
+}
+
+
+def _load_timm(name: str, pretrained: bool, checkpoint: str | None, options: dict[str, Any],
+               image_size: int | None) -> tuple[nn.Module, int, Any, Any]:
+    import timm
+
+    from .vit import load_timm_vit
+
+    if not timm.is_model(name.split(".")[0]):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ModelError(f"unknown timm model '{name}'{'; similar: ' + ', '.join(close) if close else ''} "
+                         f"(all: timm.list_models())")
+    weights: Any = checkpoint if checkpoint else bool(pretrained)
+    num_classes = options.pop("num_classes", None)  # None: the architecture's own head (timm drops None kwargs)
+    try:  # ViTs take img_size (position embeddings); CNNs take any size and refuse the keyword
+        net = load_timm_vit(name, pretrained=weights, img_size=image_size, num_classes=num_classes, **options)
+    except TypeError as e:
+        if "img_size" not in str(e) or image_size is None:
+            raise ConfigError(f"model.options for timm '{name}': {e}") from None
+        net = load_timm_vit(name, pretrained=weights, img_size=None, num_classes=num_classes, **options)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    size = int(image_size or (cfg.get("input_size") or (3, 224, 224))[-1])
+    return net, size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+
+
+def _load_torchvision(name: str, pretrained: bool, checkpoint: str | None, options: dict[str, Any],
+                      image_size: int | None) -> tuple[nn.Module, int, Any, Any]:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        import difflib
+
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
+        raise ModelError(f"unknown torchvision model '{name}'{'; similar: ' + ', '.join(close) if close else ''} "
+                         f"(all: torchvision.models.list_models())")
+    if pretrained and checkpoint:
+        raise ConfigError("model: give either pretrained: true (torchvision's weights) or checkpoint: FILE, not both")
+    weights = None
+    if pretrained:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        url = weights.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if not cached.is_file():
+            from .clip import hub_reachable
+
+            if not hub_reachable():
+                raise ModelError(f"torchvision '{name}' weights are not in the torch-hub cache ({cached}) and the "
+                                 f"network is unreachable; download {url} elsewhere and pass model.checkpoint=FILE")
+    try:
+        net = torchvision.models.get_model(name, weights=weights, **options)
+    except TypeError as e:
+        raise ConfigError(f"model.options for torchvision '{name}': {e}") from None
+    if checkpoint:
+        _load_state(net, checkpoint, f"torchvision '{name}'")
+    return net, int(image_size or 224), IMAGENET_MEAN, IMAGENET_STD
+
+
+def _load_module(spec: str, checkpoint: str | None, options: dict[str, Any],
+                 image_size: int | None) -> tuple[nn.Module, int, Any, Any]:
+    if ":" not in spec:
+        raise ConfigError(f"model.name {spec!r}: a module source is 'package.module:attr'")
+    mod_name, attr = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"model.name {spec!r}: cannot import '{mod_name}' ({e}); is it on PYTHONPATH?") from None
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"model.name {spec!r}: '{mod_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if isinstance(obj, nn.Module):
+        if options:
+            raise ConfigError(f"model.options: {spec} is a module instance, not a function; remove the options")
+        net = obj
+    elif callable(obj):
+        net = obj(**options)
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"model.name {spec!r}: calling it returned {type(net).__name__}, not an nn.Module")
+    else:
+        raise ConfigError(f"model.name {spec!r} is a {type(obj).__name__}; expected an nn.Module or a function")
+    if checkpoint:
+        _load_state(net, checkpoint, spec)
+    return net, int(image_size or 224), IMAGENET_MEAN, IMAGENET_STD
+
+
+def _load_state(net: nn.Module, path: str, what: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{what}: weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{what}: {p} does not fit the model (missing {list(missing)[:5]}, "
+                         f"unexpected {list(unexpected)[:5]})")
+
+
+def _load_run(run_dir: Path, head_layer: str | None, feature_layer: str | None) -> LoadedClassifier:
+    import json
+
+    from ..engine.checkpoint import LAST, load_checkpoint, load_model_state_dict
+    from .cnn import create_cnn
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"model.name: {run_dir} has no config.yaml; give a run directory written by "
+                          f"backmix-vlm train (for a comparison run, one variant's folder, e.g. {run_dir}/backmix)")
+    info = run_dir / "run_info.json"
+    if info.is_file() and json.loads(info.read_text()).get("job") not in (None, "train"):
+        raise ConfigError(f"model.name: {run_dir} is a '{json.loads(info.read_text()).get('job')}' run; "
+                          f"model.source=run takes train runs (re-evaluate few-shot runs with backmix-vlm eval)")
+    if not (run_dir / LAST).is_file():
+        raise ConfigError(f"model.name: {run_dir} has no {LAST} (a comparison run keeps one per variant folder)")
+    from ..runners.eval import load_overridden
+
+    cfg, _ = load_overridden(run_dir, [])
+    state = load_checkpoint(run_dir / LAST)
+    classes = state.get("meta", {}).get("classes")
+    net = create_cnn(cfg.model.name, len(classes) if classes else _num_classes(state), **cfg.model.options)
+    load_model_state_dict(net, state["model"], trainable_only=state.get("trainable_only", False),
+                          source=run_dir / LAST)
+    net.eval()
+    model = FeatureClassifier(net, head_layer=head_layer, feature_layer=feature_layer).eval()
+    ident = {"source": "run", "run": str(run_dir.resolve()), "epoch": int(state.get("epoch", 0)),
+             "model": cfg.model.name}
+    return LoadedClassifier(model, int(cfg.data.image_size), list(cfg.data.mean), list(cfg.data.std), ident,
+                            net.num_classes, list(classes) if classes else None)
+
+
+def _num_classes(state: Mapping[str, Any]) -> int:
+    w = state["model"].get("head.conv.weight")
+    if w is None:
+        raise ModelError("run checkpoint: cannot tell the number of classes (no meta.classes, no head.conv.weight)")
+    return int(w.shape[0])

@@ -1,0 +1,228 @@
+"""Evaluate any classifier for OOD detection in one call.
+
+```python
+from backmix_vlm.ood import Evaluator
+
+ev = Evaluator(model, id_data=cifar10_test, ood_sets={"CIFAR-100": c100, "MNIST": mnist},
+               train_data=cifar10_train_subset, cache_dir="runs/.cache/features")
+results = ev.run(["msp", "energy", "knn", "vim", "react", "ash_s"])
+```
+
+``model`` is any ``nn.Module`` (wrapped in :class:`~backmix_vlm.models.classifier.FeatureClassifier`
+unless it already returns :class:`ModelOutput` with features); datasets yield ``(image,
+label[, index])``.  One forward pass per dataset serves every score: outputs are extracted
+once (and cached on disk with ``cache_dir``), training statistics (Mahalanobis, KNN, ViM,
+ReAct) are fit on ``train_data``'s outputs, head-based scores (ViM, ReAct, ASH) get the
+model's final linear layer (checked against the logits), and a model without a head gets a
+linear probe fit on ``train_data``.  ``run`` returns ``evaluate_open_set``'s dict (what
+``report.tables.write_results`` renders); ``per_sample`` holds every score per sample.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError
+from ..models.output import ModelOutput
+from .evaluate import evaluate_open_set
+from .features import cache_file, extract_outputs, model_fingerprint, score_images_loader
+from .heads import LinearHead, check_head, fit_linear_probe, head_info, head_tolerance
+from .scores import Score, get_score
+
+Outputs = dict[str, Tensor]
+
+
+def dataset_identity(ds: Any) -> dict[str, Any]:
+    """What identifies a dataset's samples for the feature cache (name, size, transform, files)."""
+    ident: dict[str, Any] = {"type": type(ds).__name__, "repr": repr(ds), "n": len(ds)}
+    for key in ("name", "jpeg_quality", "crop_size"):
+        if hasattr(ds, key):
+            ident[key] = getattr(ds, key)
+    if hasattr(ds, "transform"):
+        ident["transform"] = repr(ds.transform)
+    records = getattr(ds, "records", None)
+    if records is not None and len(ds) and hasattr(records, "where"):
+        ident["first"], ident["last"] = records.where(0), records.where(len(records) - 1)
+    return ident
+
+
+class _ProbeForward(nn.Module):
+    """``model``'s features through a fitted linear probe: what ODIN perturbs for a headless model."""
+
+    def __init__(self, model: nn.Module, head: LinearHead) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        out = self.model(x)
+        return ModelOutput(logits=self.head(out.features.float()), features=out.features)
+
+
+class Evaluator:
+    """Known (ID) test set vs OOD sets for one model; see the module docstring.
+
+    ``probe``: None = fit a linear probe only when the model has no logits (a headless
+    backbone); True = always (replace the model's logits by the probe's); False = never.
+    ``head``: the final layer for ViM / ReAct / ASH (default: found in the model, or the probe).
+    ``data_ids``: cache identities per dataset name ("known", "train" and each OOD name),
+    default :func:`dataset_identity`; ``model_id``: the model's (default: a weight fingerprint).
+    """
+
+    def __init__(self, model: nn.Module, id_data: Dataset, ood_sets: Mapping[str, Dataset], *,
+                 train_data: Dataset | None = None, device: str | torch.device = "auto", precision: str = "no",
+                 batch_size: int = 128, num_workers: int = 0, cache_dir: str | Path | None = None,
+                 model_id: Any = None, data_ids: Mapping[str, Any] | None = None, probe: bool | None = None,
+                 probe_C: float = 1.0, probe_max_iter: int = 1000, head: LinearHead | None = None,
+                 positive: str = "known", std: Sequence[float] | None = None, seed: int = 0) -> None:
+        from ..models.classifier import FeatureClassifier
+        from ..runs import resolve_device
+
+        if not ood_sets:
+            raise ConfigError("Evaluator: give at least one OOD set")
+        self.device = resolve_device(device)
+        self.model = model if _gives_features(model) else FeatureClassifier(model)
+        self.model.to(self.device).eval()
+        self.id_data, self.ood_sets, self.train_data = id_data, dict(ood_sets), train_data
+        self.precision, self.batch_size, self.num_workers = precision, int(batch_size), int(num_workers)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._model_id = model_id
+        self.data_ids = dict(data_ids or {})
+        self.probe, self.probe_C, self.probe_max_iter = probe, float(probe_C), int(probe_max_iter)
+        self.head = head
+        self.positive, self.std, self.seed = positive, (list(std) if std is not None else None), seed
+        self._cache: dict[str, Outputs] = {}
+        self.result: dict[str, Any] | None = None
+        self.per_sample: dict[str, Any] = {}
+        self.scores: list[Score] = []
+
+    # ----------------------------------------------------------------- outputs
+    @property
+    def model_id(self) -> Any:
+        if self._model_id is None:
+            self._model_id = {"type": type(self.model).__name__, "weights": model_fingerprint(self.model)}
+        return self._model_id
+
+    def _loader(self, ds: Dataset) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def outputs(self, name: str, ds: Dataset) -> Outputs:
+        """Logits + features (+ labels) of ``ds``, extracted once per run (and per ``cache_dir``)."""
+        if name not in self._cache:
+            path = None
+            if self.cache_dir is not None:
+                data_id = self.data_ids.get(name) or dataset_identity(ds)
+                path = cache_file(self.cache_dir, name, model=self.model_id, data=data_id,
+                                  precision=self.precision)
+            self._cache[name] = dict(extract_outputs(self.model, self._loader(ds), device=self.device,
+                                                     precision=self.precision, cache_path=path, desc=name,
+                                                     keep=("logits", "features")))
+        return self._cache[name]
+
+    # ----------------------------------------------------------------- scoring
+    def build_scores(self, scores: Sequence[str | Score], params: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> list[Score]:
+        params = dict(params or {})
+        names = [s if isinstance(s, str) else s.name for s in scores]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise ConfigError(f"score_params: {', '.join(unknown)} not among the scores ({', '.join(names)})")
+        built = []
+        for s in scores:
+            if isinstance(s, Score):
+                built.append(s)
+                continue
+            p = dict(params.get(s, {}))
+            if s == "odin" and self.std is not None:
+                p.setdefault("std", list(self.std))
+            built.append(get_score(s, **p))
+        return built
+
+    def run(self, scores: Sequence[str | Score] = ("msp", "maxlogit", "energy"),
+            score_params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """Every metric for every (OOD set, score); also fills ``per_sample``, ``head`` and ``scores``."""
+        from ..engine.evaluation import needs_fit, per_sample_scores
+
+        torch.manual_seed(self.seed)
+        self.scores = self.build_scores(scores, score_params)
+        known = dict(self.outputs("known", self.id_data))  # copies: a probe's logits never enter the cache
+        unknowns = {n: dict(self.outputs(n, ds)) for n, ds in self.ood_sets.items()}
+        has_logits = known.get("logits") is not None
+        use_probe = (not has_logits) if self.probe is None else bool(self.probe)
+        need_head = any(s.needs_head for s in self.scores)
+        need_train = use_probe or any(needs_fit(s) for s in self.scores)
+        train: Outputs | None = None
+        if need_train:
+            if self.train_data is None:
+                why = "a linear probe (the model has no classifier head)" if use_probe else \
+                    ", ".join(s.name for s in self.scores if needs_fit(s)) + " (fit on training features)"
+                raise ConfigError(f"{why} needs the ID training data; give train_data (config: train:)")
+            train = dict(self.outputs("train", self.train_data))
+            if train.get("labels") is None and (use_probe or any(s.name == "mahalanobis" for s in self.scores)):
+                raise ConfigError("the training data yields no labels; the linear probe and mahalanobis need them")
+        if use_probe:
+            assert train is not None
+            self.head = fit_linear_probe(train["features"], train["labels"], C=self.probe_C,
+                                         max_iter=self.probe_max_iter, seed=self.seed)
+            for out in (known, train, *unknowns.values()):
+                out["logits"] = self.head(out["features"].float())
+        elif not has_logits:
+            raise ConfigError("the model gives no logits (no classifier head) and probe is off; enable the "
+                              "linear probe (probe: true) or name the head layer (model.head_layer)")
+        elif need_head and self.head is None:
+            find = getattr(self.model, "linear_head", None)
+            self.head = find() if callable(find) else None
+            if self.head is None:
+                from .heads import find_linear_head
+
+                self.head = find_linear_head(self.model)
+            if self.head is None:
+                raise ConfigError(", ".join(s.name for s in self.scores if s.needs_head) + " re-run the model's "
+                                  "final linear layer; none was found: set model.head_layer (its name in "
+                                  "model.named_modules()) or use probe: true")
+        if need_head and self.head is not None:
+            check_head(self.head, known, rtol=head_tolerance(self.precision))
+        for s in self.scores:
+            if s.needs_head:
+                s.set_head(self.head)  # type: ignore[arg-type]
+            if needs_fit(s):
+                s.fit(train)  # type: ignore[arg-type]
+
+        extra: dict[str, Any] = {}
+        forward: nn.Module = _ProbeForward(self.model, self.head) if use_probe else self.model  # type: ignore[arg-type]
+        for s in self.scores:
+            if s.needs_model:
+                run = lambda ds, d, s=s: score_images_loader(s, forward, self._loader(ds), device=self.device,  # noqa: E731
+                                                             precision=self.precision, desc=d)
+                extra[s.name] = (run(self.id_data, f"{s.name} known"),
+                                 {n: run(ds, f"{s.name} {n}") for n, ds in self.ood_sets.items()})
+        # accuracy only when the logits are over the ID classes (not e.g. ImageNet logits on CIFAR-10)
+        known_eval = dict(known)
+        labels = known.get("labels")
+        classes = getattr(self.id_data, "classes", None)
+        k = known["logits"].shape[-1]
+        if labels is not None and ((classes is not None and len(classes) != k) or int(labels.max()) >= k):
+            known_eval.pop("labels")
+        self.result = evaluate_open_set(known_eval, unknowns, [s for s in self.scores if not s.needs_model],
+                                        positive=self.positive, extra_scores=extra)
+        self.result["head"] = head_info(self.head) if need_head or use_probe else None
+        self.result["probe"] = use_probe
+        if train is not None:
+            self.result["counts"]["train"] = int(train["features"].shape[0])
+            if use_probe and train.get("labels") is not None:
+                self.result["probe_train_acc"] = float((train["logits"].argmax(-1) == train["labels"]).double().mean())
+        if labels is not None:
+            self.per_sample = per_sample_scores(known, unknowns, self.scores, extra)
+        return self.result
+
+
+def _gives_features(model: nn.Module) -> bool:
+    """Toolkit models (CNNs with a CAM head, adapters) already return ModelOutput with features."""
+    from ..models.classifier import FeatureClassifier
+    from ..models.cnn import CamClassifier
+
+    return isinstance(model, (FeatureClassifier, CamClassifier))

@@ -54,7 +54,7 @@ HUB_PATTERNS_BIN = [CONFIG_FILE, PREPROCESSOR_FILE, "pytorch_model.bin", "pytorc
                     "pytorch_model-*.bin"]
 CLIP_VOCAB_SIZE = 49408   # CLIP's BPE (open_clip's bpe_simple_vocab_16e6), <|endoftext|> = 49407
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-PREPROCESS_MODES = ("openai", "hf")
+PREPROCESS_MODES = ("openai", "hf", "hf_pil")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -407,34 +407,46 @@ def _to_rgb(image: Any) -> Any:
 
 
 class HFImageProcessorTransform:
-    """transformers' ``CLIPImageProcessor`` (``use_fast=False``: PIL) or ``CLIPImageProcessorFast``
-    as a PIL → ``FloatTensor[3, H, W]`` transform (picklable for loader workers)."""
+    """transformers' CLIP image processor as a PIL → ``FloatTensor[3, H, W]`` transform (picklable
+    for loader workers).  ``backend``: ``torchvision`` (transformers 5's default
+    ``CLIPImageProcessor``; v4's ``CLIPImageProcessorFast``) or ``pil`` (v5's
+    ``CLIPImageProcessorPil``; v4's ``CLIPImageProcessor``)."""
 
-    def __init__(self, source: HFClipSource | Mapping[str, Any] | None = None, use_fast: bool = False) -> None:
+    BACKENDS = ("torchvision", "pil")
+
+    def __init__(self, source: HFClipSource | Mapping[str, Any] | None = None, backend: str = "torchvision") -> None:
+        if backend not in self.BACKENDS:
+            raise ModelError(f"image processor backend {backend!r} is not accepted; choose one of {', '.join(self.BACKENDS)}")
         settings = dict(source.preprocessor or {}) if isinstance(source, HFClipSource) else dict(source or {})
         if isinstance(source, HFClipSource) and not settings:
             image_size = int(source.config.get("vision_config", {}).get("image_size", 224))
             settings = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
         for key in ("image_processor_type", "processor_class", "feature_extractor_type"):
             settings.pop(key, None)
-        self.settings, self.use_fast = settings, use_fast
+        self.settings, self.backend = settings, backend
         self._processor = None
 
     def _get(self) -> Any:
         if self._processor is None:
-            if self.use_fast:
-                from transformers import CLIPImageProcessorFast as Processor
-            else:
-                from transformers import CLIPImageProcessor as Processor
-            self._processor = Processor(**self.settings)
+            self._processor = hf_image_processor_class(self.backend)(**self.settings)
         return self._processor
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"settings": self.settings, "use_fast": self.use_fast, "_processor": None}
+        return {"settings": self.settings, "backend": self.backend, "_processor": None}
 
     def __call__(self, image: Any) -> torch.Tensor:
         out = self._get()(images=_to_rgb(image), return_tensors="pt")["pixel_values"]
         return out[0].float()
+
+
+def hf_image_processor_class(backend: str) -> type:
+    """transformers' CLIP image processor class for ``backend`` (names moved between v4 and v5)."""
+    import transformers
+
+    names = {"torchvision": ("CLIPImageProcessor", "CLIPImageProcessorFast"),
+             "pil": ("CLIPImageProcessorPil", "CLIPImageProcessor")}[backend]
+    v5 = int(transformers.__version__.split(".")[0]) >= 5
+    return getattr(transformers, names[0] if v5 else names[1])
 
 
 def load_hf_clip(source: HFClipSource, *, device: torch.device | str = "cpu", precision: str = "fp32",
@@ -442,7 +454,8 @@ def load_hf_clip(source: HFClipSource, *, device: torch.device | str = "cpu", pr
     """A :class:`~backmix_vlm.models.clip.ClipBundle` for a transformers CLIP checkpoint.
 
     ``preprocess``: ``openai`` (default; OpenAI/open_clip's torchvision pipeline with the sizes and
-    statistics of ``preprocessor_config.json``) or ``hf`` (transformers' ``CLIPImageProcessor``).
+    statistics of ``preprocessor_config.json``), ``hf`` (transformers' default ``CLIPImageProcessor``,
+    torchvision backend) or ``hf_pil`` (its PIL backend).
     """
     import open_clip
 
@@ -457,7 +470,8 @@ def load_hf_clip(source: HFClipSource, *, device: torch.device | str = "cpu", pr
     model = build_model(source, device=device, precision=precision, load_weights=load_weights)
     set_block_layout(model, layout, device)
     pp = preprocess_settings(source)
-    eval_tf = HFImageProcessorTransform(source) if preprocess == "hf" else openai_eval_transform(pp)
+    eval_tf = (openai_eval_transform(pp) if preprocess == "openai" else
+               HFImageProcessorTransform(source, backend="pil" if preprocess == "hf_pil" else "torchvision"))
     train_tf = open_clip.image_transform(pp.crop, is_train=True, mean=pp.mean, std=pp.std,
                                          interpolation=pp.interpolation)
     return ClipBundle(

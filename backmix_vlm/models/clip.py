@@ -195,7 +195,7 @@ def set_block_layout(model: nn.Module, layout: str, device: str | torch.device =
         tower.batch_first = first
         for block in tower.resblocks:
             attn = getattr(block, "attn", None)
-            if isinstance(attn, nn.MultiheadAttention):
+            if isinstance(attn, nn.MultiheadAttention) or hasattr(attn, "batch_first"):  # + LoRA's SplitAttention
                 attn.batch_first = first
 
 

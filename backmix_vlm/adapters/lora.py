@@ -124,7 +124,7 @@ def lora_default_schedule(shots: int | None, num_classes: int | None, batch_size
 
 
 # ----------------------------------------------------------------------------- peft compatibility
-# Tested with peft 0.15 - 0.21 (pyproject bounds).  Everything this module needs from peft's
+# Tested with peft 0.15.2 and 0.21.2 (pyproject: >=0.15,<0.22).  Everything this module needs from peft's
 # internals is here: the LoRA layer's base layer, its delta weight and its merged state.
 def _peft_lora_config(cfg: LoRAConfig, target_modules: list[str]) -> Any:
     from peft import LoraConfig

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Reproduce the paper's Table V: CoOp / LoCoOp (1/4/16-shot, full data) and VPT (full data),
-each with and without BackMix, CLIP ViT-B/16 (OpenAI weights), CIFAR-10 known vs CIFAR-100
-and SVHN unknown; writes one combined table.
+each with and without BackMix — plus LoRA rows (CLIP-LoRA's recipe) beside CoOp / LoCoOp —
+CLIP ViT-B/16 (OpenAI weights), CIFAR-10 known vs CIFAR-100 and SVHN unknown; writes one
+combined table.
 
 Needs a GPU and the CLIP weights (open_clip downloads them once) — on a CPU this sweep
 takes days.  Every row is one config in configs/fewshot/table_v/; finished rows are reused
@@ -23,8 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "fewshot" / "table_v"
-# the paper's row order
-ROWS = [f"{s}_{m}{b}" for s in ("1shot", "4shot", "16shot", "full") for m in ("coop", "locoop") for b in ("", "_backmix")]
+# the paper's row order, with LoRA (not in the paper) beside CoOp / LoCoOp in every setting
+ROWS = [f"{s}_{m}{b}" for s in ("1shot", "4shot", "16shot", "full") for m in ("coop", "locoop", "lora")
+        for b in ("", "_backmix")]
 ROWS += ["full_vpt", "full_vpt_backmix"]
 
 

@@ -1,4 +1,4 @@
-"""Adapters over frozen CLIP / ViT backbones: CoOp, LoCoOp, VPT (peft style).
+"""Adapters over frozen CLIP / ViT backbones: CoOp, LoCoOp, VPT (peft style), LoRA (through peft).
 
 ``create_adapter(method, base, classnames, cfg)`` builds one by registered name; every
 adapter returns a :class:`~backmix_vlm.models.output.ModelOutput` and trains only its own
@@ -7,6 +7,7 @@ parameters (``trainable_parameters()``).
 from .base import ADAPTERS, Adapter, create_adapter, freeze
 from .coop import CoOp, CoOpConfig, coop_default_schedule
 from .locoop import LoCoOp, LoCoOpConfig, locoop_regularizer, resolve_top_k
+from .lora import LoRA, LoRAConfig, SplitAttention, SplitQKV, lora_default_schedule
 from .vpt import VPT, VPTConfig
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "CoOp", "CoOpConfig", "coop_default_schedule",
     "LoCoOp", "LoCoOpConfig", "locoop_regularizer", "resolve_top_k",
     "VPT", "VPTConfig",
+    "LoRA", "LoRAConfig", "SplitAttention", "SplitQKV", "lora_default_schedule",
 ]

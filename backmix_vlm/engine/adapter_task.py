@@ -69,7 +69,9 @@ class AdapterTask:
         self.cfg = saliency or SaliencyConfig()
         self.precision = precision
         self.method = type(adapter).__name__.lower()
-        self.is_vpt = hasattr(adapter, "forward_tokens")
+        # maps from the training backward: VPT, and any adapter that says its gradients reach the image
+        # tower (LoRA); it then provides blocks / num_prefix_tokens / view.patch_size like VPT
+        self.is_vpt = hasattr(adapter, "forward_tokens") or bool(getattr(adapter, "maps_from_backward", False))
         if self.cfg.source == "local" and not hasattr(adapter, "encode_text"):
             from ..errors import ConfigError
 

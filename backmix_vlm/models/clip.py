@@ -34,6 +34,8 @@ from torch import nn
 
 from ..errors import ModelError
 from ..registry import Registry
+from .hf_clip import convert_state_dict as convert_hf_state_dict
+from .hf_clip import find_hf_clip, is_hf_state_dict, load_hf_clip
 from .output import ModelOutput
 
 TINY_CLIP = "backmix-tiny-clip"
@@ -113,7 +115,10 @@ def load_clip(
     init.  With ``checkpoint`` the weights come from that local file instead (open_clip or
     OpenAI state dict, ``.pt``/``.pth``/``.bin``/``.safetensors``, or an OpenAI JIT archive);
     ``pretrained`` then only says which tag the file holds, so its QuickGELU and normalisation
-    settings are used — nothing is downloaded.  ``load_weights=False`` builds the tag's
+    settings are used — nothing is downloaded.  Hugging Face transformers CLIP checkpoints (a
+    ``save_pretrained`` folder or weights file as ``checkpoint``, or ``name="hf:<repo or folder>"``)
+    are converted by :mod:`backmix_vlm.models.hf_clip`, architecture from their ``config.json``.
+    ``load_weights=False`` builds the tag's
     architecture and preprocessing with random weights (offline tests, shape checks).
     ``layout`` (``auto`` | ``batch_first`` | ``seq_first``) sets how the transformer blocks are
     fed; ``auto`` is ``seq_first`` on CPU — same math, but open_clip's batch-first attention
@@ -123,6 +128,10 @@ def load_clip(
         raise ModelError(f"precision {precision!r} is not accepted; choose one of {', '.join(PRECISIONS)}")
     if pretrained is not None and checkpoint is None and os.path.isfile(pretrained):
         pretrained, checkpoint = None, pretrained  # open_clip also accepts a file as `pretrained`
+    hf = find_hf_clip(name, checkpoint, cache_dir)  # transformers CLIP (hf:<repo>, save_pretrained folder / file)
+    if hf is not None:
+        return load_hf_clip(hf, device=_resolve_device(device), precision=precision, load_weights=load_weights,
+                            layout=layout)
     name = _check_model_name(name)
     tag_cfg = _check_tag(name, pretrained) if pretrained else {}
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -186,7 +195,7 @@ def set_block_layout(model: nn.Module, layout: str, device: str | torch.device =
         tower.batch_first = first
         for block in tower.resblocks:
             attn = getattr(block, "attn", None)
-            if isinstance(attn, nn.MultiheadAttention):
+            if isinstance(attn, nn.MultiheadAttention) or hasattr(attn, "batch_first"):  # + LoRA's SplitAttention
                 attn.batch_first = first
 
 
@@ -304,8 +313,9 @@ def _no_weights_message(name: str, tag: str | None, why: str) -> str:
 
 # ----------------------------------------------------------------------------- checkpoints
 _ACCEPTED = (
-    "accepted: a CLIP state dict for this architecture in open_clip / OpenAI key format "
-    "(.pt/.pth/.bin/.safetensors, optionally under 'state_dict', or an OpenAI JIT archive)"
+    "accepted: a CLIP state dict for this architecture in open_clip / OpenAI / transformers key format "
+    "(.pt/.pth/.bin/.safetensors, optionally under 'state_dict', or an OpenAI JIT archive), or a transformers "
+    "CLIP save_pretrained folder (config.json + weights)"
 )
 
 
@@ -333,7 +343,10 @@ def load_clip_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a CLIP state dict file into ``model``; any key or shape mismatch is a ModelError."""
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
-    sd = open_clip.factory.convert_state_dict(model, read_state_dict(path))
+    sd = read_state_dict(path)
+    if is_hf_state_dict(sd):  # transformers CLIPModel keys, no config.json beside: into the named architecture
+        sd = convert_hf_state_dict(sd)
+    sd = open_clip.factory.convert_state_dict(model, sd)
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
     expected = set(model.state_dict())

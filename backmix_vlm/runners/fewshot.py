@@ -1,7 +1,7 @@
 """``backmix-vlm fewshot``: few-shot / full-data prompt tuning with or without BackMix.
 
 For each seed: draw ``data.shots`` images per class (the split is saved as JSON and reused,
-so every result can be reproduced and shared), train the adapter (CoOp, LoCoOp or VPT) over
+so every result can be reproduced and shared), train the adapter (CoOp, LoCoOp, VPT or LoRA) over
 the frozen backbone with the shared :class:`~backmix_vlm.engine.trainer.Trainer` — BackMix
 alongside the original samples by default, its mask bank fed by attention maps — then
 evaluate the known test set against every unknown set.  Seeds are aggregated into
@@ -10,7 +10,9 @@ evaluate the known test set against every unknown set.  Seeds are aggregated int
 
 Optimizer keys the config leaves out follow CoOp's ViT-B/16 recipe for the shot count
 (:func:`backmix_vlm.adapters.coop.coop_default_schedule`): SGD lr 0.002, batch 32, cosine,
-one warm-up epoch at 1e-5; 50 / 100 / 200 epochs for 1 / 2-4 / 8-16 shots.
+one warm-up epoch at 1e-5; 50 / 100 / 200 epochs for 1 / 2-4 / 8-16 shots.  ``method.name: lora``
+follows CLIP-LoRA's instead (:func:`backmix_vlm.adapters.lora.lora_default_schedule`: AdamW lr 2e-4,
+batch 32, cosine, 500 x shots iterations).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from ..errors import ConfigError
 from ..runs import make_run_dir, record_run
 
 JOB = "fewshot"
-METHODS = ("coop", "locoop", "vpt")
+METHODS = ("coop", "locoop", "vpt", "lora")
 FAMILIES = ("clip", "timm")
 SHOT_CHOICES = (1, 2, 4, 8, 16)
 
@@ -51,8 +53,8 @@ class BackboneConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "coop"                     # coop | locoop | vpt
-    options: dict[str, Any] = field(default_factory=dict)  # the adapter's config: CoOpConfig / LoCoOpConfig / VPTConfig fields
+    name: str = "coop"                     # coop | locoop | vpt | lora
+    options: dict[str, Any] = field(default_factory=dict)  # the adapter's config: CoOpConfig / LoCoOpConfig / VPTConfig / LoRAConfig fields
 
     def validate(self) -> None:
         check_choice(self.name, METHODS, "method.name")
@@ -109,12 +111,13 @@ class FewShotConfig:
 
     @property
     def method_label(self) -> str:
-        name = {"coop": "CoOp", "locoop": "LoCoOp", "vpt": "VPT"}[self.method.name]
+        name = {"coop": "CoOp", "locoop": "LoCoOp", "vpt": "VPT", "lora": "LoRA"}[self.method.name]
         return f"{name} + BackMix" if self.backmix.enabled else name
 
 
 def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = None) -> FewShotConfig:
-    """Load the YAML; optimizer keys it leaves out follow CoOp's recipe for its shot count."""
+    """Load the YAML; optimizer keys it leaves out follow CoOp's recipe for its shot count
+    (``method.name: lora``: CLIP-LoRA's, :func:`~backmix_vlm.adapters.lora.lora_default_schedule`)."""
     from ..adapters.coop import coop_default_schedule
 
     data = load_yaml(path) if path is not None else {}
@@ -123,12 +126,39 @@ def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = N
         shots = from_dict(FewShotDataConfig, copy.deepcopy(data.get("data") or {}), "data").shots_per_class
         if not isinstance(data.get("optim", {}), dict):
             raise ConfigError("optim: expected a mapping")
-        data["optim"] = {**coop_default_schedule(shots), **(data.get("optim") or {})}
+        data["optim"] = {**_default_schedule(data, shots, coop_default_schedule), **(data.get("optim") or {})}
         cfg = from_dict(FewShotConfig, data)
         adapter_config(cfg)  # validate method.options now, not after the backbone has loaded
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _default_schedule(data: dict[str, Any], shots: int | None, coop_default: Any) -> dict[str, Any]:
+    method = data.get("method") or {}
+    if not (isinstance(method, dict) and method.get("name") == "lora"):
+        return coop_default(shots)
+    from ..adapters.lora import lora_default_schedule
+
+    user = data.get("optim") or {}
+    batch = int(user.get("batch_size", 32))
+    if shots is None or "epochs" in user:
+        return lora_default_schedule(None, None, batch)  # epochs: the user's, or the full-data default
+    train = from_dict(FewShotDataConfig, copy.deepcopy(data.get("data") or {}), "data").train
+    return lora_default_schedule(shots, _num_classes(train), batch)
+
+
+def _num_classes(src: DataSource) -> int | None:
+    """Classes of a training set without reading it: the kept ``classes`` or the shipped class names."""
+    if src.classes is not None:
+        return len(src.classes)
+    from ..data.classnames import class_names
+    from ..errors import DataError
+
+    try:
+        return len(class_names(src.name))
+    except DataError:
+        return None
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -149,9 +179,9 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
             raise ConfigError(f"backbone.image_size: {b.name} takes {bundle.image_size} px inputs; remove the key")
         return {"base": bundle, "mean": list(bundle.mean), "std": list(bundle.std), "image_size": int(bundle.image_size),
                 "id": {"name": bundle.name, "weights": bundle.pretrained}}
-    if cfg.method.name != "vpt":
+    if cfg.method.name not in ("vpt", "lora"):
         raise ConfigError(f"method.name: {cfg.method.name} needs a CLIP text tower; use backbone.family=clip "
-                          "(timm backbones support method vpt)")
+                          "(timm backbones support methods vpt and lora)")
     from ..models.vit import load_timm_vit
 
     pretrained: Any = b.checkpoint or (True if b.pretrained not in (None, "", "none", "false") else False)
@@ -247,8 +277,9 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
     trainer = Trainer(task, train, optim=cfg.optim, run=run_cfg, run_dir=seed_dir, num_classes=len(train_full.classes),
                       augment="backmix" if cfg.backmix.enabled else "none", backmix=cfg.backmix,
                       num_workers=cfg.data.num_workers, evaluate=evaluator, eval_every=cfg.eval.every,
-                      meta={"job": JOB, "seed": seed, "classes": list(train_full.classes)}, accelerator=accelerator,
-                      views=data["views"])
+                      meta={"job": JOB, "seed": seed, "classes": list(train_full.classes),
+                            "adapter": {"method": cfg.method.name, "config": dataclasses.asdict(adapter_config(cfg))}},
+                      accelerator=accelerator, views=data["views"])
     start = time.perf_counter()
     trainer.fit(resume=resume and (seed_dir / LAST).is_file())
     if trainer.epochs_this_call == 0:  # resumed a finished run: evaluate once (every process agrees on this)

@@ -253,3 +253,28 @@ def test_fewshot_backbone_option(tmp_path):
     assert backbone_dtype("run.precision=no") == (torch.float32, torch.float32)
     with pytest.raises(ConfigError, match="backbone.frozen_weights"):
         load_fewshot_config(None, ["backbone.frozen_weights=half"])
+
+
+def test_text_tower_truncated_to_the_last_eot_gives_the_same_features(tiny):
+    """CoOp over a held text tower runs positions up to the last EOT only (causal mask + EOT pooling)."""
+    from backmix_vlm.adapters.clip_text import encode_text_embeddings
+
+    adapter = create_adapter("coop", tiny, CLASSES, {"n_ctx": 4})
+    emb, ids = adapter.prompt_embeddings().detach(), adapter.token_ids
+    calls = []
+    hook = tiny.model.transformer.resblocks[0].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    try:
+        with torch.no_grad():
+            full = encode_text_embeddings(tiny.model, emb, ids)  # fp32 default: all 77 positions
+            short = encode_text_embeddings(tiny.model, emb, ids, truncate=True)
+    finally:
+        hook.remove()
+    last = int(ids.argmax(-1).max()) + 1
+    first = tiny.model.transformer.batch_first
+    assert [(s[0], s[1]) if first else (s[1], s[0]) for s in calls] == [(len(CLASSES), 77), (len(CLASSES), last)]
+    assert last < 20
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+    held = _held(tiny.model)
+    with torch.no_grad():  # auto: on for a held tower
+        got = encode_text_embeddings(held, emb, ids)
+    assert float(F.cosine_similarity(got.float(), full, dim=-1).min()) > 0.999

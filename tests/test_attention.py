@@ -405,3 +405,71 @@ def test_vpt_adapter_recording_equals_separate_pass(base: str) -> None:
     torch.testing.assert_close(rec.maps(), separate, atol=1e-5, rtol=1e-4)
     assert vpt.prompt_embeddings.grad is not None
     assert all(p.grad is None for p in vpt.base.parameters())
+
+
+# ----------------------------------------------------------------------------- fused outside the window
+def _explicit_blocks(blocks) -> list[int]:
+    return [i for i, b in enumerate(blocks) if "forward" in b.attn.__dict__]
+
+
+@pytest.mark.parametrize("start_layer", [-1, 0, 1])
+def test_only_blocks_the_relevance_reads_run_explicit_attention(start_layer: int) -> None:
+    """Blocks before start_layer keep their fused attention in both modes; maps are unchanged."""
+    model = PromptedViT(tiny_timm(), num_prompts=2)  # 3 blocks
+    blocks = resolve_blocks(model)
+    images, targets = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    ext = AttentionRelevance(model, start_layer=start_layer)
+    patched: list[list[int]] = []
+    explicit_everywhere: list[torch.Tensor] = []
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        patched.append(_explicit_blocks(blocks))
+        return model(x)
+
+    maps = ext(images, targets, logits_fn)
+    assert patched == [list(range(ext.start, 3))]
+    with ext.record() as rec:
+        assert _explicit_blocks(blocks) == list(range(ext.start, 3))
+        logits = model(images)
+    (-logits.gather(1, targets[:, None]).sum()).backward()
+    assert all(a is None for a in rec.attns[:ext.start])  # nothing kept below the window
+    assert all(a is not None and a.grad is not None for a in rec.attns[ext.start:])
+    torch.testing.assert_close(rec.maps(), maps, atol=1e-5, rtol=1e-4)
+    # reference: every block explicit (the previous behaviour) gives the same maps
+    attns: list = [None] * 3
+
+    def record_all(i: int, a: torch.Tensor) -> torch.Tensor:
+        if i >= ext.start:
+            a = a.detach().requires_grad_(True) if i == ext.start else a
+            attns[i] = a
+        return a
+
+    with torch.enable_grad(), explicit_attention(blocks, record_all, no_grad_below=ext.start):
+        selected = model(images).gather(1, targets[:, None]).sum()
+    grads = torch.autograd.grad(selected, attns[ext.start:])
+    rel = relevance_from_attentions(attns, [None] * ext.start + list(grads), ext.start)
+    explicit_everywhere.append(ext.to_maps(rel))
+    torch.testing.assert_close(maps, explicit_everywhere[0], atol=1e-5, rtol=1e-4)
+    assert no_instance_forwards(model)
+
+
+def test_explicit_attention_on_a_bf16_held_clip_matches_fused() -> None:
+    """Low precision: attention logits and softmax in fp32, so the explicit and fused blocks agree."""
+    from backmix_vlm.models.frozen import hold_frozen_in
+
+    model = tiny_clip()
+    hold_frozen_in(model, torch.bfloat16)
+    images = torch.randn(4, 3, 32, 32)
+    for layout in ("batch_first", "seq_first"):
+        from backmix_vlm.models.clip import set_block_layout
+
+        set_block_layout(model, layout)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = model.encode_image(images).float()
+            seen = []
+            with explicit_attention(resolve_blocks(model), lambda i, a: seen.append(a.dtype) or a):
+                explicit = model.encode_image(images).float()
+        assert seen == [torch.float32, torch.float32]
+        assert float(F.cosine_similarity(fused, explicit).min()) > 0.9999
+    maps = AttentionRelevance(model)(images, torch.tensor([0, 1, 2, 3]), clip_logits_fn(model, torch.randn(5, 32)))
+    assert maps.dtype == torch.float32 and maps.shape == (4, 4, 4)

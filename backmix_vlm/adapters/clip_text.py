@@ -62,12 +62,28 @@ def text_tower(model: nn.Module) -> TextTower:
     )
 
 
-def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Text features ``(N, E)`` from token embeddings ``(N, L, D)``; ``token_ids`` locate the EOT token."""
+def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor,
+                           truncate: bool | None = None) -> torch.Tensor:
+    """Text features ``(N, E)`` from token embeddings ``(N, L, D)``; ``token_ids`` locate the EOT token.
+
+    ``truncate``: run only positions up to the last EOT of the batch.  With CLIP's causal mask
+    and EOT pooling the dropped (padding) positions cannot reach the pooled token, so the
+    features are the same up to float rounding (a CoOp prompt of 16 context tokens + a class
+    name is ~20 of 77 positions: ~3.5x less text-tower work).  Default: on when the text tower
+    is held in bf16 / fp16 (:mod:`backmix_vlm.models.frozen`), off in fp32 so the result stays
+    bit-identical to ``encode_text``.
+    """
     t = text_tower(model)
     cast_dtype = t.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + t.positional_embedding.to(cast_dtype)
-    x = t.transformer(x, attn_mask=t.attn_mask)
+    pos, attn_mask = t.positional_embedding, t.attn_mask
+    if truncate is None:
+        truncate = cast_dtype in (torch.bfloat16, torch.float16)
+    if truncate and attn_mask is not None and (t.pool_type == "argmax" or (t.pool_type == "eos" and t.eos_id is not None)):
+        eot = token_ids.argmax(dim=-1) if t.pool_type == "argmax" else (token_ids == t.eos_id).int().argmax(dim=-1)
+        end = int(eot.max()) + 1
+        embeddings, token_ids, pos, attn_mask = embeddings[:, :end], token_ids[:, :end], pos[:end], attn_mask[:end, :end]
+    x = embeddings.to(cast_dtype) + pos.to(cast_dtype)
+    x = t.transformer(x, attn_mask=attn_mask)
     x = t.ln_final(x)
     x = text_global_pool(x, token_ids, t.pool_type, eos_token_id=t.eos_id)
     if t.text_projection is not None:

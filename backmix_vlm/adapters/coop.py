@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import check_choice
 from ..errors import ConfigError, DataError, ModelError
+from ..models.frozen import fp32_head
 from ..models.output import ModelOutput
 from .base import ADAPTERS, Adapter, resolve_config
 from .clip_text import encode_text_embeddings, text_tower, unwrap_clip
@@ -113,15 +114,15 @@ class CoOp(Adapter):
         if cfg.ctx_init is not None:
             phrase = cfg.ctx_init.replace("_", " ").strip()
             phrase_ids = encode(phrase)
-            with torch.no_grad():
-                ctx = embed(torch.tensor(phrase_ids, device=embed.weight.device)).detach().clone()
+            with torch.no_grad():  # trainable context: fp32 even over a base held in bf16 / fp16
+                ctx = embed(torch.tensor(phrase_ids, device=embed.weight.device)).detach().float()
             if cfg.class_specific:
                 ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
         else:
             phrase = " ".join(["X"] * cfg.n_ctx)
             phrase_ids = encode(phrase)
             shape = (len(self.classnames), cfg.n_ctx) if cfg.class_specific else (cfg.n_ctx,)
-            ctx = torch.empty(*shape, embed.embedding_dim, dtype=embed.weight.dtype, device=embed.weight.device)
+            ctx = torch.empty(*shape, embed.embedding_dim, dtype=torch.float32, device=embed.weight.device)
             nn.init.normal_(ctx, std=cfg.init_std)
         self.n_ctx = n_ctx = len(phrase_ids)
         self.ctx = nn.Parameter(ctx)
@@ -172,20 +173,21 @@ class CoOp(Adapter):
     def forward(self, images: torch.Tensor, local: bool | None = None) -> ModelOutput:
         """Global logits/cosines; with ``local`` (default: ``cfg.local_features``) also per-patch ones."""
         use_local = self.cfg.local_features if local is None else local
-        text = F.normalize(self.encode_text(), dim=-1)
+        text = self.encode_text()
         if use_local:
             from ..models.clip import encode_image_global_local
 
             image, local_feats = encode_image_global_local(self.base, images)
         else:
             image, local_feats = self.base.encode_image(images), None
-        text = text.to(image.dtype)
-        scale = self.logit_scale.to(image.dtype)
-        cosine = F.normalize(image, dim=-1) @ text.T
-        out = ModelOutput(logits=scale * cosine, features=image, cosine=cosine)
-        if local_feats is not None:
-            out.local_cosine = F.normalize(local_feats, dim=-1) @ text.T
-            out.local_logits = scale * out.local_cosine
+        with fp32_head(image):  # cosines and the logit scale in fp32, also under autocast
+            text = F.normalize(text.float(), dim=-1)
+            scale = self.logit_scale.float()
+            cosine = F.normalize(image.float(), dim=-1) @ text.T
+            out = ModelOutput(logits=scale * cosine, features=image, cosine=cosine)
+            if local_feats is not None:
+                out.local_cosine = F.normalize(local_feats.float(), dim=-1) @ text.T
+                out.local_logits = scale * out.local_cosine
         return out
 
 

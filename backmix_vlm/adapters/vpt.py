@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import check_choice
 from ..errors import ConfigError, DataError, ModelError
+from ..models.frozen import fp32_head
 from ..models.output import ModelOutput
 from .base import ADAPTERS, Adapter, resolve_config
 
@@ -241,8 +242,9 @@ class VPT(Adapter):
         feats = self.forward_features(images)
         if self.head is not None:
             return ModelOutput(logits=self.head(feats), features=feats)
-        cosine = F.normalize(feats, dim=-1) @ self.text_features.to(feats.dtype).T
-        return ModelOutput(logits=self.logit_scale.to(feats.dtype) * cosine, features=feats, cosine=cosine)
+        with fp32_head(feats):  # cosines and the logit scale in fp32, also under autocast
+            cosine = F.normalize(feats.float(), dim=-1) @ self.text_features.float().T
+            return ModelOutput(logits=self.logit_scale.float() * cosine, features=feats, cosine=cosine)
 
 
 ADAPTERS.add("vpt", VPT)

@@ -261,9 +261,9 @@ class AdapterTask:
         return clip_logits_fn(model.base, text)
 
     def _autocast(self):
-        if self.precision == "bf16":
+        if self.precision in ("bf16", "fp16"):
             device = next(self.model.parameters()).device.type
-            return torch.autocast(device_type=device, dtype=torch.bfloat16)
+            return torch.autocast(device_type=device, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
         return nullcontext()
 
 

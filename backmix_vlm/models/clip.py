@@ -447,10 +447,11 @@ class ClipZeroShotClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         global_feats, local_feats = encode_image_global_local(self.model, images)
-        text = self.text_features.to(global_feats.dtype)
-        cosine = F.normalize(global_feats, dim=-1) @ text.T
-        local_cosine = F.normalize(local_feats, dim=-1) @ text.T
-        scale = self.logit_scale.to(cosine.dtype)
+        with torch.autocast(global_feats.device.type, enabled=False):  # head in fp32 (models/frozen.py)
+            text = self.text_features.float()
+            cosine = F.normalize(global_feats.float(), dim=-1) @ text.T
+            local_cosine = F.normalize(local_feats.float(), dim=-1) @ text.T
+            scale = self.logit_scale.float()
         return ModelOutput(
             logits=scale * cosine,
             features=global_feats,

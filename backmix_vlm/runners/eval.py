@@ -73,6 +73,7 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
     from ..adapters import create_adapter
     from ..engine.checkpoint import LAST, load_checkpoint
     from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
+    from ..models.frozen import trainable_in_fp32
     from ..report.tables import aggregate_seeds, write_results
     from ..runs import record_run
     from .fewshot import adapter_config, build_backbone, build_datasets, load_fewshot_config
@@ -87,6 +88,7 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
         ckpt = run_dir / f"seed{seed}" / LAST
         state = load_checkpoint(ckpt)
         adapter = create_adapter(cfg.method.name, backbone["base"], data["train"].classes, adapter_config(cfg))
+        trainable_in_fp32(adapter)  # as in training (fewshot.run_seed)
         adapter.load_state_dict_trainable(state["model"])
         adapter.to(device).eval()
         evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=device,

@@ -33,6 +33,7 @@ JOB = "fewshot"
 METHODS = ("coop", "locoop", "vpt", "lora")
 FAMILIES = ("clip", "timm")
 SHOT_CHOICES = (1, 2, 4, 8, 16)
+FROZEN_WEIGHTS = ("compute", "fp32")
 
 
 @dataclass
@@ -46,9 +47,11 @@ class BackboneConfig:
     image_size: int | None = None          # timm: input size (default: the model's); clip: fixed by the model
     cache_dir: str | None = None           # open_clip download cache
     options: dict[str, Any] = field(default_factory=dict)  # timm.create_model keywords (e.g. {patch_size: 8, depth: 2})
+    frozen_weights: str = "compute"        # compute: frozen weights held in run.precision's dtype (bf16 / fp16) once | fp32: re-cast by autocast every step (official CoOp)
 
     def validate(self) -> None:
         check_choice(self.family, FAMILIES, "backbone.family")
+        check_choice(self.frozen_weights, FROZEN_WEIGHTS, "backbone.frozen_weights")
 
 
 @dataclass
@@ -177,6 +180,7 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
         bundle = load_clip(b.name, b.pretrained, b.checkpoint, device=device, cache_dir=b.cache_dir)
         if b.image_size is not None and b.image_size != bundle.image_size:
             raise ConfigError(f"backbone.image_size: {b.name} takes {bundle.image_size} px inputs; remove the key")
+        hold_frozen_backbone(bundle.model, cfg, device)
         return {"base": bundle, "mean": list(bundle.mean), "std": list(bundle.std), "image_size": int(bundle.image_size),
                 "id": {"name": bundle.name, "weights": bundle.pretrained}}
     if cfg.method.name not in ("vpt", "lora"):
@@ -186,11 +190,22 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
 
     pretrained: Any = b.checkpoint or (True if b.pretrained not in (None, "", "none", "false") else False)
     vit = load_timm_vit(b.name, pretrained=pretrained, img_size=b.image_size, **b.options).to(device).eval()
+    hold_frozen_backbone(vit.requires_grad_(False), cfg, device)  # the adapter freezes it anyway
     dc = vit.pretrained_cfg or {}
     size = b.image_size or int(vit.patch_embed.img_size[0])
     return {"base": vit, "mean": list(dc.get("mean", (0.485, 0.456, 0.406))),
             "std": list(dc.get("std", (0.229, 0.224, 0.225))), "image_size": size,
             "id": {"name": b.name, "weights": str(pretrained)}}
+
+
+def hold_frozen_backbone(model: Any, cfg: FewShotConfig, device: Any) -> None:
+    """With ``backbone.frozen_weights: compute`` and a bf16 / fp16 run, hold the frozen backbone in
+    that dtype once (:func:`backmix_vlm.models.frozen.hold_frozen_in`), before any adapter is built,
+    so every seed's adapter (and ``eval``) sees the same weights."""
+    from ..models.frozen import frozen_compute_dtype, hold_frozen_in
+
+    if cfg.backbone.frozen_weights == "compute":
+        hold_frozen_in(model, frozen_compute_dtype(cfg.run.precision, device))
 
 
 def adapter_config(cfg: FewShotConfig) -> Any:
@@ -251,6 +266,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
     from ..engine.checkpoint import LAST
     from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
     from ..engine.trainer import Trainer
+    from ..models.frozen import trainable_in_fp32
     from ..report.tables import write_results
 
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +281,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
         train = IndexedSubset(train_full, indices)
     set_seed(seed)
     adapter = create_adapter(cfg.method.name, backbone["base"], train_full.classes, adapter_config(cfg))
-    adapter = adapter.to(accelerator.device)
+    adapter = trainable_in_fp32(adapter.to(accelerator.device))  # fp32 weights and optimizer state
     run_cfg = dataclasses.replace(cfg.run, seed=seed)
     def fit_set() -> Any:  # the training images under the eval transform (Mahalanobis statistics)
         full = data["train_eval"]()

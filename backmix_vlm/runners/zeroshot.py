@@ -82,6 +82,7 @@ def _loader(ds: Any, cfg: EvalConfig, device: torch.device) -> DataLoader:
 def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg`` and write results.md / results.json into ``run_dir``; return the results."""
     from ..data import build_dataset
+    from ..models.frozen import LOW_PRECISION, frozen_compute_dtype, hold_frozen_in
     from ..ood.evaluate import evaluate_open_set
     from ..ood.features import cache_file, extract_outputs, model_fingerprint, score_images_loader
     from ..report.tables import write_results
@@ -111,6 +112,8 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
 
             score.prepare_text(lambda words, tpl: build_text_features(bundle, words, tpl), clf.text_features,
                                list(classnames), clf.templates)
+    # the frozen image tower in the compute dtype once (bf16 / fp16 weights or run.precision), fused attention
+    hold_frozen_in(bundle.model, LOW_PRECISION.get(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
 
     cache_dir = Path(cfg.run.output_dir) / ".cache" / "features"
     # image tower weights + the exact class embeddings + logit scale = everything outputs depend on

@@ -20,6 +20,9 @@ Why a patched forward: open_clip (``nn.MultiheadAttention(need_weights=False)``)
 ``A``.  :func:`explicit_attention` temporarily replaces each block's attention ``forward`` with
 an explicit-softmax version that uses the module's *own* weights (outputs equal the fused path
 to float rounding) and hands ``A`` to a callback, so it can be kept in the autograd graph.
+Only the blocks the relevance reads (``start_layer`` on) are patched; the blocks before keep
+their fused attention (flash / memory-efficient kernels, no ``A`` in memory).  Attention logits
+and the softmax are computed in fp32 on bf16 / fp16 inputs, as the fused kernels do.
 Nothing else changes: no ``requires_grad`` flips, no ``.grad`` on parameters (gradients are
 taken with :func:`torch.autograd.grad` w.r.t. the attention tensors only), and the original
 forwards are restored in ``finally:``.
@@ -138,6 +141,23 @@ def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``q k^T * scale`` (N, H, L, S); in fp32 when q / k are bf16 / fp16, like the fused kernels
+    (a bf16 logit of 30 is off by up to 0.06, i.e. 6 % after the exponential)."""
+    if q.dtype in _LOW or k.dtype in _LOW:
+        with torch.autocast(q.device.type, enabled=False):
+            return (q.float() * scale) @ k.float().transpose(-2, -1)
+    return (q * scale) @ k.transpose(-2, -1)
+
+
+def _softmax_fp32(scores: Tensor) -> Tensor:
+    """Post-softmax attention in fp32 (the relevance reads it); the value product casts it to v's dtype."""
+    return scores.softmax(dim=-1, dtype=torch.float32)
+
+
 def _mha_forward(mod: nn.MultiheadAttention, record: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
     """Explicit ``nn.MultiheadAttention.forward`` (open_clip's ResidualAttentionBlock)."""
     if mod.bias_k is not None or mod.add_zero_attn:
@@ -149,24 +169,27 @@ def _mha_forward(mod: nn.MultiheadAttention, record: Callable[[Tensor], Tensor])
                 average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         if query.dim() != 3:
             raise ModelError(f"attention relevance needs batched (3-D) inputs, got shape {tuple(query.shape)}")
-        if not mod.batch_first:  # (L, N, E) -> (N, L, E)
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        n, tgt, emb = query.shape
-        src, heads = key.shape[1], mod.num_heads
-        head_dim = emb // heads
+        heads = mod.num_heads
         if mod._qkv_same_embed_dim:
             w_q, w_k, w_v = mod.in_proj_weight.chunk(3)
         else:
             w_q, w_k, w_v = mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight
         b_q, b_k, b_v = mod.in_proj_bias.chunk(3) if mod.in_proj_bias is not None else (None, None, None)
+        # project in the input's own layout (a transposed, non-contiguous input makes CPU bf16
+        # projections several times slower), then view per head: (N, H, L, D)
         if query is key and key is value and mod._qkv_same_embed_dim:  # self-attention: one packed matmul
             q, k, v = F.linear(query, mod.in_proj_weight, mod.in_proj_bias).chunk(3, dim=-1)
         else:
             q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        if not mod.batch_first:  # (L, N, E) -> (N, L, E) views
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        n, tgt, emb = q.shape
+        src = k.shape[1]
+        head_dim = emb // heads
         q = q.reshape(n, tgt, heads, head_dim).transpose(1, 2)
         k = k.reshape(n, src, heads, head_dim).transpose(1, 2)
         v = v.reshape(n, src, heads, head_dim).transpose(1, 2)
-        scores = (q * head_dim ** -0.5) @ k.transpose(-2, -1)  # (N, H, L, S)
+        scores = _scores(q, k, head_dim ** -0.5)  # (N, H, L, S)
         if is_causal and attn_mask is None:
             attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=scores.device).triu(1)
         bias = _additive_mask(attn_mask, scores.dtype)
@@ -175,11 +198,12 @@ def _mha_forward(mod: nn.MultiheadAttention, record: Callable[[Tensor], Tensor])
         pad = _additive_mask(key_padding_mask, scores.dtype)
         if pad is not None:
             scores = scores + pad.view(n, 1, 1, src)
-        attn = record(scores.softmax(dim=-1))
-        out = F.dropout(attn, p=mod.dropout, training=mod.training) @ v
-        out = mod.out_proj(out.transpose(1, 2).reshape(n, tgt, emb))
-        if not mod.batch_first:
-            out = out.transpose(0, 1)
+        attn = record(_softmax_fp32(scores))
+        out = F.dropout(attn, p=mod.dropout, training=mod.training).to(v.dtype) @ v
+        if mod.batch_first:
+            out = mod.out_proj(out.transpose(1, 2).reshape(n, tgt, emb))
+        else:  # (N, H, L, D) -> (L, N, E), contiguous for the projection
+            out = mod.out_proj(out.permute(2, 0, 1, 3).reshape(tgt, n, emb))
         weights = (attn.mean(dim=1) if average_attn_weights else attn) if need_weights else None
         return out, weights
 
@@ -197,14 +221,14 @@ def _timm_forward(mod: nn.Module, record: Callable[[Tensor], Tensor]) -> Callabl
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None
         q, k, v = mod.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = mod.q_norm(q), mod.k_norm(k)
-        scores = (q * mod.scale) @ k.transpose(-2, -1)
+        scores = _scores(q, k, mod.scale)
         if is_causal:  # SDPA semantics: is_causal wins over attn_mask
             attn_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         if attn_mask is not None:  # SDPA convention: bool True = attend
             attn_mask = _additive_mask(~attn_mask, scores.dtype) if attn_mask.dtype == torch.bool else attn_mask
             scores = scores + attn_mask.to(scores.dtype)
-        attn = record(scores.softmax(dim=-1))
-        out = (mod.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, heads * head_dim)
+        attn = record(_softmax_fp32(scores))
+        out = (mod.attn_drop(attn).to(v.dtype) @ v).transpose(1, 2).reshape(b, n, heads * head_dim)
         out = getattr(mod, "norm", nn.Identity())(out)
         if gate is not None:
             out = out * gate
@@ -225,12 +249,12 @@ def _open_clip_forward(mod: nn.Module, record: Callable[[Tensor], Tensor]) -> Ca
         q, k, v = (t.reshape(n, length, heads, -1).transpose(1, 2) for t in (q, k, v))
         if attn_mask is not None and attn_mask.dim() == 3:  # open_clip: (L, L) or (N*H, L, L), bool True = masked
             attn_mask = attn_mask.reshape(n, heads, length, length)
-        scores = (mod.ln_q(q) * mod.scale) @ mod.ln_k(k).transpose(-1, -2)
+        scores = _scores(mod.ln_q(q), mod.ln_k(k), mod.scale)
         bias = _additive_mask(attn_mask, scores.dtype)
         if bias is not None:
             scores = scores + bias
-        attn = record(scores.softmax(dim=-1))
-        out = mod.attn_drop(attn) @ v
+        attn = record(_softmax_fp32(scores))
+        out = mod.attn_drop(attn).to(v.dtype) @ v
         if mod.head_scale is not None:
             out = out * mod.head_scale
         out = mod.ln_inner(out.transpose(1, 2).reshape(n, length, channels))
@@ -313,11 +337,12 @@ def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextmanager
 def explicit_attention(
-    blocks: Sequence[nn.Module], record: RecordFn, no_grad_below: int = 0
+    blocks: Sequence[nn.Module], record: RecordFn, no_grad_below: int = 0, explicit_from: int = 0
 ) -> Iterator[None]:
-    """Run ``blocks`` with explicit-softmax attention; ``record(block_index, A)`` sees every ``A``.
+    """Run ``blocks[explicit_from:]`` with explicit-softmax attention; ``record(block_index, A)`` sees their ``A``.
 
     ``record`` returns the tensor used downstream (``A`` itself, or e.g. a detached leaf copy).
+    Blocks before ``explicit_from`` keep their own (fused) attention: nobody reads their ``A``.
     Blocks with index < ``no_grad_below`` run under ``torch.no_grad()`` (a separate saliency
     pass needs no graph there).  Everything is restored on exit, also after an exception.
     """
@@ -325,9 +350,10 @@ def explicit_attention(
 
     with ExitStack() as stack:
         for i, block in enumerate(blocks):
-            attn = _attention_of(block)
-            factory = _forward_factory(attn)
-            stack.enter_context(_patched_forward(attn, factory(attn, lambda a, i=i: record(i, a))))
+            if i >= explicit_from:
+                attn = _attention_of(block)
+                factory = _forward_factory(attn)
+                stack.enter_context(_patched_forward(attn, factory(attn, lambda a, i=i: record(i, a))))
             if i < no_grad_below:
                 stack.enter_context(_patched_forward(block, _no_grad_forward(block.forward)))
         yield
@@ -538,7 +564,7 @@ class AttentionRelevance:
             attns[i] = attn
             return attn
 
-        with torch.enable_grad(), explicit_attention(self.blocks, record, no_grad_below=start):
+        with torch.enable_grad(), explicit_attention(self.blocks, record, no_grad_below=start, explicit_from=start):
             out = logits_fn(images)
             selected = _select_logits(getattr(out, "logits", out), targets).sum()  # ModelOutput or tensor
         needed = attns[start:]
@@ -573,7 +599,7 @@ class AttentionRelevance:
                 rec.attns[i] = attn
             return attn
 
-        with explicit_attention(self.blocks, record):
+        with explicit_attention(self.blocks, record, explicit_from=start):  # blocks before start stay fused
             yield rec
 
 

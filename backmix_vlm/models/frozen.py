@@ -1,0 +1,256 @@
+"""Frozen towers in the compute dtype: weights held in bf16 / fp16 once, fused attention.
+
+Under ``torch.autocast`` every matmul casts its fp32 weight to the autocast dtype on *every*
+call (autocast caches the cast only for leaf tensors that require grad, i.e. never for a
+frozen tower), and the frozen towers of CoOp / LoCoOp / VPT / zero-shot evaluation dominate
+the step.  :func:`hold_frozen_in` does the cast once, the way open_clip builds a model in half
+precision (``convert_weights_to_lp`` + ``LayerNormFp32``):
+
+* frozen parameters (matmul / conv weights and biases, embeddings, class / prompt tokens)
+  are cast to ``dtype`` in place (the ``Parameter`` objects stay the same);
+* normalisation layers keep fp32 parameters and compute in fp32 on low-precision inputs,
+  returning the input dtype (open_clip's ``LayerNormFp32``; on CPU torch's mixed-dtype
+  layer-norm kernel does exactly this without copying the input to fp32);
+* ``logit_scale`` / ``logit_bias`` stay fp32 (a bf16 temperature would be off by up to 0.4 %);
+* trainable parameters (``requires_grad=True``: CoOp context, VPT prompts, heads, LoRA
+  weights) are not touched, so they and their optimizer state stay fp32;
+* frozen ``nn.MultiheadAttention`` self-attention runs a lean ``scaled_dot_product_attention``
+  forward (:class:`FusedMultiheadAttention`: one packed projection in the input's own layout,
+  strided q / k / v views into the flash kernel, no ``contiguous`` copies of q, k, v);
+* open_clip's ``QuickGELU`` allocates one tensor instead of three when no graph is recorded;
+* conv layers (the patch embedding) cast their input to their weight dtype, so an image
+  tower also runs without autocast.
+
+Everything else about the model is unchanged: module types stay subclasses of the original
+ones (``isinstance`` checks and the attention-relevance extractor keep working), parameter
+names and shapes are the same, and the adapter's saved state (its trainable tensors) is fp32
+as before.  The cast model is meant to run under autocast of the same dtype (the trainer and
+the evaluator do), so fp32 trainable parts mix with the low-precision frozen ones.
+:func:`frozen_compute_dtype` maps ``run.precision`` to the dtype (None for fp32 runs).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+KEEP_FP32 = ("logit_scale", "logit_bias")  # parameter names (CLIP / SigLIP temperature and bias)
+NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
+                                *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def frozen_compute_dtype(precision: str | None, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The dtype frozen weights are held in for ``run.precision`` on ``device``.
+
+    ``bf16`` → bfloat16 (CPU and GPU); ``fp16`` → float16 on a GPU (CPU fp16 autocast is not
+    supported, None); ``no`` / ``fp32`` / None → None (keep fp32).
+    """
+    if precision in (None, "no", "fp32"):
+        return None
+    if precision not in LOW_PRECISION:
+        raise ConfigError(f"precision {precision!r} is not accepted; choose no, fp32, bf16 or fp16")
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        return None
+    return LOW_PRECISION[precision]
+
+
+# ----------------------------------------------------------------------------- fp32 norms
+class _NormInFp32:
+    """Mixin: compute the norm in fp32 on bf16 / fp16 inputs, return the input dtype."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        if _plain_layer_norm(self) and x.device.type == "cpu":
+            # CPU's mixed-dtype kernel: fp32 statistics and affine, bf16 / fp16 in and out, no copies
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)  # type: ignore[attr-defined]
+        return super().forward(x.float(), *args, **kwargs).to(x.dtype)  # type: ignore[misc]
+
+
+_PLAIN_LN_FORWARDS: set[Any] = {nn.LayerNorm.forward}
+
+
+def _plain_layer_norm(module: nn.Module) -> bool:
+    """A LayerNorm whose forward is ``F.layer_norm(x, shape, weight, bias, eps)`` (torch / open_clip / timm)."""
+    base = type(module).__mro__[2]  # (fp32 variant, _NormInFp32, original class, ...)
+    return base.forward in _PLAIN_LN_FORWARDS and all(
+        p is None or p.dtype == torch.float32 for p in (module.weight, module.bias))  # type: ignore[attr-defined]
+
+
+def _known_plain_layer_norms() -> None:
+    try:
+        from open_clip.transformer import LayerNorm, LayerNormFp32
+
+        _PLAIN_LN_FORWARDS.update({LayerNorm.forward, LayerNormFp32.forward})
+    except ImportError:  # pragma: no cover - open_clip is optional for timm-only use
+        pass
+    try:
+        from timm.layers import LayerNorm as TimmLayerNorm
+
+        if getattr(TimmLayerNorm, "forward", None) is not None:
+            # timm's LayerNorm only adds an optional "fast norm" path (GPU autocast), same math
+            _PLAIN_LN_FORWARDS.add(TimmLayerNorm.forward)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+_known_plain_layer_norms()
+
+
+# ----------------------------------------------------------------------------- conv input cast
+class _CastInput:
+    """Mixin: cast a floating input to the layer's weight dtype (patch embeddings: images arrive in fp32)."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        w = self.weight  # type: ignore[attr-defined]
+        if x.is_floating_point() and x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)
+        return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- QuickGELU
+class _QuickGELUFewerAllocations:
+    """open_clip ``QuickGELU`` (``x * sigmoid(1.702 x)``) with one output tensor instead of three
+    when no graph is recorded (same kernels, bit-identical result)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)  # type: ignore[misc]
+        return torch.mul(x, 1.702).sigmoid_().mul_(x)
+
+
+# ----------------------------------------------------------------------------- fused attention
+class FusedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose self-attention runs one lean ``scaled_dot_product_attention``.
+
+    torch's own path (``F.multi_head_attention_forward``) also ends in SDPA, but first copies
+    the packed q / k / v projection into a contiguous (3, L, N, E) tensor, re-views it per head
+    and copies the output back; in bf16 on a CPU those copies cost as much as the attention
+    itself.  Here the projection runs in the input's own layout and q / k / v are strided views
+    of it (the flash kernels read strides).  Anything else — ``need_weights``, cross-attention,
+    key padding masks, ``add_bias_kv``, dropout in training — goes to the original forward.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if (need_weights or key is not query or value is not query or key_padding_mask is not None
+                or query.dim() != 3 or not self._qkv_same_embed_dim or self.bias_k is not None
+                or self.add_zero_attn or (self.training and self.dropout > 0)):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        return fused_self_attention(self, query, attn_mask, is_causal), None
+
+
+def fused_self_attention(mod: nn.MultiheadAttention, x: Tensor, attn_mask: Tensor | None = None,
+                         is_causal: bool = False) -> Tensor:
+    """Self-attention of ``mod`` on ``x`` ((N, L, E) if ``mod.batch_first`` else (L, N, E)) via SDPA."""
+    heads = mod.num_heads
+    qkv = F.linear(x, mod.in_proj_weight, mod.in_proj_bias)
+    if mod.batch_first:
+        n, length, emb = x.shape
+        q, k, v = qkv.view(n, length, 3, heads, emb // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        length, n, emb = x.shape
+        q, k, v = qkv.view(length, n, 3, heads, emb // heads).permute(2, 1, 3, 0, 4).unbind(0)
+    mask = _sdpa_mask(attn_mask, n, heads, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    # out: (N, H, L, D) -> the input's layout
+    out = out.transpose(1, 2).reshape(n, length, emb) if mod.batch_first else out.permute(2, 0, 1, 3).reshape(length, n, emb)
+    return mod.out_proj(out)
+
+
+def _sdpa_mask(mask: Tensor | None, n: int, heads: int, dtype: torch.dtype) -> Tensor | None:
+    """MHA's attn_mask (bool True = masked, or additive; (L, S) or (N*H, L, S)) in SDPA's convention."""
+    if mask is None:
+        return None
+    if mask.dim() == 3:
+        mask = mask.view(n, heads, *mask.shape[1:])
+    if mask.dtype == torch.bool:
+        return ~mask  # SDPA: True = attend
+    return mask.to(dtype)
+
+
+# ----------------------------------------------------------------------------- the cast
+_VARIANTS: dict[tuple[type, type], type] = {}
+
+
+def _variant(mixin: type, cls: type) -> type:
+    """A subclass of ``cls`` with ``mixin``'s forward, created once and importable (picklable)."""
+    key = (mixin, cls)
+    if key not in _VARIANTS:
+        name = f"{cls.__name__}{mixin.__name__.strip('_')}"
+        variant = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = variant
+        _VARIANTS[key] = variant
+    return _VARIANTS[key]
+
+
+def _swap(module: nn.Module, mixin: type) -> None:
+    if not isinstance(module, mixin):
+        module.__class__ = _variant(mixin, type(module))
+
+
+def _is_quick_gelu(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "QuickGELU" and cls.__module__.startswith("open_clip")
+
+
+def hold_frozen_in(module: nn.Module, dtype: torch.dtype | None) -> int:
+    """Hold ``module``'s frozen parts in ``dtype`` (see the module docstring); returns the number
+    of parameter elements cast.  ``dtype=None`` does nothing.  Calling it again is a no-op."""
+    if dtype is None:
+        return 0
+    if dtype not in LOW_PRECISION.values():
+        raise ConfigError(f"frozen weights can be held in bfloat16 or float16, not {dtype}")
+    cast = 0
+    for sub in module.modules():
+        params = list(sub.named_parameters(recurse=False))
+        if isinstance(sub, NORM_TYPES):
+            _swap(sub, _NormInFp32)
+            for _, p in params:  # norms compute in fp32: their parameters stay (or become) fp32
+                if p.is_floating_point() and p.dtype != torch.float32 and not p.requires_grad:
+                    p.data = p.data.float()
+            continue
+        for name, p in params:
+            if p.requires_grad or not p.is_floating_point() or name in KEEP_FP32 or p.dtype == dtype:
+                continue
+            p.data = p.data.to(dtype)
+            cast += p.numel()
+        frozen = not any(p.requires_grad for p in sub.parameters())
+        if type(sub) is nn.MultiheadAttention and frozen:
+            sub.__class__ = FusedMultiheadAttention
+        elif isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and frozen:
+            _swap(sub, _CastInput)
+        elif _is_quick_gelu(sub):
+            _swap(sub, _QuickGELUFewerAllocations)
+    return cast
+
+
+def frozen_dtypes(module: nn.Module) -> dict[str, int]:
+    """Parameter elements per dtype name, frozen and trainable separately (for logs and tests)."""
+    out: dict[str, int] = {}
+    for p in module.parameters():
+        key = f"{'trainable' if p.requires_grad else 'frozen'} {str(p.dtype).replace('torch.', '')}"
+        out[key] = out.get(key, 0) + p.numel()
+    return out
+
+
+def fp32_head(like: Tensor) -> Any:
+    """Autocast off on ``like``'s device: class heads (cosine, logit scale) computed in fp32."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
+def trainable_in_fp32(module: nn.Module) -> nn.Module:
+    """Make every trainable floating parameter fp32 (in place; e.g. LoRA weights created in the
+    dtype of a base held in bf16), so weights, gradients and optimizer state are fp32."""
+    for p in module.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return module

@@ -1,0 +1,395 @@
+#!/usr/bin/env python
+"""Frozen towers at the speed of the hardware (issue 11): CPU benchmark of eval encoding, CoOp steps, memory.
+
+Random weights only (timing and memory; never results): ``load_clip(name, "openai",
+load_weights=False)`` builds the OpenAI architecture (QuickGELU) with random weights.
+
+Parts (``--parts``, each in a fresh subprocess so Accelerate state and RSS start clean):
+
+* ``eval``  bf16 matmul peak (4096³, measured before, between and after the rounds) and
+  ``encode_image`` of ``--eval-batch`` images under ``torch.inference_mode``: fp32 weights under
+  bf16 autocast (the previous path) vs the tower held in bf16
+  (:func:`backmix_vlm.models.frozen.hold_frozen_in`), interleaved rounds; images/s and % of the
+  peak (FLOPs of one image counted from the architecture, ``bench_coop.vit_image_flops``).
+  Also the fast path's accuracy against the fp32 forward (per-sample cosine, zero-shot argmax
+  agreement against random class embeddings).
+* ``coop``  one training step at batch ``--batch`` (bf16), interleaved rounds, same weights and
+  images:
+    official     a faithful re-implementation of the official CoOp step (KaiyangZhou/CoOp
+                 ``trainers/coop.py``: PromptLearner, TextEncoder, CustomCLIP over OpenAI's CLIP
+                 forward — fp32 weights, seq-first blocks, fp32 LayerNorm — run as Dassl's
+                 ``forward_backward`` with ``PREC=amp``: autocast, CE, SGD step; bf16 autocast on
+                 CPU, so no GradScaler)
+    plain        ours: ``Trainer.train_step`` + ``AdapterTask`` over ``CoOp``, base held in bf16
+    plain2x      ours, no mixing, on the doubled batch (2B images)
+    backmix      ours, BackMix alongside (B originals + B mixed), bank update every step
+                 (``saliency.reuse_forward``, start_layer -1)
+  Ratios are medians of per-round ratios (official / plain, backmix / plain2x).
+* ``memory`` peak RSS growth of one BackMix training step (VPT with the map from the training
+  backward, CoOp with the reuse-forward tail), start_layer -1 and 0, for ViT-B/16 at batch 64
+  and ViT-L/14 at batch 16, bf16: with explicit attention only in the relevance window (now)
+  and in every block (``legacy``: what the recording did before).  Slow (minutes per step on
+  2 cores); run it nice'd.
+
+    python scripts/bench_speed.py --parts eval coop --out bench_speed.json
+    nice -n 10 python scripts/bench_speed.py --parts memory --out bench_memory.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_coop import CLASSES, PeakRSS, _Sized, _timed, machine_info, vit_image_flops  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def matmul_bf16(n: int = 4096, reps: int = 3) -> float:
+    """Best-of-``reps`` GFLOP/s of an n³ bf16 matmul."""
+    a, b = torch.randn(n, n, dtype=BF16), torch.randn(n, n, dtype=BF16)
+    torch.matmul(a, b)
+    return 2 * n ** 3 / min(_timed(lambda: torch.matmul(a, b)) for _ in range(reps)) / 1e9
+
+
+# ----------------------------------------------------------------------------- official CoOp (re-implementation)
+class OfficialCoOp(nn.Module):
+    """The computation of KaiyangZhou/CoOp ``CustomCLIP`` (trainers/coop.py) over OpenAI's CLIP forward.
+
+    ``clip`` is an open_clip CLIP with OpenAI's architecture in fp32; its modules are used with
+    OpenAI CLIP's own forward (clip/model.py): seq-first (LND) blocks
+    ``x + attn(ln_1(x)); x + mlp(ln_2(x))`` with ``nn.MultiheadAttention(need_weights=False)``
+    and the causal mask cast to the activations' dtype, LayerNorm computed in fp32 and cast back.
+    PromptLearner: generic context of ``n_ctx`` tokens ~ N(0, 0.02²), class token at the end,
+    prefix / suffix token embeddings as buffers.  Only ``ctx`` trains.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, classnames: list[str], n_ctx: int = 16) -> None:
+        super().__init__()
+        self.clip = clip.requires_grad_(False).eval()
+        for tower in (clip.visual.transformer, clip.transformer):  # OpenAI's blocks take (L, N, D)
+            tower.batch_first = False
+            for block in tower.resblocks:
+                block.attn.batch_first = False
+        width = clip.ln_final.weight.shape[0]
+        self.ctx = nn.Parameter(torch.empty(n_ctx, width).normal_(std=0.02))
+        prompts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
+        self.register_buffer("tokenized", tokenizer(prompts), persistent=False)
+        with torch.no_grad():
+            embedding = clip.token_embedding(self.tokenized)
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:], persistent=False)
+        self.mask = torch.empty(clip.context_length, clip.context_length).fill_(float("-inf")).triu_(1)
+
+    @staticmethod
+    def _ln(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:  # OpenAI's LayerNorm: fp32, then back
+        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps).type(x.dtype)
+
+    def _block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self._attention(block, x, mask)
+        return x + block.mlp(self._ln(block.ln_2, x))  # c_fc -> QuickGELU -> c_proj
+
+    def _attention(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        mask = mask.to(dtype=x.dtype, device=x.device) if mask is not None else None
+        h = self._ln(block.ln_1, x)
+        return block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+
+    def image_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.clip.visual
+        x = v.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = self._ln(v.ln_pre, x).permute(1, 0, 2)  # NLD -> LND
+        for block in v.transformer.resblocks:
+            x = self._block(block, x, None)
+        x = self._ln(v.ln_post, x.permute(1, 0, 2)[:, 0, :])
+        return x @ v.proj
+
+    def prompt_learner(self) -> torch.Tensor:
+        ctx = self.ctx.unsqueeze(0).expand(len(self.tokenized), -1, -1)
+        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+
+    def text_encoder(self, prompts: torch.Tensor) -> torch.Tensor:
+        c = self.clip
+        x = (prompts + c.positional_embedding).permute(1, 0, 2)  # NLD -> LND
+        for block in c.transformer.resblocks:
+            x = self._block(block, x, self.mask)
+        x = self._ln(c.ln_final, x.permute(1, 0, 2))
+        return x[torch.arange(x.shape[0]), self.tokenized.argmax(dim=-1)] @ c.text_projection
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        image_features = self.image_encoder(image)
+        text_features = self.text_encoder(self.prompt_learner())
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        return self.clip.logit_scale.exp() * image_features @ text_features.t()
+
+
+def official_step(model: OfficialCoOp, optim: torch.optim.Optimizer, image: torch.Tensor, label: torch.Tensor) -> float:
+    """Dassl ``forward_backward`` with ``PREC=amp`` (bf16 autocast on CPU: no GradScaler needed)."""
+    with torch.autocast("cpu", dtype=BF16):
+        output = model(image)
+        loss = F.cross_entropy(output, label)
+    optim.zero_grad()
+    loss.backward()
+    optim.step()
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------- part: eval
+def part_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from backmix_vlm.models.clip import load_clip
+    from backmix_vlm.models.frozen import hold_frozen_in
+
+    torch.manual_seed(args.seed)
+    bundle = load_clip("ViT-B-16", "openai", load_weights=False)
+    fp32 = bundle.model
+    held = copy.deepcopy(fp32)
+    hold_frozen_in(held, BF16)
+    flops = vit_image_flops(fp32.visual)
+    images = torch.randn(args.eval_batch, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed))
+    variants = {"fp32 weights, bf16 autocast": fp32, "held in bf16 (+ autocast)": held}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    peaks = [matmul_bf16()]
+    with torch.inference_mode():
+        for r in range(1 + args.reps):
+            names = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            for name in names:
+                with torch.autocast("cpu", dtype=BF16):
+                    t = _timed(lambda: variants[name].encode_image(images[:2] if r == 0 else images))
+                if r:
+                    times[name].append(t)
+            peaks.append(matmul_bf16())
+            log(f"[eval] round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v))
+        # accuracy of the fast path against the fp32 forward (no autocast)
+        ref = fp32.encode_image(images)
+        with torch.autocast("cpu", dtype=BF16):
+            fast = held.encode_image(images).float()
+    text = F.normalize(torch.randn(10, ref.shape[1], generator=torch.Generator().manual_seed(1)), dim=-1)
+    agree = ((F.normalize(ref, dim=-1) @ text.T).argmax(1) == (F.normalize(fast, dim=-1) @ text.T).argmax(1))
+    cos = F.cosine_similarity(ref, fast, dim=-1)
+    peak = statistics.median(peaks)
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows[name] = {"median_s": med, "images_per_s": args.eval_batch / med, "gflops": args.eval_batch * flops / med / 1e9,
+                      "pct_of_peak": 100 * args.eval_batch * flops / med / 1e9 / peak,
+                      "pct_of_peak_per_round": [100 * args.eval_batch * flops / t / 1e9 / p
+                                                for t, p in zip(ts, peaks[1:])]}
+    return {"batch": args.eval_batch, "flops_per_image": flops, "matmul_bf16_gflops": peaks, "peak_median": peak,
+            "times": times, "summary": rows,
+            "accuracy": {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "argmax_agreement": float(agree.float().mean()),
+                         "n": len(cos)}}
+
+
+# ----------------------------------------------------------------------------- part: coop
+def part_coop(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from backmix_vlm.adapters import CoOp
+    from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
+    from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
+    from backmix_vlm.engine.trainer import Trainer
+    from backmix_vlm.models.clip import load_clip
+    from backmix_vlm.models.frozen import hold_frozen_in
+
+    torch.manual_seed(args.seed)
+    bundle = load_clip("ViT-B-16", "openai", load_weights=False)
+    official = OfficialCoOp(copy.deepcopy(bundle.model), bundle.tokenizer, CLASSES)
+    official_opt = torch.optim.SGD([official.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    hold_frozen_in(bundle.model, BF16)  # what the fewshot runner does for run.precision=bf16
+    adapter = CoOp(bundle, CLASSES)
+    with torch.no_grad():
+        adapter.ctx.copy_(official.ctx)  # same context, same weights, same images
+    b = args.batch
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(2 * b, 3, 224, 224, generator=g)
+    labels = torch.randint(0, len(CLASSES), (2 * b,), generator=g)
+    indices = torch.arange(2 * b)
+    run_dir = tempfile.mkdtemp(prefix="bench_speed_")
+    trainers = {}
+    for name, augment in (("plain", "none"), ("plain2x", "none"), ("backmix", "backmix")):
+        task = AdapterTask(adapter, 224, SaliencyConfig(start_layer=-1, reuse_forward=True), "bf16")
+        trainers[name] = Trainer(task, _Sized(2 * b), optim=OptimConfig(lr=0.002, batch_size=b, epochs=1),
+                                 run=RunConfig(device="cpu", precision="bf16", seed=args.seed), run_dir=run_dir,
+                                 num_classes=len(CLASSES), augment=augment, backmix=BackMixConfig())
+
+    def step(name: str, n: int) -> None:
+        if name == "official":
+            official_step(official, official_opt, images[:n], labels[:n])
+        else:
+            rows = 2 * n if name == "plain2x" else n
+            trainers[name].train_step(images[:rows], labels[:rows], indices[:rows])
+
+    names = ["official", "plain", "plain2x", "backmix"]
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(1 + args.reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t = _timed(lambda: step(name, 2 if r == 0 else b))
+            if r:
+                times[name].append(t)
+        if r:
+            log(f"[coop] round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    summary = {name: {"median_s": statistics.median(ts),
+                      "images_per_s": (2 * b if name == "plain2x" else b) / statistics.median(ts)} for name, ts in times.items()}
+    speedup = [o / p for o, p in zip(times["official"], times["plain"])]
+    backmix = [m / p for m, p in zip(times["backmix"], times["plain2x"])]
+    return {"batch": b, "times": times, "summary": summary,
+            "plain_speedup_over_official": {"median": statistics.median(speedup), "per_round": speedup},
+            "backmix_over_plain2x": {"median": statistics.median(backmix), "per_round": backmix}}
+
+
+# ----------------------------------------------------------------------------- part: memory
+MEMORY_CASES = [("ViT-B-16", 64), ("ViT-L-14", 16)]
+
+
+def memory_worker(model_name: str, batch: int, method: str, start_layer: int, legacy: bool, seed: int) -> dict[str, Any]:
+    """Peak RSS growth of one bf16 BackMix step (alongside: 2B rows) with the attention map."""
+    import resource
+    import tempfile
+
+    from backmix_vlm.adapters import create_adapter
+    from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
+    from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
+    from backmix_vlm.engine.trainer import Trainer
+    from backmix_vlm.models.clip import load_clip
+    from backmix_vlm.models.frozen import hold_frozen_in
+    from backmix_vlm.saliency import attention
+
+    if legacy:  # every block explicit, as the recording / separate pass did before issue 11
+        original = attention.explicit_attention
+
+        def every_block(blocks: Any, record: Any, no_grad_below: int = 0, explicit_from: int = 0) -> Any:
+            return original(blocks, record, no_grad_below=no_grad_below, explicit_from=0)
+
+        attention.explicit_attention = every_block
+    torch.manual_seed(seed)
+    bundle = load_clip(model_name, "openai", load_weights=False)
+    hold_frozen_in(bundle.model, BF16)
+    size = int(bundle.image_size)
+    options = {"num_tokens": 5} if method == "vpt" else {}
+    adapter = create_adapter(method, bundle, CLASSES, options)
+    task = AdapterTask(adapter, size, SaliencyConfig(start_layer=start_layer), "bf16")
+    trainer = Trainer(task, _Sized(batch), optim=OptimConfig(lr=0.002, batch_size=batch, epochs=1),
+                      run=RunConfig(device="cpu", precision="bf16", seed=seed), run_dir=tempfile.mkdtemp(),
+                      num_classes=len(CLASSES), augment="backmix", backmix=BackMixConfig())
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=g)
+    labels = torch.randint(0, len(CLASSES), (batch,), generator=g)
+    trainer.train_step(images[:2], labels[:2], torch.arange(2))  # lazy set-up outside the measurement
+    with PeakRSS() as mem:
+        t = _timed(lambda: trainer.train_step(images, labels, torch.arange(batch)))
+    return {"model": model_name, "batch": batch, "method": method, "start_layer": start_layer, "legacy": legacy,
+            "step_s": t, "rss_before_mib": mem.before / 2 ** 20, "peak_growth_mib": mem.growth_mib,
+            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def part_memory(args: argparse.Namespace) -> dict[str, Any]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17), "MALLOC_TRIM_THRESHOLD_": str(1 << 17)}
+    rows = []
+    for model_name, batch in args.memory_cases:
+        for method, start, legacy in args.memory_variants:
+            cfg = dict(model_name=model_name, batch=batch, method=method, start_layer=start, legacy=legacy, seed=args.seed)
+            out = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(cfg)], env=env,
+                                 stdout=subprocess.PIPE, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            log(f"[memory] {rows[-1]}")
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(report: dict[str, Any]) -> str:
+    info = report["machine"]
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
+             f"{info['date']}; load average at start {', '.join(f'{x:.1f}' for x in info['loadavg_start'])}, "
+             f"at end {', '.join(f'{x:.1f}' for x in info['loadavg_end'])}.", ""]
+    if "eval" in report:
+        ev = report["eval"]
+        lines += [f"bf16 matmul 4096³ between rounds (GFLOP/s): {', '.join(f'{p:.0f}' for p in ev['matmul_bf16_gflops'])} "
+                  f"(median {ev['peak_median']:.0f}). One ViT-B/16 image: {ev['flops_per_image'] / 1e9:.2f} GFLOPs.", "",
+                  f"| encode_image, batch {ev['batch']}, inference mode | median s | images/s | GFLOP/s | % of peak (median) "
+                  "| % of peak per round (round's own peak) |", "|---|---:|---:|---:|---:|---|"]
+        for name, row in ev["summary"].items():
+            lines.append(f"| {name} | {row['median_s']:.2f} | {row['images_per_s']:.2f} | {row['gflops']:.0f} "
+                         f"| {row['pct_of_peak']:.0f} % | {', '.join(f'{p:.0f}' for p in row['pct_of_peak_per_round'])} |")
+        acc = ev["accuracy"]
+        lines += ["", f"Fast path vs fp32 forward ({acc['n']} random images): cosine min {acc['cos_min']:.5f}, mean "
+                  f"{acc['cos_mean']:.5f}; argmax agreement over 10 random class embeddings {100 * acc['argmax_agreement']:.1f} %.", ""]
+    if "coop" in report:
+        co = report["coop"]
+        lines += [f"| CoOp step, bf16, B = {co['batch']} | median s / step | images/s | per-round s |", "|---|---:|---:|---|"]
+        for name, row in co["summary"].items():
+            lines.append(f"| {name} | {row['median_s']:.2f} | {row['images_per_s']:.2f} "
+                         f"| {', '.join(f'{t:.2f}' for t in co['times'][name])} |")
+        sp, bm = co["plain_speedup_over_official"], co["backmix_over_plain2x"]
+        lines += ["", f"plain speed-up over the official step: **{sp['median']:.2f}x** (per round "
+                  f"{', '.join(f'{x:.2f}' for x in sp['per_round'])}); BackMix step / plain step on the doubled batch: "
+                  f"**{bm['median']:.2f}x** (per round {', '.join(f'{x:.2f}' for x in bm['per_round'])}).", ""]
+    if "memory" in report:
+        lines += ["| model, batch | method | start_layer | explicit attention in | step s | peak RSS growth (MiB) "
+                  "| RSS before (MiB) |", "|---|---|---:|---|---:|---:|---:|"]
+        for r in report["memory"]["rows"]:
+            lines.append(f"| {r['model']}, {r['batch']} | {r['method']} | {r['start_layer']} "
+                         f"| {'every block (before)' if r['legacy'] else 'window only (now)'} | {r['step_s']:.1f} "
+                         f"| {r['peak_growth_mib']:.0f} | {r['rss_before_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", default=["eval", "coop"], choices=["eval", "coop", "memory"])
+    p.add_argument("--batch", type=int, default=16, help="CoOp step batch (the issue's side-by-side used 16)")
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--memory-cases", type=json.loads, default=MEMORY_CASES,
+                   help='JSON list of [model, batch], default [["ViT-B-16", 64], ["ViT-L-14", 16]]')
+    p.add_argument("--memory-variants", type=json.loads,
+                   default=[["vpt", -1, False], ["vpt", -1, True], ["vpt", 0, False], ["coop", -1, False], ["coop", 0, False]],
+                   help="JSON list of [method, start_layer, legacy]")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--part-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(**json.loads(args.memory_worker))))
+        return
+    if args.part_worker:
+        print(json.dumps({"eval": part_eval, "coop": part_coop, "memory": part_memory}[args.part_worker](args)))
+        return
+    info = machine_info()
+    report: dict[str, Any] = {"machine": info, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    wall = time.perf_counter()
+    for part in args.parts:
+        cmd = [sys.executable, __file__, "--part-worker", part, *(argv if argv is not None else sys.argv[1:])]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+        report[part] = json.loads(out.strip().splitlines()[-1])
+    info["loadavg_end"] = os.getloadavg()
+    info["wall_s"] = time.perf_counter() - wall
+    print(markdown(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -190,5 +190,9 @@ def test_load_timm_vit_errors(tmp_path, monkeypatch):
     # offline and nothing cached: a clear error right away, no hub retries
     monkeypatch.setenv(OFFLINE_ENV, "1")
     monkeypatch.setattr(vit_mod, "_cached_weights", lambda name: None)
-    with pytest.raises(ModelError, match="unreachable.*model.pretrained=/path"):
+    with pytest.raises(ModelError, match="unreachable.*pretrained='/path/to/model.safetensors'"):
         load_timm_vit("vit_tiny_patch16_224", pretrained=True)
+    # in the fewshot job the advice names the key that works there (a local file, no hub)
+    with pytest.raises(ModelError, match=r"unreachable.*backbone\.checkpoint=/path/to/model\.safetensors") as info:
+        load_timm_vit("vit_tiny_patch16_224", pretrained=True, config_section="backbone")
+    assert "model.pretrained" not in str(info.value)

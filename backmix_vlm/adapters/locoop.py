@@ -97,10 +97,14 @@ class LoCoOp(CoOp):
         return super().forward(images, local=True if self.training else local)
 
     def loss(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(output.logits, labels)
+        return ce + self.regularizer(output, labels).to(ce.dtype)
+
+    def regularizer(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        """``lambda_ * locoop_regularizer(local logits, labels)``: the OOD term of :meth:`loss`."""
         if output.local_logits is None:
             raise ValueError("LoCoOp.loss needs output.local_logits: call forward in train mode or with local=True")
-        ce = F.cross_entropy(output.logits, labels)
-        return ce + self.lambda_ * locoop_regularizer(output.local_logits, labels, self.top_k).to(ce.dtype)
+        return self.lambda_ * locoop_regularizer(output.local_logits, labels, self.top_k)
 
 
 ADAPTERS.add("locoop", LoCoOp)

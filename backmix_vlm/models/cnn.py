@@ -71,20 +71,26 @@ class CamClassifier(nn.Module):
         return ModelOutput(logits=logits, features=fmap.mean(dim=(2, 3)), cam=cam)
 
 
+def check_cnn(name: str, options: dict | None = None) -> Callable[..., tuple[nn.Module, int, int]]:
+    """The builder of a registered CNN; an unknown name or option is a ModelError listing the valid ones."""
+    builder = CNN_MODELS.get(name)
+    accepted = list(inspect.signature(builder).parameters)
+    unknown = [k for k in (options or {}) if k not in accepted]
+    if unknown:
+        raise ModelError(f"model '{name}': unknown option(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(accepted) or 'none'}")
+    return builder
+
+
 def create_cnn(name: str, num_classes: int, **kw) -> CamClassifier:
     """Build a registered CNN (``CNN_MODELS``) with a CAM head for ``num_classes`` classes.
 
     ``kw`` goes to the backbone builder (e.g. ``drop_rate``, ``in_chans``); unknown options
     raise a ModelError listing the accepted ones.
     """
-    builder = CNN_MODELS.get(name)
+    builder = check_cnn(name, kw)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"model '{name}': num_classes={num_classes!r}; expected a positive integer")
-    accepted = list(inspect.signature(builder).parameters)
-    unknown = [k for k in kw if k not in accepted]
-    if unknown:
-        raise ModelError(f"model '{name}': unknown option(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(accepted) or 'none'}")
     backbone, num_features, stride = builder(**kw)
     return CamClassifier(backbone, num_features, num_classes, stride)
 

@@ -360,7 +360,8 @@ def check_new_run_dir(run_dir: Path, job: str, *, overwrite: bool = False, can_r
         raise RunDirError(f"{run_dir} exists and is not a run directory (no {INFO_FILE}); not writing into it. "
                           "Pass another run.name=<name> or run.output_dir=<folder>")
     holder = RunLock(run_dir).holder()
-    if holder is not None and not lock_is_stale(holder) and not holder.get("unreadable"):
+    mine = holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+    if holder is not None and not mine and not lock_is_stale(holder) and not holder.get("unreadable"):
         raise RunDirError(f"run directory {run_dir} is being written by another process (PID {holder.get('pid')} "
                           f"on {holder.get('host')}, since {holder.get('since')}); pass a fresh run.name=<name>")
     if overwrite:

@@ -19,9 +19,8 @@ GRID = (4, 4)  # tiny CLIP: 32 px, patch 8
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None, layout="batch_first")  # tests count rows in (N, L, D)
+def tiny(tiny_clip_batch_first):  # built once per session (conftest.py)
+    return tiny_clip_batch_first
 
 
 def _adapter(tiny, method: str, seq_first: bool = False):

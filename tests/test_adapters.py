@@ -14,9 +14,8 @@ NAMES = ["cat", "dog", "car"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+def tiny(tiny_clip):  # built once per session (conftest.py)
+    return tiny_clip
 
 
 def _timm():

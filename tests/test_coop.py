@@ -17,9 +17,8 @@ CLEAN = [n.replace("_", " ") for n in NAMES]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+def tiny(tiny_clip):  # built once per session (conftest.py)
+    return tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +52,7 @@ def test_ctx_init_text_features_equal_encode_text_tiny(tiny, which):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # builds a ViT-B/16-sized model: several seconds on a small CPU
 def test_ctx_init_text_features_equal_encode_text_vitb16(vitb16):
     model, tok = vitb16
     coop = CoOp(model, NAMES[:3], CoOpConfig(ctx_init="a photo of a"), tokenizer=tok)

@@ -30,9 +30,8 @@ def _local_logits():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+def tiny(tiny_clip):  # built once per session (conftest.py)
+    return tiny_clip
 
 
 def test_regularizer_equals_hand_computation():

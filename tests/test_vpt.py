@@ -19,9 +19,8 @@ NAMES = ["cat", "dog", "car", "ship", "frog"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None, layout="batch_first")  # tests count rows in (N, L, D)
+def tiny(tiny_clip_batch_first):  # built once per session (conftest.py)
+    return tiny_clip_batch_first
 
 
 def _timm_vit(global_pool: str = "token", reg_tokens: int = 0, num_classes: int = 5) -> VisionTransformer:

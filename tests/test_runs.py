@@ -245,6 +245,22 @@ def test_result_affecting_override_refuses_unless_allowed(finished, tiny_train_c
     assert first["train_time_s"] == round(log[0]["time"], 1)
 
 
+def test_a_failing_resume_leaves_the_records_alone(finished, tiny_train_config, capsys, monkeypatch):
+    from backmix_vlm.engine.trainer import Trainer
+    from backmix_vlm.errors import DataError
+
+    before = _records(finished)
+
+    def broken(self, *a, **k):
+        raise DataError("loader crashed")
+
+    monkeypatch.setattr(Trainer, "fit", broken)
+    assert cli(["train", str(tiny_train_config), "--resume"]) == 2
+    assert "loader crashed" in capsys.readouterr().err
+    assert _records(finished) == before and not (finished / LOCK_FILE).exists()
+    assert run_status(finished) == "finished"
+
+
 def test_resume_errors(tmp_path, finished, tiny_train_config, capsys):
     assert cli(["train", str(tiny_train_config), "--resume", "run.name=missing"]) == 2
     assert f"there is no run to resume at {finished.parent / 'missing'}" in capsys.readouterr().err

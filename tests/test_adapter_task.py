@@ -11,7 +11,6 @@ from backmix_vlm.adapters import create_adapter
 from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
 from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
 from backmix_vlm.engine.trainer import Trainer
-from backmix_vlm.models.clip import TINY_CLIP, load_clip
 from backmix_vlm.saliency.attention import AttentionRelevance, clip_logits_fn
 
 CLASSES = ["cat", "dog", "car", "ship"]

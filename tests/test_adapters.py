@@ -7,7 +7,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from backmix_vlm.adapters import ADAPTERS, CoOp, CoOpConfig, LoCoOp, VPT, VPTConfig, create_adapter
 from backmix_vlm.errors import ConfigError, DataError, ModelError
-from backmix_vlm.models.clip import TINY_CLIP, load_clip
 from backmix_vlm.models.output import ModelOutput
 
 NAMES = ["cat", "dog", "car"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from backmix_vlm.adapters import CoOp, CoOpConfig, coop_default_schedule, create_adapter
 from backmix_vlm.config import OptimConfig
 from backmix_vlm.errors import ConfigError, RegistryError
-from backmix_vlm.models.clip import TINY_CLIP, encode_image_global_local, load_clip
+from backmix_vlm.models.clip import TINY_CLIP, encode_image_global_local
 
 # multi-token names and an underscore name (CoOp replaces "_" by " ")
 NAMES = ["airplane", "maple_tree", "sweet pepper", "cat"]

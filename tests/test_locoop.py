@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from backmix_vlm.adapters import LoCoOp, LoCoOpConfig, create_adapter, locoop_regularizer, resolve_top_k
 from backmix_vlm.errors import ConfigError
-from backmix_vlm.models.clip import TINY_CLIP, load_clip
 from backmix_vlm.models.output import ModelOutput
 
 NAMES = ["cat", "dog", "car", "ship"]

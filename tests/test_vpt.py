@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from backmix_vlm.adapters import VPT, VPTConfig, create_adapter
 from backmix_vlm.errors import ConfigError, ModelError
 from backmix_vlm.models import vit as vit_mod
-from backmix_vlm.models.clip import OFFLINE_ENV, TINY_CLIP, build_text_features, load_clip
+from backmix_vlm.models.clip import OFFLINE_ENV, build_text_features
 from backmix_vlm.models.vit import load_timm_vit
 
 NAMES = ["cat", "dog", "car", "ship", "frog"]

@@ -11,7 +11,6 @@ comparison run (``variants``) is re-evaluated variant by variant, with a compari
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 

@@ -2,7 +2,8 @@
 
 Each job lives in ``backmix_vlm.runners.<job>`` and exposes ``main(args) -> int``.  Jobs
 are imported lazily so ``--help`` is instant.  User errors (:class:`BackmixError`) print one
-clear message and exit 2 — no traceback soup.
+clear message and exit 2 — no traceback soup.  Flags may stand anywhere after the job name
+(``backmix-vlm train cfg.yaml optim.epochs=3 --resume``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import BackmixError
+from .errors import BackmixError, user_message
 
 _CONFIG_HELP = "experiment YAML file (see configs/)"
 _OVERRIDE_HELP = "overrides as section.key=value, e.g. optim.epochs=3 eval.scores=[msp,energy]"
@@ -55,8 +56,13 @@ JOBS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from . import __version__
 
+    jobs: dict[str, argparse.ArgumentParser] = {}
     parser = argparse.ArgumentParser(
         prog="backmix-vlm",
         description="BackMix and open-set / OOD evaluation for CNNs, ViTs and CLIP.",
@@ -64,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"backmix_vlm {__version__}")
     sub = parser.add_subparsers(dest="job", metavar="{" + ",".join(JOBS) + "}")
     for name, (short, long) in JOBS.items():
-        p = sub.add_parser(name, help=short, description=f"{short} {long}")
+        p = jobs[name] = sub.add_parser(name, help=short, description=f"{short} {long}")
         if name == "visualize":
             p.add_argument("run_dir", help="a run directory written by train / fewshot")
             p.add_argument("--num", type=int, default=8, help="rows in the BackMix grid")
@@ -73,18 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run_dir", help="a run directory with config.yaml and a checkpoint")
             p.add_argument("overrides", nargs="*", help=_OVERRIDE_HELP)
         else:
-            p.add_argument("config", help=_CONFIG_HELP)
+            p.add_argument("config", help=_CONFIG_HELP + ("; with --resume also a run directory"
+                                                          if name in ("train", "fewshot") else ""))
             p.add_argument("overrides", nargs="*", help=_OVERRIDE_HELP)
             if name in ("train", "fewshot"):
                 p.add_argument("--resume", action="store_true",
-                               help="continue the run in run.output_dir/run.name from its last checkpoint")
-    return parser
+                               help="continue the run in run.output_dir/run.name (or the run directory given) from "
+                                    "its last checkpoint, with its saved config; overrides are optional")
+                p.add_argument("--allow-changes", action="store_true",
+                               help="with --resume: accept overrides that change settings affecting the results "
+                                    "(recorded in run_info.json)")
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace an existing run of the same run.name (its files are deleted)")
+    return parser, jobs
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, jobs = _build_parsers()
+    if argv and argv[0] in jobs:  # flags anywhere among the positionals (overrides)
+        args = jobs[argv[0]].parse_intermixed_args(argv[1:])
+        args.job = argv[0]
+    else:
+        args = parser.parse_args(argv)
     if not args.job:
         parser.print_help()
         return 0
@@ -95,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"backmix_vlm.runners.{args.job}")
         return int(module.main(args) or 0)
     except BackmixError as e:
-        print(f"backmix-vlm {args.job}: error: {e}", file=sys.stderr)
+        print(f"backmix-vlm {args.job}: error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"backmix-vlm {args.job}: interrupted", file=sys.stderr)

@@ -11,21 +11,32 @@ with its runner in :mod:`backmix_vlm.runners`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Any, Callable, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from .errors import ConfigError
+from .validation import check_choice, check_fraction, check_non_negative, check_positive, check_range, join
+
+DATA_ROOT_ENV = "BACKMIX_DATA"   # default for every job's data_root (else ./data)
 
 C = TypeVar("C")
 
 
 # ----------------------------------------------------------------------------- sections
+def default_data_root() -> str:
+    """``$BACKMIX_DATA`` when set, else ``data`` (relative to the working directory)."""
+    return os.path.expanduser(os.environ.get(DATA_ROOT_ENV) or "data")
+
+
 @dataclass
 class RunConfig:
     """Where and how a run is recorded."""
@@ -38,13 +49,21 @@ class RunConfig:
     channels_last: bool = False       # CNNs: NHWC memory format (faster convolutions with bf16 on CPU and GPU)
     compile: bool = False             # torch.compile the model for training (first steps pay the compile time)
 
+    def validate(self, where: str = "run") -> None:
+        from .runtime import check_autocast_precision, check_device_name
+
+        check_device_name(self.device, join(where, "device"))
+        check_autocast_precision(self.precision, join(where, "precision"))
+        if self.name is not None and (not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\")):
+            raise ConfigError(f"{join(where, 'name')}: {self.name!r} is not a usable folder name")
+
 
 @dataclass
 class DataSource:
     """One dataset split, by registered name (see ``backmix_vlm.data.DATASETS``)."""
 
     name: str = "cifar10"             # cifar10 | cifar100 | svhn | tinyimagenet | mnist | fashionmnist | imagefolder | demo
-    root: str = "data"                # folder that holds the data (layout detected inside it)
+    root: str | None = None           # folder that holds the data (layout detected inside it); null: the job's data_root
     split: str = "test"               # train | test | val (whatever the dataset offers)
     layout: str = "auto"              # auto | torchvision | folder | hf
     download: bool = False            # torchvision download when online
@@ -58,6 +77,15 @@ class DataSource:
     @property
     def display_name(self) -> str:
         return self.label or self.name
+
+    def validate(self, where: str = "data") -> None:
+        check_choice(self.layout, ("auto", "torchvision", "folder", "hf"), join(where, "layout"))
+        check_choice(self.resize, ("resize", "crop", "center_crop"), join(where, "resize"))
+        check_choice(self.on_corrupt, ("error", "skip"), join(where, "on_corrupt"))
+        check_range(self.jpeg_quality, join(where, "jpeg_quality"), low=1, high=100, allow_none=True)
+        check_range(self.max_samples, join(where, "max_samples"), low=1, allow_none=True)
+        if not self.name:
+            raise ConfigError(f"{join(where, 'name')}: give a dataset name")
 
 
 @dataclass
@@ -86,6 +114,14 @@ class EvalConfig:
     positive: str = "known"           # known | unknown (OpenOOD convention)
     every: int = 0                    # evaluate every N epochs during training (0 = only at the end)
 
+    def validate(self, where: str = "eval") -> None:
+        check_range(self.batch_size, join(where, "batch_size"), low=1)
+        check_non_negative(self.num_workers, join(where, "num_workers"))
+        check_choice(self.positive, ("known", "unknown"), join(where, "positive"))
+        check_non_negative(self.every, join(where, "every"))
+        if not self.scores:
+            raise ConfigError(f"{join(where, 'scores')}: list at least one score")
+
 
 @dataclass
 class OptimConfig:
@@ -103,6 +139,20 @@ class OptimConfig:
     label_smoothing: float = 0.0      # cross-entropy label smoothing (train job; airbench: 0.2)
     norm_lr_scale: float = 1.0        # LR multiplier of normalisation-layer parameters, weight decay kept (airbench: 64)
 
+    def validate(self, where: str = "optim") -> None:
+        check_choice(self.name, ("sgd", "adamw"), join(where, "name"))
+        check_choice(self.schedule, ("cosine", "constant", "step"), join(where, "schedule"))
+        check_positive(self.lr, join(where, "lr"))
+        check_positive(self.warmup_lr, join(where, "warmup_lr"))
+        check_range(self.momentum, join(where, "momentum"), low=0, high=1, high_open=True)
+        check_non_negative(self.weight_decay, join(where, "weight_decay"))
+        check_range(self.epochs, join(where, "epochs"), low=1)
+        check_range(self.batch_size, join(where, "batch_size"), low=1)
+        check_positive(self.grad_clip, join(where, "grad_clip"), allow_none=True)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"{join(where, 'warmup_epochs')}: {self.warmup_epochs!r} is not accepted with "
+                              f"epochs={self.epochs}; expected 0 <= warmup_epochs < epochs")
+
 
 @dataclass
 class BackMixConfig:
@@ -115,6 +165,14 @@ class BackMixConfig:
     mode: str = "alongside"           # alongside (original + mixed) | mixed_only
     bank_update_every: int = 1        # steps between bank updates when maps need an extra pass
     mask_source: str = "bank"         # bank (the method) | random (ablation) | oracle (true masks of a bgshift dataset)
+
+    def validate(self, where: str = "backmix") -> None:
+        check_fraction(self.cut_area, join(where, "cut_area"), low_open=True)
+        check_fraction(self.mask_ratio, join(where, "mask_ratio"))
+        check_fraction(self.momentum, join(where, "momentum"), low_open=True)
+        check_choice(self.pairing, ("random", "different_class"), join(where, "pairing"))
+        check_choice(self.mode, ("alongside", "mixed_only"), join(where, "mode"))
+        check_range(self.bank_update_every, join(where, "bank_update_every"), low=1)
 
 
 # ----------------------------------------------------------------------------- machinery
@@ -217,10 +275,23 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
         obj = cls(**kwargs)
     except TypeError as e:  # missing required field
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+    run_validate(obj, where)
     return obj
+
+
+def run_validate(obj: Any, where: str = "") -> None:
+    """Call ``obj.validate(where)`` (or ``obj.validate()`` for validators without a key path)."""
+    validate = getattr(obj, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        takes_where = bool(inspect.signature(validate).parameters)
+    except (TypeError, ValueError):
+        takes_where = False
+    if takes_where and where:
+        validate(where)
+    else:
+        validate()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -276,16 +347,67 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Load ``path`` (YAML) into ``cls`` with ``section.key=value`` overrides applied."""
+    """Load ``path`` (YAML) into ``cls`` with ``section.key=value`` overrides applied.
+
+    An error caused by an override names that override; otherwise it names the file.
+    """
     data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
+    return build_with_overrides(lambda raw: from_dict(cls, raw), data, list(overrides or []),
+                                str(path) if path is not None else "")
+
+
+def build_with_overrides(build: Callable[[dict[str, Any]], C], base: dict[str, Any], overrides: list[str],
+                         where: str = "") -> C:
+    """``build(base + overrides)``; a ConfigError names the override that caused it, else ``where``.
+
+    When the full build fails, the culprit is found by building ``base`` alone and then with one
+    more override at a time: the first step that fails with the same message is blamed.
+    """
+    overrides = list(overrides)
     try:
-        return from_dict(cls, data)
+        return build(apply_overrides(copy.deepcopy(base), overrides))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        message = str(e)
+    culprit = _blame(build, base, overrides, message)
+    if culprit is not None:
+        raise ConfigError(f"override '{culprit}': {message}") from None
+    raise ConfigError(f"{where}: {message}" if where else message) from None
 
 
-def check_choice(value: Any, choices: list[Any] | tuple[Any, ...], where: str) -> None:
-    """Raise a ConfigError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not accepted; choose one of {', '.join(map(str, choices))}")
+def _blame(build: Callable[[dict[str, Any]], Any], base: dict[str, Any], overrides: list[str],
+           message: str) -> str | None:
+    if not overrides:
+        return None
+
+    def fails(k: int) -> bool:
+        try:
+            build(apply_overrides(copy.deepcopy(base), overrides[:k]))
+        except ConfigError as e:
+            return str(e) == message
+        return False
+
+    if fails(0):
+        return None  # the file alone already has this error
+    for k in range(1, len(overrides) + 1):
+        if fails(k):
+            return overrides[k - 1]
+    return overrides[-1]
+
+
+def fill_data_roots(obj: Any, root: str) -> None:
+    """Set ``root`` on every :class:`DataSource` inside ``obj`` whose ``root`` is null (in place)."""
+    if isinstance(obj, DataSource):
+        if obj.root is None:
+            obj.root = root
+        return
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            fill_data_roots(item, root)
+        return
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            fill_data_roots(getattr(obj, f.name), root)
+
+
+# check_choice (and the other value checks) live in backmix_vlm.validation; imported above so
+# ``from backmix_vlm.config import check_choice`` keeps working.

@@ -28,3 +28,41 @@ class RegistryError(BackmixError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class RunDirError(BackmixError):
+    """A run directory cannot be used as asked (taken by another run, locked, missing for --resume)."""
+
+
+def load_error_summary(error: BaseException) -> str:
+    """One short phrase for why a weights / checkpoint file could not be read.
+
+    ``torch.load`` reports files that are not torch archives with bare internals such as
+    ``KeyError: 101`` or ``IndexError: pop from empty list``; those become "not a torch or
+    safetensors file" instead.
+    """
+    import pickle
+
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, (KeyError, IndexError, pickle.UnpicklingError, EOFError)) or "Weights only load" in text \
+            or "invalid load key" in text or "failed finding central directory" in text:
+        return "not a torch or safetensors weights file (or truncated)"
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def user_message(error: BaseException) -> str:
+    """The one-line message the CLI prints for a :class:`BackmixError`.
+
+    A DataLoader worker re-raises the worker's error with ``"Caught DataError in DataLoader
+    worker process 0. Original Traceback ..."`` as its message; only the original message is kept,
+    so a corrupt image reads the same from a worker as from the main process.
+    """
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        name = type(error).__name__
+        lines = text.rstrip().splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            head, sep, rest = lines[i].partition(": ")
+            if sep and not head.startswith(" ") and (head == name or head.endswith("." + name)):
+                return "\n".join([rest, *lines[i + 1:]]).strip()
+    return text

@@ -10,7 +10,7 @@ takes days.  Every row is one config in configs/fewshot/table_v/; finished rows 
 
     python scripts/sweep_table_v.py                                  # all rows
     python scripts/sweep_table_v.py --only 1shot_coop 1shot_coop_backmix -- data.seeds=[1]
-    python scripts/sweep_table_v.py --resume -- data.train.root=/datasets data.test.root=/datasets
+    python scripts/sweep_table_v.py --resume -- data_root=/datasets
 
 Arguments after ``--`` are config overrides applied to every row.  Output:
 ``<output_dir>/table_v.md`` and ``table_v.json`` (per row: the aggregated results).
@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from backmix_vlm.errors import BackmixError
     from backmix_vlm.report.tables import paper_table_v
-    from backmix_vlm.runners.fewshot import load_fewshot_config, run_fewshot
-    from backmix_vlm.runs import atomic_write_text, make_run_dir, record_run, write_json
+    from backmix_vlm.runners.fewshot import build_fewshot_config, load_fewshot_config, preflight, run_fewshot
+    from backmix_vlm.runs import (atomic_write_text, find_resume_dir, is_run_dir, new_run_dir, open_run, resume_config,
+                                  write_json)
 
     rows = args.only or ROWS
     unknown = [r for r in rows if r not in ROWS]
@@ -54,19 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir:
         overrides = [f"run.output_dir={args.output_dir}", *overrides]
     table_rows, out_dir = [], None
+    command = ["scripts/sweep_table_v.py", *sys.argv[1:]]
     try:
         for row in rows:
             cfg = load_fewshot_config(CONFIGS / f"{row}.yaml", overrides)
             out_dir = Path(cfg.run.output_dir)
-            run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, "fewshot")
-            done = run_dir / "results.json"
+            target = out_dir / cfg.run.name
+            done = target / "results.json"
             if args.resume and done.is_file():
                 print(f"== {row}: finished, reusing {done}")
                 results = json.loads(done.read_text())
             else:
                 print(f"== {row}: {cfg.method_label}, {cfg.setting_label}")
-                record_run(run_dir, cfg, "fewshot", ["scripts/sweep_table_v.py", *sys.argv[1:]])
-                results = run_fewshot(cfg, run_dir, resume=args.resume)
+                if args.resume and is_run_dir(target):  # unfinished row: continue it with its saved config
+                    cfg, plan = resume_config("fewshot", find_resume_dir("fewshot", target, []), overrides,
+                                              build_fewshot_config, argv=command)
+                else:  # a new row: refuses to overwrite another run in its folder
+                    plan = new_run_dir("fewshot", cfg.run.output_dir, cfg.run.name, argv=command)
+                preflight(cfg)
+                with open_run(plan, cfg) as run_dir:
+                    results = run_fewshot(cfg, run_dir, resume=plan.resume)
             table_rows.append({"setting": cfg.setting_label, "method": cfg.method_label, "results": results,
                                "score": cfg.eval.scores[0], "row": row})
             # rewrite the combined table after every row, so an interrupted sweep still has one

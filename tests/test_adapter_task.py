@@ -11,7 +11,6 @@ from backmix_vlm.adapters import create_adapter
 from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
 from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
 from backmix_vlm.engine.trainer import Trainer
-from backmix_vlm.models.clip import TINY_CLIP, load_clip
 from backmix_vlm.saliency.attention import AttentionRelevance, clip_logits_fn
 
 CLASSES = ["cat", "dog", "car", "ship"]
@@ -19,9 +18,8 @@ GRID = (4, 4)  # tiny CLIP: 32 px, patch 8
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None, layout="batch_first")  # tests count rows in (N, L, D)
+def tiny(tiny_clip_batch_first):  # built once per session (conftest.py)
+    return tiny_clip_batch_first
 
 
 def _adapter(tiny, method: str, seq_first: bool = False):

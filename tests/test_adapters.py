@@ -7,16 +7,14 @@ from timm.models.vision_transformer import VisionTransformer
 
 from backmix_vlm.adapters import ADAPTERS, CoOp, CoOpConfig, LoCoOp, VPT, VPTConfig, create_adapter
 from backmix_vlm.errors import ConfigError, DataError, ModelError
-from backmix_vlm.models.clip import TINY_CLIP, load_clip
 from backmix_vlm.models.output import ModelOutput
 
 NAMES = ["cat", "dog", "car"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+def tiny(tiny_clip):  # built once per session (conftest.py)
+    return tiny_clip
 
 
 def _timm():

@@ -322,6 +322,7 @@ def _bank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes (gloo): ~10-15 s
 def test_distributed_update_reaches_every_copy(tmp_path):
     mp.spawn(_bank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     b0, b1 = torch.load(tmp_path / "bank0.pt"), torch.load(tmp_path / "bank1.pt")

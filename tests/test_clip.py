@@ -23,9 +23,8 @@ from backmix_vlm.models.output import ModelOutput
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+def tiny(tiny_clip):  # built once per session (conftest.py)
+    return tiny_clip
 
 
 @pytest.fixture()
@@ -77,6 +76,7 @@ def _activations(model) -> set[type]:
     return {type(b.mlp.gelu) for b in blocks}
 
 
+@pytest.mark.slow  # builds a ViT-B/16-sized model: several seconds on a small CPU
 def test_vit_b16_openai_tag_builds_with_quickgelu():
     assert open_clip.get_pretrained_cfg("ViT-B-16", "openai")["quick_gelu"] is True
     bundle = load_clip("ViT-B-16", pretrained="openai", load_weights=False)  # random init, no download

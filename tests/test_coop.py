@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from backmix_vlm.adapters import CoOp, CoOpConfig, coop_default_schedule, create_adapter
 from backmix_vlm.config import OptimConfig
 from backmix_vlm.errors import ConfigError, RegistryError
-from backmix_vlm.models.clip import TINY_CLIP, encode_image_global_local, load_clip
+from backmix_vlm.models.clip import TINY_CLIP, encode_image_global_local
 
 # multi-token names and an underscore name (CoOp replaces "_" by " ")
 NAMES = ["airplane", "maple_tree", "sweet pepper", "cat"]
@@ -17,9 +17,8 @@ CLEAN = [n.replace("_", " ") for n in NAMES]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+def tiny(tiny_clip):  # built once per session (conftest.py)
+    return tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +52,7 @@ def test_ctx_init_text_features_equal_encode_text_tiny(tiny, which):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # builds a ViT-B/16-sized model: several seconds on a small CPU
 def test_ctx_init_text_features_equal_encode_text_vitb16(vitb16):
     model, tok = vitb16
     coop = CoOp(model, NAMES[:3], CoOpConfig(ctx_init="a photo of a"), tokenizer=tok)

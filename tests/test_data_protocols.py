@@ -76,7 +76,7 @@ def test_ood_sources_copies_with_root_and_jpeg():
                                               "Fashion-MNIST"]
     assert all(s.root == "/data" and s.jpeg_quality == 75 for s in srcs)
     assert [s.resize for s in srcs if s.name == "tinyimagenet"] == ["resize", "crop"]
-    assert all(s.root == "data" and s.jpeg_quality is None for s in OOD_BENCHMARKS["cifar10"])  # untouched
+    assert all(s.root is None and s.jpeg_quality is None for s in OOD_BENCHMARKS["cifar10"])  # untouched (None: data_root)
     with pytest.raises(DataError, match="available: cifar10, cifar100, demo"):
         ood_sources("svhn")
 

@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -44,6 +45,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes (gloo): ~10-15 s
 def test_ddp_two_processes_keep_bank_and_weights_identical(tmp_path):
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     out = {f.stem: torch.load(f) for f in tmp_path.glob("*.pt")}

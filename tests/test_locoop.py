@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from backmix_vlm.adapters import LoCoOp, LoCoOpConfig, create_adapter, locoop_regularizer, resolve_top_k
 from backmix_vlm.errors import ConfigError
-from backmix_vlm.models.clip import TINY_CLIP, load_clip
 from backmix_vlm.models.output import ModelOutput
 
 NAMES = ["cat", "dog", "car", "ship"]
@@ -30,9 +29,8 @@ def _local_logits():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None)
+def tiny(tiny_clip):  # built once per session (conftest.py)
+    return tiny_clip
 
 
 def test_regularizer_equals_hand_computation():

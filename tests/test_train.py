@@ -103,10 +103,12 @@ def test_train_job_user_errors_exit_2(tmp_path, capsys):
     assert cli(["train", str(cfg), "augment.name=backmixx"]) == 2
     assert "augment.name: 'backmixx' is not accepted" in capsys.readouterr().err
     assert cli(["train", str(cfg), "optim.batch_size=0"]) == 2
+    assert "override 'optim.batch_size=0': optim.batch_size: 0 is not accepted" in capsys.readouterr().err
     assert cli(["train", str(cfg), "run.name=fresh", "--resume"]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "--resume: there is no run to resume at" in capsys.readouterr().err
     assert cli(["train", str(cfg), "eval.ood=[]"]) == 2
     assert "no unknown set" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no command above left a folder behind
 
 
 def test_protocol_and_variants_resolve(tmp_path):

@@ -12,16 +12,15 @@ from timm.models.vision_transformer import VisionTransformer
 from backmix_vlm.adapters import VPT, VPTConfig, create_adapter
 from backmix_vlm.errors import ConfigError, ModelError
 from backmix_vlm.models import vit as vit_mod
-from backmix_vlm.models.clip import OFFLINE_ENV, TINY_CLIP, build_text_features, load_clip
+from backmix_vlm.models.clip import OFFLINE_ENV, build_text_features
 from backmix_vlm.models.vit import load_timm_vit
 
 NAMES = ["cat", "dog", "car", "ship", "frog"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_clip(TINY_CLIP, pretrained=None, layout="batch_first")  # tests count rows in (N, L, D)
+def tiny(tiny_clip_batch_first):  # built once per session (conftest.py)
+    return tiny_clip_batch_first
 
 
 def _timm_vit(global_pool: str = "token", reg_tokens: int = 0, num_classes: int = 5) -> VisionTransformer:
@@ -190,5 +189,9 @@ def test_load_timm_vit_errors(tmp_path, monkeypatch):
     # offline and nothing cached: a clear error right away, no hub retries
     monkeypatch.setenv(OFFLINE_ENV, "1")
     monkeypatch.setattr(vit_mod, "_cached_weights", lambda name: None)
-    with pytest.raises(ModelError, match="unreachable.*model.pretrained=/path"):
+    with pytest.raises(ModelError, match="unreachable.*pretrained='/path/to/model.safetensors'"):
         load_timm_vit("vit_tiny_patch16_224", pretrained=True)
+    # in the fewshot job the advice names the key that works there (a local file, no hub)
+    with pytest.raises(ModelError, match=r"unreachable.*backbone\.checkpoint=/path/to/model\.safetensors") as info:
+        load_timm_vit("vit_tiny_patch16_224", pretrained=True, config_section="backbone")
+    assert "model.pretrained" not in str(info.value)

@@ -105,6 +105,14 @@ class Adapter(nn.Module):
         """Training objective; plain cross-entropy on the logits unless the method adds terms."""
         return F.cross_entropy(output.logits, labels)
 
+    def regularizer(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor | None:
+        """The weighted extra term :meth:`loss` adds to cross-entropy (None: plain cross-entropy).
+
+        The trainer uses it to keep the term when labels are mixed per row (Mixup / CutMix
+        alongside the originals), where the loss is built from per-row cross-entropy.
+        """
+        return None
+
 
 def resolve_config(cls: type, cfg: Any, where: str = "adapter") -> Any:
     """``None`` → defaults, a mapping → strict ``from_dict``, an instance of ``cls`` → itself."""

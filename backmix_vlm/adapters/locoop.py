@@ -117,9 +117,20 @@ class LoCoOp(CoOp):
             raise ValueError("LoCoOp.loss needs output.local_logits: call forward in train mode or with local=True")
         if not self.cfg.sct:
             ce = F.cross_entropy(output.logits, labels)
-            return ce + self.lambda_ * locoop_regularizer(output.local_logits, labels, self.top_k).to(ce.dtype)
+            return ce + self.regularizer(output, labels).to(ce.dtype)
         return sct_loss(output.logits, output.local_logits, labels, self.top_k, self.lambda_,
                         detach=self.cfg.sct_detach)
+
+    def regularizer(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        """``lambda_ * locoop_regularizer(local logits, labels)``: the OOD term of :meth:`loss`
+        (with ``sct``: each sample weighted by its true-class probability, as in :func:`sct_loss`)."""
+        if output.local_logits is None:
+            raise ValueError("LoCoOp.loss needs output.local_logits: call forward in train mode or with local=True")
+        weights = None
+        if self.cfg.sct:
+            weights = F.softmax(output.logits.float(), dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
+            weights = weights.detach() if self.cfg.sct_detach else weights
+        return self.lambda_ * locoop_regularizer(output.local_logits, labels, self.top_k, weights=weights)
 
 
 def sct_loss(logits: torch.Tensor, local_logits: torch.Tensor, labels: torch.Tensor, top_k: int, lambda_: float,

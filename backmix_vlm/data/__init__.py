@@ -5,7 +5,7 @@ Quick use::
     from backmix_vlm.config import DataSource
     from backmix_vlm.data import build_dataset, build_transform, CIFAR10_MEAN, CIFAR10_STD
 
-    src = DataSource(name="cifar10", root="data", split="train")
+    src = DataSource(name="cifar10", root="data", split="train")   # root: null -> $BACKMIX_DATA or ./data
     ds = build_dataset(src, build_transform(32, True, CIFAR10_MEAN, CIFAR10_STD, resize=src.resize))
     image, label, index = ds[0]          # FloatTensor[3,32,32], int, position in ds
 
@@ -17,7 +17,7 @@ shipped in ``backmix_vlm/assets/demo`` (splits ``train``, ``test``, ``ood-cifar1
 """
 from .classnames import class_keys, class_names, clip_friendly
 from .dataset import ImageDataset, IndexedSubset
-from .datasets import DATASETS, DEMO_SPLITS, LAYOUTS, DatasetSpec, build_dataset
+from .datasets import DATASETS, DEMO_SPLITS, LAYOUTS, DatasetSpec, build_dataset, check_dataset
 from .fewshot import fewshot_indices, sample_fewshot
 from .images import jpeg_roundtrip, to_rgb
 from .protocols import OOD_BENCHMARKS, OpenSetProtocol, get_protocol, list_protocols, ood_sources, protocol_info
@@ -25,7 +25,7 @@ from .transforms import (CIFAR10_MEAN, CIFAR10_STD, CLIP_MEAN, CLIP_STD, CROP_SI
                          RESIZE_MODES, build_transform)
 
 __all__ = [
-    "DATASETS", "DEMO_SPLITS", "LAYOUTS", "DatasetSpec", "build_dataset", "ImageDataset", "IndexedSubset",
+    "DATASETS", "DEMO_SPLITS", "LAYOUTS", "DatasetSpec", "build_dataset", "check_dataset", "ImageDataset", "IndexedSubset",
     "class_names", "class_keys", "clip_friendly", "build_transform", "RESIZE_MODES", "CROP_SIZE",
     "CIFAR10_MEAN", "CIFAR10_STD", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "fewshot_indices", "sample_fewshot", "get_protocol", "list_protocols", "protocol_info",

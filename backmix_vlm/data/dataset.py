@@ -53,6 +53,7 @@ class ImageDataset(Dataset):
         if masks is not None and len(masks) != len(self.labels):
             raise ValueError(f"{name}: {len(masks)} foreground masks but {len(self.labels)} images")
         self.masks = masks
+        self.skipped_files: list[str] = []   # on_corrupt: skip: the unreadable files left out
 
     @property
     def foreground_masks(self) -> torch.Tensor | None:
@@ -117,20 +118,24 @@ class ImageDataset(Dataset):
             flags = list(pool.map(bad, range(len(self)), chunksize=64))
         return [i for i, f in enumerate(flags) if f]
 
-    def drop_unreadable(self) -> "ImageDataset":
-        """``on_corrupt: skip``: remove unreadable images, warning once with the count.
+    def drop_unreadable(self, list_max: int = 20) -> "ImageDataset":
+        """``on_corrupt: skip``: remove unreadable images, warning once with the count and the files.
 
         Decided up front so DataLoader workers never meet a bad file and every worker sees
-        the same ``len`` / indices.
+        the same ``len`` / indices.  The skipped files are kept in ``skipped_files`` of the
+        returned dataset; the warning lists the first ``list_max`` of them.
         """
         bad = self.find_unreadable()
         if not bad:
             return self
-        first = self.records.where(bad[0])
+        files = [self.records.where(i) for i in bad]
+        shown = ", ".join(files[:list_max]) + (f", ... and {len(files) - list_max} more" if len(files) > list_max else "")
         warnings.warn(f"{self.name}: skipped {len(bad)} unreadable image(s) of {len(self)} "
-                      f"(on_corrupt: skip), first: {first}", stacklevel=2)
+                      f"(on_corrupt: skip): {shown}", stacklevel=2)
         keep = sorted(set(range(len(self))) - set(bad))
-        return self.subset(keep)
+        out = self.subset(keep)
+        out.skipped_files = files
+        return out
 
     def __repr__(self) -> str:
         return f"ImageDataset(name={self.name!r}, n={len(self)}, classes={len(self.classes)})"

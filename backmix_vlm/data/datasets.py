@@ -8,15 +8,14 @@ class ids onto the dataset's canonical label order, then applies ``classes`` →
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-from ..config import DataSource, check_choice
+from ..config import DataSource, check_choice, default_data_root
 from ..errors import DataError
 from ..registry import Registry
 from .classnames import class_keys, class_names, clip_friendly, normalize_key
@@ -62,22 +61,12 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset")
 # ----------------------------------------------------------------------------- downloads
 def _check_online(url: str, timeout: float = 3.0) -> None:
     """Fail within seconds, with a clear message, when ``url``'s host cannot be reached."""
+    from ..runtime import host_reachable
+
     host = urlparse(url).hostname or url
     port = 443 if url.startswith("https") else 80
-    result: list[BaseException | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            result.append(e)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 2.0)  # DNS lookups ignore the socket timeout
-    if not result or result[0] is not None:
-        why = f"{type(result[0]).__name__}: {result[0]}" if result else "timed out"
+    ok, why = host_reachable(host, port, timeout=timeout)
+    if not ok:
         raise DataError(f"download: true, but {host} cannot be reached ({why}); this machine looks "
                         "offline. Put the data under root yourself (see the accepted layouts) or "
                         "set download: false.")
@@ -305,7 +294,30 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
     ``transform`` maps an RGB PIL image to a tensor (default ``ToTensor``); build it with
     ``build_transform(..., resize=src.resize)``.  ``resize: crop`` additionally takes the
     32 px center crop here, so the crop happens whatever transform the caller passes.
+    ``root: null`` reads from :func:`~backmix_vlm.config.default_data_root` (``$BACKMIX_DATA``).
     """
+    return _build(src, transform, drop_corrupt=True)
+
+
+def check_dataset(src: DataSource, where: str | None = None) -> ImageDataset:
+    """Find ``src`` and apply its class / sample filters without decoding any image: the cheap
+    up-front check every job runs before it creates a run folder.  Returns the (untransformed) dataset.
+
+    ``where`` (e.g. ``data.train``) prefixes the error so the config key is named.
+    """
+    from ..errors import BackmixError
+
+    try:
+        return _build(src, None, drop_corrupt=False)
+    except BackmixError as e:
+        if where is None:
+            raise
+        raise type(e)(f"{where}: {e}") from None
+
+
+def _build(src: DataSource, transform: Callable | None, drop_corrupt: bool) -> ImageDataset:
+    if src.root is None:
+        src = dataclasses.replace(src, root=default_data_root())
     spec = DATASETS.get(src.name)
     _check_source(spec, src)
     if spec.fixed is not None:
@@ -353,7 +365,7 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
 
     ds = ImageDataset(records, labels, classes, ds_name, transform, src.jpeg_quality,
                       CROP_SIZE if src.resize == "crop" else None, masks=masks)
-    if src.on_corrupt == "skip":
+    if src.on_corrupt == "skip" and drop_corrupt:
         ds = ds.drop_unreadable()
         if len(ds) == 0:
             raise DataError(f"{where}: every image is unreadable (on_corrupt: skip)")

@@ -28,12 +28,12 @@ class OpenSetProtocol:
     unknown_dataset: str
     split: int = 0
 
-    def known_source(self, root: str = "data", split: str = "train", **kw: Any) -> DataSource:
+    def known_source(self, root: str | None = None, split: str = "train", **kw: Any) -> DataSource:
         """The known classes of ``known_dataset`` (relabelled 0..K-1 in ``known`` order)."""
         return DataSource(name=self.known_dataset, root=root, split=split, classes=list(self.known),
                           label=kw.pop("label", f"{self.name}-known"), **kw)
 
-    def unknown_source(self, root: str = "data", split: str = "test", **kw: Any) -> DataSource:
+    def unknown_source(self, root: str | None = None, split: str = "test", **kw: Any) -> DataSource:
         """The unknown classes of ``unknown_dataset`` (their labels are irrelevant to OSR metrics)."""
         return DataSource(name=self.unknown_dataset, root=root, split=split, classes=list(self.unknown),
                           label=kw.pop("label", f"{self.name}-unknown"), **kw)
@@ -76,7 +76,7 @@ def get_protocol(name: str, split: int = 0) -> OpenSetProtocol:
 
 
 # ----------------------------------------------------------------------------- OOD benchmarks
-#: ID dataset → its usual OOD test sets (root "data"; use :func:`ood_sources` to set root / JPEG).
+#: ID dataset → its usual OOD test sets (root None: the data root; use :func:`ood_sources` to set root / JPEG).
 OOD_BENCHMARKS: dict[str, list[DataSource]] = {
     "cifar10": [
         DataSource(name="cifar100", split="test", label="CIFAR-100"),

@@ -21,14 +21,17 @@ gradients, CLIP's patch-to-text similarity (:mod:`backmix_vlm.saliency.local`):
   backward through the last blocks only); both give the same maps up to float rounding (the
   blocks below ``start_layer`` run fused attention in training, explicit attention in the
   separate pass).  When the forward does not contain the clean images (``backmix.mode:
-  mixed_only``) the separate pass runs instead, before the optimizer step.
+  mixed_only``) the separate pass runs instead, before the optimizer step, on the *clean*
+  images (their frozen image tower gets no gradient from the mixed batch; see docs/methods.md).
+* Under fp16 with a GradScaler the trainer passes the step's loss scale to
+  ``saliency_from_output``; VPT's training-backward maps divide the gradients by it.
 
 Bank updates happen every ``backmix.bank_update_every`` steps (the trainer asks for them with
 ``saliency_extra_pass`` before the forward).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -107,22 +110,37 @@ class AdapterTask:
         return out
 
     def loss(self, output: ModelOutput, mix: Any) -> Tensor:
+        """The adapter's objective on (possibly label-mixed) targets.
+
+        One label per row: ``adapter.loss``.  Mixed labels with one λ (Mixup / CutMix):
+        ``λ·loss(a) + (1-λ)·loss(b)``, regulariser included.  Per-row λ (alongside + Mixup /
+        CutMix): per-row cross-entropy weighted by λ, plus the adapter's regulariser (LoCoOp's
+        background entropy) as ``w·R(a) + (1-w)·R(b)`` with ``w = mean(λ)`` — for a constant λ
+        this equals the one-λ formula, so the regulariser is never dropped.
+        """
         adapter = self.model
         if mix.labels_b is None:
             return adapter.loss(output, mix.labels_a)
         lam = mix.lam
         if isinstance(lam, Tensor):  # per-sample weights (alongside + mixup/cutmix): weight per row
-            return mix.loss(output.logits)
+            loss = mix.loss(output.logits)
+            regularizer = getattr(adapter, "regularizer", None)
+            reg_a = regularizer(output, mix.labels_a) if regularizer is not None else None
+            if reg_a is None:
+                return loss
+            w = lam.float().mean().to(loss.dtype)
+            return loss + w * reg_a + (1 - w) * regularizer(output, mix.labels_b)
         return lam * adapter.loss(output, mix.labels_a) + (1 - lam) * adapter.loss(output, mix.labels_b)
 
-    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor) -> Tensor | None:
+    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor,
+                             grad_scale: float = 1.0) -> Tensor | None:
         captured, self._captured = self._captured, None
-        if captured is not None:
+        if captured is not None:  # own autograd.grad of unscaled logits: grad_scale does not apply
             return captured.maps if captured.maps is not None else self._tail_maps(captured)
         rec, self._recording = self._recording, None
         if rec is None:
             return None
-        maps = rec.maps(from_loss=True)
+        maps = rec.maps(from_loss=True, grad_scale=grad_scale)  # gradients of the (scaled) training loss
         return maps[: images.shape[0]].detach()
 
     def saliency_extra_pass(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor | None:
@@ -261,10 +279,13 @@ class AdapterTask:
         return clip_logits_fn(model.base, text)
 
     def _autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            device = next(self.model.parameters()).device.type
-            return torch.autocast(device_type=device, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
-        return nullcontext()
+        """Autocast for the map passes in the run's precision (``backmix_vlm.runtime``): a frozen tower
+        held in fp16 (``backbone.frozen_weights``) needs fp16 autocast to run at all; its relevance
+        gradients are unscaled, so a map that under- or overflows is refused by the bank."""
+        from ..runtime import autocast
+
+        device = next(self.model.parameters()).device
+        return autocast(device, self.precision)
 
 
 @dataclass

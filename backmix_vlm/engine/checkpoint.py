@@ -17,7 +17,6 @@ Exact resume rests on three things saved here:
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import zipfile
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, load_error_summary
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -58,21 +57,32 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    require: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Raises :class:`~backmix_vlm.errors.ModelError` naming the file when it is missing,
-    truncated / corrupt, or not a checkpoint dict.
+    truncated / corrupt, not a torch file at all (a text or image file: torch itself reports
+    such files as ``KeyError: 101``), not a checkpoint dict, or lacks a key in ``require``.
     """
     path = Path(path)
+    expected = f"expected a training checkpoint written by backmix-vlm train / fewshot ({LAST})"
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path} (a run directory holds {LAST} after its first epoch)")
+    if not zipfile.is_zipfile(path):
+        what = "is truncated or not a torch checkpoint" if path.stat().st_size else "is empty"
+        raise ModelError(f"checkpoint {path} is corrupt or not a torch checkpoint: the file {what}; {expected}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise ModelError(f"checkpoint {path} is corrupt or not a torch checkpoint: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - torch reports foreign files with bare internals (KeyError: 101)
+        raise ModelError(f"checkpoint {path} is corrupt or not a torch checkpoint: {load_error_summary(e)}; "
+                         f"{expected}") from None
     if not isinstance(state, dict):
         raise ModelError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict of training state")
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise ModelError(f"checkpoint {path} has no {', '.join(repr(k) for k in missing)} entry "
+                         f"(keys: {', '.join(map(str, list(state)[:8]))}); {expected}")
     return state
 
 

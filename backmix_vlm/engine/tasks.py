@@ -48,8 +48,9 @@ class ClassifierTask:
             return mix.loss(output.logits, functools.partial(F.cross_entropy, label_smoothing=self.label_smoothing))
         return mix.loss(output.logits)
 
-    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor) -> Tensor | None:
-        if output.cam is None:
+    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor,
+                             grad_scale: float = 1.0) -> Tensor | None:
+        if output.cam is None:  # the CAM is a forward quantity: grad_scale does not apply
             return None
         from ..saliency.cam import cam_foreground
 

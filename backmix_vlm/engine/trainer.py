@@ -35,6 +35,10 @@ Design choices (documented because they change numbers):
   the target label, as Algorithm 1 of the paper reads ("obtain C-hat with respect to x-tilde").
   Tasks whose saliency needs its own pass (CoOp / LoCoOp) provide ``saliency_extra_pass``,
   called every ``backmix.bank_update_every`` steps.
+* **Only finite maps enter the bank.**  A map with a NaN / inf (e.g. fp16 overflow) is skipped;
+  the epoch's count is logged as ``bank_skipped`` (column present only when non-zero).  With a
+  GradScaler (fp16) the task gets the loss scale of the step, so maps read from the training
+  backward use unscaled gradients.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ from ..config import BackMixConfig, OptimConfig, RunConfig, check_choice
 from ..errors import ConfigError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
+from ..runtime import AUTOCAST_PRECISIONS, resolve_device
 from .checkpoint import (
     BEST,
     LAST,
@@ -76,7 +81,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant", "step", "triangle")
 #: airbench's piecewise-linear schedule: factor 0.2 at step 0, 1.0 at 23 % of training, 0.07 at the end
 TRIANGLE = (0.2, 0.23, 0.07)
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = AUTOCAST_PRECISIONS  # run.precision: autocast (backmix_vlm.runtime)
 AUGMENTS = ("none", "backmix", "cutout", "mixup", "cutmix")
 MODES = ("alongside", "mixed_only")
 CHECKPOINT_FORMAT = 1
@@ -95,6 +100,9 @@ class TrainTask(Protocol):
     unwrapped one; an extra pass that uses autograd must not leave gradients in ``.grad``
     (use ``torch.autograd.grad``).  ``saliency_size`` is the (h, w) of the maps the task
     produces (the mask bank is built at that size), or None when the task has no saliency.
+    ``saliency_from_output`` runs after the optimizer step; ``grad_scale`` is the loss scale the
+    step's backward used (GradScaler with fp16, else 1): gradients read from that backward must
+    be divided by it.  Non-finite maps are dropped by the trainer.
     """
 
     model: nn.Module
@@ -107,7 +115,8 @@ class TrainTask(Protocol):
 
     def loss(self, output: ModelOutput, mix: Any) -> Tensor: ...
 
-    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor) -> Tensor | None: ...
+    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor,
+                             grad_scale: float = 1.0) -> Tensor | None: ...
 
     def saliency_extra_pass(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor | None: ...
 
@@ -186,11 +195,7 @@ def build_accelerator(run: RunConfig) -> Any:
 
     check_choice(run.precision, PRECISIONS, "run.precision")
     device = str(run.device)
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"run.device: {device!r} is not accepted; choose auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {device!r} but no CUDA GPU is visible; use run.device=cpu or auto")
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
     shared = AcceleratorState._shared_state
@@ -362,6 +367,7 @@ class Trainer:
             out = _as_output(task.forward(self.model, mix.images))
         out = output_to_fp32(out)
         loss = task.loss(out, mix)
+        grad_scale = _loss_scale(acc) if self.bank is not None else 1.0  # read before step(): update() changes it
         acc.backward(loss)
         if self.optim_cfg.grad_clip:
             acc.clip_grad_norm_(task.trainable_parameters(), self.optim_cfg.grad_clip)
@@ -375,9 +381,11 @@ class Trainer:
             maps = extra_maps
             if maps is None:
                 with torch.no_grad():
-                    maps = task.saliency_from_output(_slice_output(out, rows), mix.images[rows], row_labels)
+                    maps = task.saliency_from_output(_slice_output(out, rows), mix.images[rows], row_labels,
+                                                     grad_scale=grad_scale)
             if maps is not None:
-                self.bank.update(indices, maps, geometry=geometry)
+                # the bank refuses maps with non-finite values (e.g. an fp16 overflow) and counts them
+                self.bank.update(indices, maps, geometry=geometry)  # a collective in multi-process runs
         self.global_step += 1
         with torch.no_grad():
             correct = (out.logits[rows].argmax(-1) == row_labels).sum()
@@ -391,6 +399,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
         seen = torch.zeros((), device=self.device, dtype=torch.float64)
+        skipped_before = self.bank.skipped if self.bank is not None else 0
         bar = tqdm(self._loader(epoch), desc=f"epoch {epoch + 1}/{self.optim_cfg.epochs}", leave=False,
                    disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True)
         for images, labels, indices in bar:
@@ -407,21 +416,26 @@ class Trainer:
             from timm.utils import distribute_bn
 
             distribute_bn(self.model, self.world, reduce=True)
-        totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum")
-        loss_sum, correct, seen = (float(t) for t in totals)
+        # non-finite maps the bank refused this epoch, on this process
+        skipped = torch.tensor(float(self.bank.skipped - skipped_before if self.bank is not None else 0),
+                               device=self.device, dtype=torch.float64)
+        totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen, skipped]), reduction="sum")
+        loss_sum, correct, seen, skipped_all = (float(t) for t in totals)
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}; "
                                      "lower optim.lr, set optim.grad_clip or use run.precision=no")
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
                "train_acc": correct / max(seen, 1), "time": time.perf_counter() - start}
-        if self.bank is not None:
-            row["bank_skipped"] = self.bank.skipped
-            if self.true_masks is not None:  # how well the bank's top-k masks find the true foreground
-                from ..saliency.mask_quality import mask_quality
+        if skipped_all:
+            row["bank_skipped"] = int(skipped_all)
+            self.accelerator.print(f"warning: epoch {epoch + 1}: {int(skipped_all)} non-finite saliency map(s) were "
+                                   "not written into the mask bank (bank_skipped in log.csv)")
+        if self.bank is not None and self.true_masks is not None:  # how well the bank finds the true foreground
+            from ..saliency.mask_quality import mask_quality
 
-                # measured at the configured k (the paper's 0.25 when k = 0 masks nothing)
-                quality = mask_quality(self.bank.bank, self.true_masks, self.backmix.mask_ratio or 0.25)
-                row.update({f"mask_{k}": v for k, v in quality.items()})
+            # measured at the configured k (the paper's 0.25 when k = 0 masks nothing)
+            quality = mask_quality(self.bank.bank, self.true_masks, self.backmix.mask_ratio or 0.25)
+            row.update({f"mask_{k}": v for k, v in quality.items()})
         return row
 
     # ------------------------------------------------------------------ the loop
@@ -559,6 +573,14 @@ class Trainer:
         if not self.is_main:
             return
         write_log_files(self.run_dir, self.history)
+
+
+def _loss_scale(accelerator: Any) -> float:
+    """The GradScaler's current loss scale (fp16), else 1.0."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def _slice_output(out: ModelOutput, rows: slice) -> ModelOutput:

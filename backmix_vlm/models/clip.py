@@ -19,7 +19,6 @@ import contextlib
 import difflib
 import logging
 import os
-import socket
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,17 +31,18 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, load_error_summary
 from ..registry import Registry
+from ..runtime import OFFLINE_ENV, WEIGHT_PRECISIONS, hub_reachable, resolve_device
 from .hf_clip import convert_state_dict as convert_hf_state_dict
-from .hf_clip import find_hf_clip, is_hf_state_dict, load_hf_clip
+from .hf_clip import find_hf_clip, is_hf_name, is_hf_state_dict, load_hf_clip
 from .output import ModelOutput
 
 TINY_CLIP = "backmix-tiny-clip"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-OFFLINE_ENV = "BACKMIX_VLM_OFFLINE"  # "1": skip the network probe and behave as offline
-PRECISIONS = ("fp32", "fp16", "bf16")
-_HUB_HOST = ("huggingface.co", 443)
+PRECISIONS = WEIGHT_PRECISIONS  # weight dtype of a frozen CLIP (run.precision is autocast: runtime.py)
+# OFFLINE_ENV and hub_reachable are imported above from backmix_vlm.runtime (the one network probe) and
+# stay importable from here.
 
 if MODEL_CONFIG_DIR not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
     open_clip.add_model_config(MODEL_CONFIG_DIR)  # makes "backmix-tiny-clip" an open_clip name
@@ -108,6 +108,7 @@ def load_clip(
     cache_dir: str | None = None,
     load_weights: bool = True,
     layout: str = "auto",
+    config_section: str = "model",
 ) -> ClipBundle:
     """Build an open_clip model with its tokenizer and transforms, frozen and in eval mode.
 
@@ -123,6 +124,8 @@ def load_clip(
     ``layout`` (``auto`` | ``batch_first`` | ``seq_first``) sets how the transformer blocks are
     fed; ``auto`` is ``seq_first`` on CPU — same math, but open_clip's batch-first attention
     projects a non-contiguous view that is ~7x slower in CPU bf16 (docs/benchmarks_speed.md).
+    ``config_section`` is the job's config section holding these keys (``model`` for zeroshot,
+    ``backbone`` for fewshot): error messages name ``<section>.checkpoint`` etc.
     """
     if precision not in PRECISIONS:
         raise ModelError(f"precision {precision!r} is not accepted; choose one of {', '.join(PRECISIONS)}")
@@ -130,13 +133,10 @@ def load_clip(
         pretrained, checkpoint = None, pretrained  # open_clip also accepts a file as `pretrained`
     hf = find_hf_clip(name, checkpoint, cache_dir)  # transformers CLIP (hf:<repo>, save_pretrained folder / file)
     if hf is not None:
-        return load_hf_clip(hf, device=_resolve_device(device), precision=precision, load_weights=load_weights,
-                            layout=layout)
-    name = _check_model_name(name)
-    tag_cfg = _check_tag(name, pretrained) if pretrained else {}
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ModelError(f"model.checkpoint: file not found: {checkpoint}")
-    device = _resolve_device(device)
+        return load_hf_clip(hf, device=resolve_device(device, "device"), precision=precision,
+                            load_weights=load_weights, layout=layout)
+    name, tag_cfg = check_clip_source(name, pretrained, checkpoint, config_section)
+    device = resolve_device(device, "device")
 
     kwargs: dict[str, Any] = dict(
         precision=precision, device=device, cache_dir=cache_dir, pretrained_text=False,
@@ -149,7 +149,9 @@ def load_clip(
     # random init was asked for / download errors become one ModelError below
     quiet = _quiet_open_clip("initialized randomly", "Failed to download weights")
     try:
-        with quiet, _offline_guard(name, pretrained, tag_cfg, cache_dir, offline) if download else contextlib.nullcontext():
+        guard = (_offline_guard(name, pretrained, tag_cfg, cache_dir, offline, config_section) if download
+                 else contextlib.nullcontext())
+        with quiet, guard:
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained if download else None, **kwargs)
     except RuntimeError as e:
@@ -157,7 +159,7 @@ def load_clip(
             raise
         why = ("huggingface.co is unreachable and the weights are not in the Hugging Face cache"
                if offline else f"download failed: {str(e).splitlines()[0][:300]}")
-        raise ModelError(_no_weights_message(name, pretrained, why)) from None
+        raise ModelError(_no_weights_message(name, pretrained, why, config_section)) from None
     if checkpoint is not None and load_weights:
         load_clip_checkpoint(model, checkpoint)
 
@@ -199,13 +201,20 @@ def set_block_layout(model: nn.Module, layout: str, device: str | torch.device =
                 attn.batch_first = first
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ModelError(f"device {device!r} is not accepted; use auto, cpu, cuda or cuda:N") from None
+def check_clip_source(name: str, pretrained: str | None = None, checkpoint: str | None = None,
+                      config_section: str = "model") -> tuple[str, dict[str, Any]]:
+    """Check a CLIP's name, tag and weights file without building it (seconds before any run).
+
+    Returns the canonical model name and the tag's open_clip config (``{}`` without a tag).
+    """
+    if is_hf_name(name) or find_hf_clip(None, checkpoint) is not None:
+        find_hf_clip(name, checkpoint)  # transformers CLIP: fails fast when the folder / cached snapshot is missing
+        return name, {}
+    name = _check_model_name(name)
+    tag_cfg = _check_tag(name, pretrained, config_section) if pretrained else {}
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ModelError(f"{config_section}.checkpoint: file not found: {checkpoint}")
+    return name, tag_cfg
 
 
 def _check_model_name(name: str) -> str:
@@ -223,7 +232,7 @@ def _check_model_name(name: str) -> str:
     return clean
 
 
-def _check_tag(name: str, tag: str) -> dict[str, Any]:
+def _check_tag(name: str, tag: str, config_section: str = "model") -> dict[str, Any]:
     if name.startswith(("hf-hub:", "local-dir:")):
         return {}  # the schema names its own weights
     cfg = open_clip.get_pretrained_cfg(name, tag)
@@ -232,7 +241,7 @@ def _check_tag(name: str, tag: str) -> dict[str, Any]:
         raise ModelError(
             f"unknown pretrained tag '{tag}' for open_clip model '{name}'; available: "
             f"{', '.join(tags) if tags else 'none (use pretrained: null for random init)'}; "
-            f"or set model.checkpoint to a local weights file"
+            f"or set {config_section}.checkpoint to a local weights file"
         )
     return cfg
 
@@ -252,24 +261,9 @@ def _quiet_open_clip(*phrases: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- offline handling
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """True when huggingface.co:443 accepts a TCP connection within ``timeout`` seconds.
-
-    Why: offline, huggingface_hub retries for minutes before giving up; a 2 s probe lets us
-    switch it to cache-only mode and fail in seconds instead.
-    """
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        return False
-    try:
-        with socket.create_connection(_HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def _offline_guard(name: str, tag: str | None, tag_cfg: dict[str, Any], cache_dir: str | None,
-                   offline: list[bool]) -> Iterator[None]:
+                   offline: list[bool], config_section: str = "model") -> Iterator[None]:
     """Without network: hub in cache-only mode (cached weights still load), else fail fast.
 
     Appends True to ``offline`` when the hub is (or was set) offline, for the error message.
@@ -286,7 +280,8 @@ def _offline_guard(name: str, tag: str | None, tag_cfg: dict[str, Any], cache_di
         url = tag_cfg.get("url", "")
         cached = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
         if not cached.is_file():
-            raise ModelError(_no_weights_message(name, tag, f"huggingface.co is unreachable and {cached} does not exist"))
+            raise ModelError(_no_weights_message(name, tag, f"huggingface.co is unreachable and {cached} does not exist",
+                                                 config_section))
         yield
         return
     old_const, old_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
@@ -301,13 +296,13 @@ def _offline_guard(name: str, tag: str | None, tag_cfg: dict[str, Any], cache_di
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
-def _no_weights_message(name: str, tag: str | None, why: str) -> str:
+def _no_weights_message(name: str, tag: str | None, why: str, config_section: str = "model") -> str:
     return (
         f"cannot load pretrained weights for open_clip '{name}' / '{tag}': {why} "
         f"(cache: HF_HOME / HF_HUB_CACHE, default ~/.cache/huggingface/hub). To provide them: run once with "
         f"network to fill the cache, or copy a cache that has them and set HF_HUB_OFFLINE=1, or "
-        f"download the weights file elsewhere and set model.checkpoint=/path/to/file "
-        f"(keep model.pretrained={tag} so its QuickGELU / normalisation settings are used)"
+        f"download the weights file elsewhere and set {config_section}.checkpoint=/path/to/file "
+        f"(keep {config_section}.pretrained={tag} so its QuickGELU / normalisation settings are used)"
     )
 
 
@@ -332,8 +327,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             for key in ("input_resolution", "context_length", "vocab_size"):
                 sd.pop(key, None)
         except Exception:  # noqa: BLE001
-            raise ModelError(f"checkpoint {path}: cannot be read ({type(first).__name__}: "
-                             f"{str(first).splitlines()[0][:200] if str(first) else ''}); {_ACCEPTED}") from None
+            raise ModelError(f"checkpoint {path}: cannot be read ({load_error_summary(first)}); {_ACCEPTED}") from None
     if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"checkpoint {path}: is not a mapping of parameter names to tensors; {_ACCEPTED}")
     return dict(sd)

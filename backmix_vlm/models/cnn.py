@@ -109,6 +109,18 @@ class CamClassifier(nn.Module):
         return ModelOutput(logits=logits, features=features, cam=out.cam)
 
 
+def check_cnn(name: str, options: dict | None = None) -> Callable[..., tuple[nn.Module, int, int]]:
+    """The builder of a registered CNN; an unknown name or option is a ModelError listing the valid ones
+    (``tta`` is the classifier's own option, see :class:`CamClassifier`)."""
+    builder = CNN_MODELS.get(name)
+    accepted = list(inspect.signature(builder).parameters)
+    unknown = [k for k in (options or {}) if k not in accepted and k != "tta"]
+    if unknown:
+        raise ModelError(f"model '{name}': unknown option(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(accepted + ['tta'])}")
+    return builder
+
+
 def create_cnn(name: str, num_classes: int, tta: str = "none", **kw) -> CamClassifier:
     """Build a registered CNN (``CNN_MODELS``) with a CAM head for ``num_classes`` classes.
 
@@ -116,14 +128,9 @@ def create_cnn(name: str, num_classes: int, tta: str = "none", **kw) -> CamClass
     raise a ModelError listing the accepted ones.  ``tta``: see :class:`CamClassifier`.
     A backbone may carry ``head_options`` (``head_bias`` / ``head_scale`` of the CamHead).
     """
-    builder = CNN_MODELS.get(name)
+    builder = check_cnn(name, kw)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"model '{name}': num_classes={num_classes!r}; expected a positive integer")
-    accepted = list(inspect.signature(builder).parameters)
-    unknown = [k for k in kw if k not in accepted]
-    if unknown:
-        raise ModelError(f"model '{name}': unknown option(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(accepted + ['tta']) or 'none'}")
     backbone, num_features, stride = builder(**kw)
     head = getattr(backbone, "head_options", {})
     return CamClassifier(backbone, num_features, num_classes, stride, tta=tta, **head)

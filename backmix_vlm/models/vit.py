@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -18,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, load_error_summary
 
 
 def load_timm_vit(
@@ -26,20 +27,18 @@ def load_timm_vit(
     pretrained: bool | str | os.PathLike = False,
     img_size: int | None = None,
     num_classes: int = 0,
+    config_section: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A timm model (``num_classes=0``: no head, ``forward`` returns pooled features).
 
     ``pretrained``: False (random init), True (timm's pretrained weights, cached or
     downloaded) or a path to a ``.safetensors`` / ``.pth`` / ``.bin`` state dict in timm's key
-    layout.  Extra keyword arguments go to ``timm.create_model``.
+    layout (read locally, the hub is never asked).  Extra keyword arguments go to
+    ``timm.create_model``.  ``config_section`` (e.g. ``backbone``) makes error messages name
+    the job's config keys (``backbone.checkpoint=...``).
     """
-    arch = name.split(".")[0]
-    if not timm.is_model(arch):
-        known = timm.list_models("vit_*")
-        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
-        raise ModelError(f"unknown timm model '{name}'; {'similar: ' + ', '.join(close) if close else 'e.g. ' + ', '.join(known[:5])} "
-                         f"(all: timm.list_models('vit_*'))")
+    check_timm_name(name)
     if img_size is not None:
         kwargs["img_size"] = img_size
     kwargs["num_classes"] = num_classes
@@ -49,22 +48,37 @@ def load_timm_vit(
     if pretrained is True:
         file = _cached_weights(name)
         if file is None:
-            from .clip import hub_reachable
+            from ..runtime import hub_reachable
 
             if not hub_reachable():
+                if config_section:
+                    how = (f"set {config_section}.checkpoint=/path/to/model.safetensors (read locally, no hub), "
+                           f"or {config_section}.pretrained=null for random init")
+                else:
+                    how = "pass the file: load_timm_vit(name, pretrained='/path/to/model.safetensors'), or pretrained=False"
                 raise ModelError(
                     f"cannot load pretrained weights for timm '{name}': huggingface.co is unreachable and the "
                     f"weights are not in the Hugging Face cache (HF_HOME / HF_HUB_CACHE). Download the "
-                    f"weights elsewhere and pass the file (model.pretrained=/path/to/model.safetensors), "
-                    f"or use pretrained: false for random init"
+                    f"weights file elsewhere and {how}"
                 )
             return _create(name, kwargs, None)
         return _create(name, kwargs, file)
     path = Path(pretrained)
     if not path.is_file():
-        raise ModelError(f"timm weights file not found: {path} (model '{name}'); give an existing "
+        key = f"{config_section}.checkpoint: " if config_section else ""
+        raise ModelError(f"{key}timm weights file not found: {path} (model '{name}'); give an existing "
                          f".safetensors/.pth/.bin file, true for timm's weights, or false")
     return _create(name, kwargs, str(path))
+
+
+def check_timm_name(name: str) -> None:
+    """ModelError listing similar names unless ``name`` (``arch`` or ``arch.tag``) is a timm model."""
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        known = timm.list_models("vit_*")
+        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+        raise ModelError(f"unknown timm model '{name}'; {'similar: ' + ', '.join(close) if close else 'e.g. ' + ', '.join(known[:5])} "
+                         f"(all: timm.list_models('vit_*'))")
 
 
 def _create(name: str, kwargs: dict[str, Any], file: str | None) -> nn.Module:
@@ -87,9 +101,9 @@ def _create(name: str, kwargs: dict[str, Any], file: str | None) -> nn.Module:
     try:
         with mock.patch.object(nn.Module, "load_state_dict", recording):
             model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
-    except (RuntimeError, OSError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load weights for timm '{name}' {where}: {first}") from None
+    except (RuntimeError, OSError, KeyError, IndexError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ModelError(f"cannot load weights for timm '{name}' {where}: {load_error_summary(e)}; expected a "
+                         ".safetensors / .pth / .bin state dict in timm's key layout for this architecture") from None
     heads = model.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
 

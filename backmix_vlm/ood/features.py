@@ -22,12 +22,13 @@ from ..config import check_choice
 from ..errors import DataError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_bytes
+from ..runtime import AUTOCAST_PRECISIONS, autocast
 
 if TYPE_CHECKING:
     from .scores import ODIN
 
 OUTPUT_KEYS = ("logits", "features", "local_logits", "cam", "cosine", "local_cosine")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = AUTOCAST_PRECISIONS
 
 
 def cache_key(**parts: Any) -> str:
@@ -61,12 +62,9 @@ def model_fingerprint(module: torch.nn.Module) -> str:
 
 
 def autocast_context(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``precision`` bf16 / fp16 on ``device``'s type; a no-op for "no"."""
-    check_choice(precision, PRECISIONS, "precision")
-    if precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    """``torch.autocast`` for ``precision`` bf16 / fp16 on ``device``'s type; a no-op for "no"
+    (:func:`backmix_vlm.runtime.autocast`)."""
+    return autocast(device, precision)
 
 
 def _unpack(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -4,20 +4,21 @@ Works for ``train`` and ``fewshot`` runs.  The run's resolved ``config.yaml`` is
 ``eval.scores=[msp,odin,mahalanobis]``, other unknown sets ``eval.ood=[...]``, another
 protocol split), the model rebuilt and its ``last.pt`` weights loaded.  Results go into a
 new ``<run-dir>/eval-<timestamp>/`` (config.yaml, run_info.json, results.md / .json,
-scores.safetensors), so the training results are never overwritten.  A comparison run
-(``variants``) is re-evaluated variant by variant, with a comparison table on top.
+scores.safetensors), so the training results are never overwritten; the folder is printed at
+the end and removed again if the evaluation fails.  A checkpoint from a run that has not
+finished (fewer epochs than configured, or still running) is evaluated with a warning.  A
+comparison run (``variants``) is re-evaluated variant by variant, with a comparison table on top.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import apply_overrides, from_dict, load_yaml
+from ..config import build_with_overrides, load_yaml
 from ..errors import ConfigError
-from ..runs import resolve_device
+from ..runs import fresh_output_dir, resolve_device, run_status, unique_subdir
 
 JOB = "eval"
 
@@ -25,14 +26,29 @@ JOB = "eval"
 def load_overridden(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     from .train import TrainConfig
 
+    from ..config import apply_overrides, from_dict
+
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; pass a run directory written by backmix-vlm train")
-    data = apply_overrides(load_yaml(path), list(overrides))
-    try:
-        return from_dict(TrainConfig, dict(data)), data
-    except ConfigError as e:
-        raise ConfigError(f"{path} + overrides: {e}") from None
+    saved = load_yaml(path)
+    cfg = build_with_overrides(lambda raw: from_dict(TrainConfig, raw), saved, list(overrides), str(path))
+    return cfg, apply_overrides(saved, list(overrides))
+
+
+def warn_if_unfinished(run_dir: Path, checkpoint: Path, epoch: int, epochs: int) -> None:
+    """Print a warning when ``checkpoint`` is not the end of its training run."""
+    import sys
+
+    status = run_status(run_dir)
+    why = []
+    if epoch < epochs:
+        why.append(f"it holds epoch {epoch} of {epochs}")
+    if status in ("running", "interrupted", "failed"):
+        why.append(f"the run is {status}")
+    if why:
+        print(f"warning: {checkpoint} is from an unfinished run ({'; '.join(why)}); these results describe that "
+              "intermediate model", file=sys.stderr)
 
 
 def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | None = None) -> dict[str, Any]:
@@ -44,7 +60,9 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
     from ..runs import record_run
     from .train import build_datasets
 
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, require=("model",))
+    epoch = int(state.get("epoch", 0))
+    warn_if_unfinished(checkpoint.parent, checkpoint, epoch, cfg.optim.epochs)
     data = build_datasets(cfg)
     classes = state.get("meta", {}).get("classes") or data["train"].classes
     if len(classes) != len(data["train"].classes):
@@ -57,13 +75,14 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
     evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=device,
                                  precision=cfg.run.precision, std=cfg.data.std, fit_set=data["train_eval"])
     torch.manual_seed(cfg.run.seed)
-    evaluator(model, int(state.get("epoch", 0)))
+    evaluator(model, epoch)
     record_run(out_dir, cfg, JOB, argv)
-    results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "checkpoint": str(checkpoint)}
-    write_results(out_dir, results, title=f"{cfg.model.name} + {cfg.mixer}: {checkpoint}")
+    results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": epoch,
+               "checkpoint": str(checkpoint)}
+    write_results(out_dir, results, title=f"{cfg.model.name} + {cfg.mixer}, {epoch} epochs: {checkpoint}")
     save_scores(out_dir / SCORES_FILE, evaluator.per_sample,
                 {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
-                 "positive": cfg.eval.positive, "epoch": int(state.get("epoch", 0))})
+                 "positive": cfg.eval.positive, "epoch": epoch})
     return results
 
 
@@ -79,14 +98,17 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
     from .fewshot import adapter_config, build_backbone, build_datasets, load_fewshot_config
 
     cfg = load_fewshot_config(run_dir / "config.yaml", overrides)
+    ckpts = {seed: run_dir / f"seed{seed}" / LAST for seed in cfg.data.seeds}
+    states = {seed: load_checkpoint(ckpt, require=("model",)) for seed, ckpt in ckpts.items()}  # all there?
+    for seed, state in states.items():
+        warn_if_unfinished(run_dir, ckpts[seed], int(state.get("epoch", 0)), cfg.optim.epochs)
     device = resolve_device(cfg.run.device)
     backbone = build_backbone(cfg, device)
     data = build_datasets(cfg, backbone)
     record_run(out_dir, cfg, JOB, argv)
-    per_seed = []
+    per_seed, epochs = [], []
     for seed in cfg.data.seeds:
-        ckpt = run_dir / f"seed{seed}" / LAST
-        state = load_checkpoint(ckpt)
+        ckpt, state = ckpts[seed], states[seed]
         adapter = create_adapter(cfg.method.name, backbone["base"], data["train"].classes, adapter_config(cfg))
         trainable_in_fp32(adapter)  # as in training (fewshot.run_seed)
         adapter.load_state_dict_trainable(state["model"])
@@ -94,16 +116,22 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
         evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=device,
                                      precision=cfg.run.precision, std=backbone["std"], fit_set=data["train_eval"])
         torch.manual_seed(seed)
-        evaluator(adapter, int(state.get("epoch", 0)))
+        epoch = int(state.get("epoch", 0))
+        epochs.append(epoch)
+        evaluator(adapter, epoch)
         seed_out = out_dir / f"seed{seed}"
-        write_results(seed_out, {**evaluator.result, "seed": seed, "checkpoint": str(ckpt)},
-                      title=f"{cfg.method_label}, {cfg.setting_label}, seed {seed}: {ckpt}")
+        write_results(seed_out, {**evaluator.result, "seed": seed, "epochs": epoch, "checkpoint": str(ckpt)},
+                      title=f"{cfg.method_label} on {backbone['id']['name']}, {cfg.setting_label}, seed {seed}, "
+                            f"{epoch} epochs: {ckpt}")
         save_scores(seed_out / SCORES_FILE, evaluator.per_sample,
                     {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
                      "positive": cfg.eval.positive, "epoch": int(state.get("epoch", 0))})
         per_seed.append(evaluator.result)
     agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
-    write_results(out_dir, agg, title=f"Re-evaluation: {cfg.method_label}, {cfg.setting_label}")
+    agg.update({"backbone": backbone["id"], "epochs": epochs, "seeds": list(cfg.data.seeds)})
+    shown = str(epochs[0]) if len(set(epochs)) == 1 else "/".join(map(str, epochs))
+    write_results(out_dir, agg, title=f"Re-evaluation: {cfg.method_label} on {backbone['id']['name']}, "
+                                      f"{cfg.setting_label}, {shown} epochs")
     return agg
 
 
@@ -118,23 +146,25 @@ def main(args: Any) -> int:
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
     overrides = list(getattr(args, "overrides", []) or [])
-    out = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = unique_subdir(run_dir, "eval")
     argv = getattr(args, "argv", None)
     info = run_dir / "run_info.json"
-    if info.is_file() and json.loads(info.read_text()).get("job") == "fewshot":
-        evaluate_fewshot_run(run_dir, overrides, out, argv)
-        print((out / "results.md").read_text())
-        return 0
-    cfg, data = load_overridden(run_dir, overrides)
-    if not cfg.variants:
-        evaluate_run(cfg, run_dir / LAST, out, argv)
-        print((out / "results.md").read_text())
-        return 0
-    results = {}
-    for name, sub in variant_configs(cfg, data, str(run_dir / "config.yaml")).items():
-        results[name] = evaluate_run(sub, run_dir / name / LAST, out / name, argv)
-    write_json(out / "results.json", {"variants": results})
-    md = comparison_markdown(results, cfg.eval.scores, f"Re-evaluation: {', '.join(results)}")
-    atomic_write_text(out / "results.md", md)
+    with fresh_output_dir(out):
+        if info.is_file() and json.loads(info.read_text()).get("job") == "fewshot":
+            evaluate_fewshot_run(run_dir, overrides, out, argv)
+            md = (out / "results.md").read_text()
+        else:
+            cfg, data = load_overridden(run_dir, overrides)
+            if not cfg.variants:
+                evaluate_run(cfg, run_dir / LAST, out, argv)
+                md = (out / "results.md").read_text()
+            else:
+                results = {}
+                for name, sub in variant_configs(cfg, data, str(run_dir / "config.yaml")).items():
+                    results[name] = evaluate_run(sub, run_dir / name / LAST, out / name, argv)
+                write_json(out / "results.json", {"variants": results})
+                md = comparison_markdown(results, cfg.eval.scores, f"Re-evaluation: {', '.join(results)}")
+                atomic_write_text(out / "results.md", md)
     print(md)
+    print(f"results: {out / 'results.md'}")
     return 0

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
-                      check_choice, from_dict, load_yaml)
+from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
+                      build_with_overrides, check_choice, default_data_root, fill_data_roots, from_dict, load_yaml)
 from ..engine.adapter_task import SaliencyConfig
 from ..errors import ConfigError
-from ..runs import make_run_dir, record_run
+from ..runs import open_run, plan_from_args
 
 JOB = "fewshot"
 METHODS = ("coop", "locoop", "vpt", "lora")
@@ -52,6 +52,8 @@ class BackboneConfig:
     def validate(self) -> None:
         check_choice(self.family, FAMILIES, "backbone.family")
         check_choice(self.frozen_weights, FROZEN_WEIGHTS, "backbone.frozen_weights")
+        if self.family == "clip" and self.options:
+            raise ConfigError("backbone.options: only for timm backbones; CLIP architectures are named by backbone.name")
 
 
 @dataclass
@@ -81,6 +83,10 @@ class FewShotDataConfig:
             raise ConfigError(f"data.shots: {self.shots} is not accepted; use k >= 1 or 'full'")
         if not self.seeds:
             raise ConfigError("data.seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"data.seeds: {self.seeds} repeats a seed; each seed is one run folder seed<k>/")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: {self.num_workers} is not accepted; expected >= 0")
 
     @property
     def shots_per_class(self) -> int | None:
@@ -96,6 +102,7 @@ class FewShotEvalConfig(EvalConfig):
 @dataclass
 class FewShotConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    data_root: str = field(default_factory=default_data_root)  # every data source without a root reads from here
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
@@ -104,6 +111,9 @@ class FewShotConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
     setting: str | None = None             # row label in combined tables (default: "<k>-shot" / "Full-data")
+
+    def __post_init__(self) -> None:
+        fill_data_roots(self, self.data_root)
 
     @property
     def setting_label(self) -> str:
@@ -120,21 +130,62 @@ class FewShotConfig:
 
 def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = None) -> FewShotConfig:
     """Load the YAML; optimizer keys it leaves out follow CoOp's recipe for its shot count
-    (``method.name: lora``: CLIP-LoRA's, :func:`~backmix_vlm.adapters.lora.lora_default_schedule`)."""
+    (``method.name: lora``: CLIP-LoRA's, :func:`~backmix_vlm.adapters.lora.lora_default_schedule`).
+
+    An error caused by a command-line override names that override.
+    """
+    data = load_yaml(path) if path is not None else {}
+    return build_with_overrides(build_fewshot_config, data, list(overrides or []), str(path) if path is not None else "")
+
+
+def build_fewshot_config(data: dict[str, Any]) -> FewShotConfig:
+    """A :class:`FewShotConfig` from a raw mapping (CoOp's optimizer defaults filled in, the
+    adapter options and the backbone / method pairing checked)."""
     from ..adapters.coop import coop_default_schedule
 
-    data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    try:
-        shots = from_dict(FewShotDataConfig, copy.deepcopy(data.get("data") or {}), "data").shots_per_class
-        if not isinstance(data.get("optim", {}), dict):
-            raise ConfigError("optim: expected a mapping")
-        data["optim"] = {**_default_schedule(data, shots, coop_default_schedule), **(data.get("optim") or {})}
-        cfg = from_dict(FewShotConfig, data)
-        adapter_config(cfg)  # validate method.options now, not after the backbone has loaded
-        return cfg
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    data = copy.deepcopy(data)
+    shots = from_dict(FewShotDataConfig, copy.deepcopy(data.get("data") or {}), "data").shots_per_class
+    if not isinstance(data.get("optim", {}), dict):
+        raise ConfigError("optim: expected a mapping")
+    data["optim"] = {**_default_schedule(data, shots, coop_default_schedule), **(data.get("optim") or {})}
+    cfg = from_dict(FewShotConfig, data)
+    adapter_config(cfg)  # validate method.options now, not after the backbone has loaded
+    if cfg.backbone.family != "clip" and cfg.method.name not in ("vpt", "lora"):
+        raise ConfigError(f"method.name: {cfg.method.name} needs a CLIP text tower; use backbone.family=clip "
+                          "(timm backbones support methods vpt and lora)")
+    if not cfg.eval.ood:
+        raise ConfigError("eval.ood: list at least one unknown (OOD) dataset")
+    names = [s.display_name for s in cfg.eval.ood]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"eval.ood: unknown sets need distinct labels; repeated: {', '.join(dupes)}")
+    return cfg
+
+
+def preflight(cfg: FewShotConfig) -> None:
+    """Check the backbone's name / tag / weights file and every data source before a run folder
+    is created or a backbone is loaded."""
+    from ..data import check_dataset
+    from ..engine.evaluation import build_scores
+
+    build_scores(cfg.eval, None)  # unknown score names / score_params fail now
+    b = cfg.backbone
+    if b.family == "clip":
+        from ..models.clip import check_clip_source
+
+        check_clip_source(b.name, b.pretrained, b.checkpoint, "backbone")
+    else:
+        from ..models.vit import check_timm_name
+
+        check_timm_name(b.name)
+        if b.checkpoint is not None and not Path(b.checkpoint).is_file():
+            raise ConfigError(f"backbone.checkpoint: file not found: {b.checkpoint}")
+    train = check_dataset(cfg.data.train, "data.train")
+    known = check_dataset(cfg.data.test, "data.test")
+    if len(known.classes) != len(train.classes):
+        raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}")
+    for i, src in enumerate(cfg.eval.ood):
+        check_dataset(src, f"eval.ood[{i}] ({src.display_name})")
 
 
 def _default_schedule(data: dict[str, Any], shots: int | None, coop_default: Any) -> dict[str, Any]:
@@ -177,7 +228,8 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
         if b.options:
             raise ConfigError("backbone.options: only for timm backbones; CLIP architectures are named by backbone.name")
 
-        bundle = load_clip(b.name, b.pretrained, b.checkpoint, device=device, cache_dir=b.cache_dir)
+        bundle = load_clip(b.name, b.pretrained, b.checkpoint, device=device, cache_dir=b.cache_dir,
+                           config_section="backbone")
         if b.image_size is not None and b.image_size != bundle.image_size:
             raise ConfigError(f"backbone.image_size: {b.name} takes {bundle.image_size} px inputs; remove the key")
         hold_frozen_backbone(bundle.model, cfg, device)
@@ -188,8 +240,10 @@ def build_backbone(cfg: FewShotConfig, device: Any) -> dict[str, Any]:
                           "(timm backbones support methods vpt and lora)")
     from ..models.vit import load_timm_vit
 
-    pretrained: Any = b.checkpoint or (True if b.pretrained not in (None, "", "none", "false") else False)
-    vit = load_timm_vit(b.name, pretrained=pretrained, img_size=b.image_size, **b.options).to(device).eval()
+    file = b.checkpoint or (b.pretrained if b.pretrained and os.path.isfile(b.pretrained) else None)  # a local file: no hub
+    pretrained: Any = file or (True if b.pretrained not in (None, "", "none", "false") else False)
+    vit = load_timm_vit(b.name, pretrained=pretrained, img_size=b.image_size, config_section="backbone",
+                        **b.options).to(device).eval()
     hold_frozen_backbone(vit.requires_grad_(False), cfg, device)  # the adapter freezes it anyway
     dc = vit.pretrained_cfg or {}
     size = b.image_size or int(vit.patch_embed.img_size[0])
@@ -296,12 +350,12 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
                       meta={"job": JOB, "seed": seed, "classes": list(train_full.classes),
                             "adapter": {"method": cfg.method.name, "config": dataclasses.asdict(adapter_config(cfg))}},
                       accelerator=accelerator, views=data["views"])
-    start = time.perf_counter()
     trainer.fit(resume=resume and (seed_dir / LAST).is_file())
     if trainer.epochs_this_call == 0:  # resumed a finished run: evaluate once (every process agrees on this)
         trainer.run_evaluation()
     results = {**evaluator.result, "seed": seed, "shots": cfg.data.shots, "method": cfg.method_label,
-               "num_train": len(train), "epochs": trainer.epoch, "train_time_s": round(time.perf_counter() - start, 1),
+               "num_train": len(train), "epochs": trainer.epoch,
+               "train_time_s": round(sum(r.get("time", 0.0) for r in trainer.history), 1),  # all epochs, all resumes
                "trainable_parameters": sum(p.numel() for p in task.trainable_parameters())}
     if accelerator.is_main_process:
         write_results(seed_dir, results, title=f"{cfg.method_label}, {cfg.setting_label}, seed {seed}")
@@ -311,8 +365,14 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
     return results
 
 
-def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Every seed, then the mean ± std table; returns the aggregated results."""
+def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False,
+                reuse_finished: bool | None = None) -> dict[str, Any]:
+    """Every seed, then the mean ± std table; returns the aggregated results.
+
+    With ``resume`` a seed that already has ``results.json`` is reused (``reuse_finished``,
+    default ``resume``; False when a resume changed settings: finished seeds continue then).
+    """
+    reuse_finished = resume if reuse_finished is None else reuse_finished
     import json
 
     from ..engine.trainer import build_accelerator
@@ -327,7 +387,7 @@ def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False
     for seed in cfg.data.seeds:
         seed_dir = run_dir / f"seed{seed}"
         done = seed_dir / "results.json"
-        if resume and done.is_file():
+        if resume and reuse_finished and done.is_file():
             accelerator.print(f"== seed {seed}: already finished, reusing {done}")
             per_seed.append(json.loads(done.read_text()))
             continue
@@ -347,15 +407,13 @@ def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False
 
 
 def main(args: Any) -> int:
+    """Validate everything (config, backbone name, data), then claim the run folder and train."""
     from ..report.tables import results_to_markdown
 
-    cfg = load_fewshot_config(args.config, getattr(args, "overrides", None))
-    resume = bool(getattr(args, "resume", False))
-    if resume and not cfg.run.name:
-        raise ConfigError("--resume needs the run's name: pass run.name=<folder under run.output_dir>")
-    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, JOB)
-    record_run(run_dir, cfg, JOB, getattr(args, "argv", None))
-    agg = run_fewshot(cfg, run_dir, resume=resume)
+    cfg, plan = plan_from_args(JOB, args, build=build_fewshot_config)
+    preflight(cfg)
+    with open_run(plan, cfg) as run_dir:
+        agg = run_fewshot(cfg, run_dir, resume=plan.resume, reuse_finished=not plan.changes)
     print(results_to_markdown(agg, title=f"{cfg.method_label}, {cfg.setting_label}"))
     print(f"results: {run_dir / 'results.md'}")
     return 0

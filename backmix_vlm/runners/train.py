@@ -21,15 +21,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
-                      check_choice, from_dict, load_yaml)
+                      build_with_overrides, check_choice, default_data_root, fill_data_roots, from_dict, load_yaml,
+                      to_dict)
 from ..errors import ConfigError
-from ..runs import make_run_dir, record_run, write_json
+from ..runs import CONFIG_FILE, open_run, plan_from_args, record_run, write_json
 
 JOB = "train"
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]   # = backmix_vlm.data.CIFAR10_MEAN (kept light to import)
@@ -62,6 +62,19 @@ class DataConfig:
     cache: str = "none"                # none | memory: decode the training set once into a uint8 tensor
     num_workers: int = 2               # training loader workers (decode only; geometry runs on the device)
 
+    def validate(self, where: str = "data") -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"{where}.image_size: {self.image_size} is not accepted; expected >= 8")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers: {self.num_workers} is not accepted; expected >= 0")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise ConfigError(f"{where}.crop_padding: {self.crop_padding} is not accepted; expected >= 0 or null")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != 3 or (key == "std" and any(v <= 0 for v in values)):
+                raise ConfigError(f"{where}.{key}: {values} is not accepted; expected 3 numbers"
+                                  + (" > 0" if key == "std" else ""))
+
 
 @dataclass
 class ModelConfig:
@@ -84,6 +97,7 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    data_root: str = field(default_factory=default_data_root)  # every data source without a root reads from here
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -94,6 +108,9 @@ class TrainConfig:
     best_metric: str | None = None     # also keep best.pt by this log column (higher = better), e.g. test_acc
     variants: dict[str, list[str]] = field(default_factory=dict)  # name -> overrides; one sub-run each
 
+    def __post_init__(self) -> None:
+        fill_data_roots(self, self.data_root)
+
     @property
     def mixer(self) -> str:
         """The mixer that actually runs (``none`` when BackMix is switched off)."""
@@ -101,31 +118,71 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
-    """The config and its raw (overridden) mapping, which :func:`variant_configs` builds on."""
+    """The config and its raw (overridden) mapping, which :func:`variant_configs` builds on.
+
+    Every variant is validated here too; an error caused by a command-line override names it.
+    """
     data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    try:
-        return from_dict(TrainConfig, copy.deepcopy(data)), data
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    overrides = list(overrides or [])
+    cfg = build_with_overrides(build_train_config, data, overrides, str(path) if path is not None else "")
+    return cfg, apply_overrides(data, overrides)
+
+
+def build_train_config(data: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from a raw mapping, with every variant's config checked as well."""
+    cfg = from_dict(TrainConfig, copy.deepcopy(data))
+    if cfg.variants:
+        variant_configs(cfg, data, where="")
+    return cfg
 
 
 def variant_configs(cfg: TrainConfig, data: dict[str, Any], where: str = "config") -> dict[str, TrainConfig]:
     """One config per ``variants`` entry: the base mapping + that variant's overrides."""
+    prefix = f"{where}: " if where else ""
     out: dict[str, TrainConfig] = {}
     for name, overrides in cfg.variants.items():
         if not name or any(c in name for c in "/\\") or name.startswith("."):
-            raise ConfigError(f"{where}: variants.{name!r} is not a usable folder name")
+            raise ConfigError(f"{prefix}variants.{name!r} is not a usable folder name")
         bad = [o for o in overrides if o.split("=", 1)[0].strip() in ("variants", "run.output_dir", "run.name")]
         if bad:
-            raise ConfigError(f"{where}: variants.{name} may not override {', '.join(bad)}")
+            raise ConfigError(f"{prefix}variants.{name} may not override {', '.join(bad)}")
         sub = copy.deepcopy(data)
         sub.pop("variants", None)
         try:
             out[name] = from_dict(TrainConfig, apply_overrides(sub, list(overrides)))
         except ConfigError as e:
-            raise ConfigError(f"{where}: variants.{name}: {e}") from None
+            raise ConfigError(f"{prefix}variants.{name}: {e}") from None
     return out
+
+
+def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) -> None:
+    """Check, for every variant, the model name and options and every data source (found, filters
+    valid, known classes consistent) before a run folder is created or a step is trained."""
+    from ..data import check_dataset
+    from ..engine.evaluation import build_scores
+    from ..models.cnn import check_cnn
+
+    seen: dict[str, Any] = {}
+    for label, c in (variants or {"": cfg}).items():
+        where = f"variants.{label}: " if label else ""
+        try:
+            check_cnn(c.model.name, c.model.options)
+        except Exception as e:  # ModelError / RegistryError: name the key
+            raise type(e)(f"{where}model: {e}") from None
+        train_src, test_src, unknowns = resolve_sources(c)
+        keyed = [("data.train", train_src), ("data.test", test_src)]
+        keyed += [(f"unknown set '{u.display_name}'", u) for u in unknowns]
+        found = {}
+        for key, src in keyed:
+            ident = repr(src)
+            if ident not in seen:
+                seen[ident] = check_dataset(src, where=f"{where}{key}")
+            found[key] = seen[ident]
+        build_scores(c.eval, c.data.std)  # unknown score names / score_params fail now
+        n_train, n_test = len(found["data.train"].classes), len(found["data.test"].classes)
+        if n_train != n_test:
+            raise ConfigError(f"{where}data.test has {n_test} classes but data.train has {n_train}; "
+                              "the known test set must use the training classes")
 
 
 # ----------------------------------------------------------------------------- data
@@ -211,7 +268,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
 
     run_dir = Path(run_dir)
     accelerator = build_accelerator(cfg.run)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not (run_dir / CONFIG_FILE).is_file():  # a variant's folder; open_run did the top
         record_run(run_dir, cfg, JOB, argv)
     data = build_datasets(cfg)
     train = data["train"]
@@ -229,14 +286,13 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)},
         accelerator=accelerator, views=data["views"],
     )
-    start = time.perf_counter()
     trainer.fit(resume=resume)
     if trainer.epochs_this_call == 0:  # resumed a finished run: nothing trained, evaluate once
         trainer.run_evaluation()
     if not accelerator.is_main_process:
         return {}
     results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": trainer.epoch,
-               "train_time_s": round(time.perf_counter() - start, 1),
+               "train_time_s": round(sum(r.get("time", 0.0) for r in trainer.history), 1),  # all epochs, all resumes
                "final_train": ({k: trainer.history[-1][k] for k in ("train_loss", "train_acc")}
                                if trainer.history else None)}
     title = f"{cfg.model.name} + {cfg.mixer} on {data['train_src'].display_name}"
@@ -274,8 +330,6 @@ def run_variants(cfg: TrainConfig, data: dict[str, Any], run_dir: Path, *, resum
 
     configs = variant_configs(cfg, data, where)
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        record_run(run_dir, cfg, JOB, argv)
     results: dict[str, Any] = {}
     for name, sub in configs.items():
         sub.run.output_dir, sub.run.name = str(run_dir), name
@@ -293,18 +347,16 @@ def run_variants(cfg: TrainConfig, data: dict[str, Any], run_dir: Path, *, resum
 
 # ----------------------------------------------------------------------------- CLI
 def main(args: Any) -> int:
-    cfg, data = load_train_config(args.config, getattr(args, "overrides", None))
-    resume = bool(getattr(args, "resume", False))
-    if resume and not cfg.run.name:
-        raise ConfigError("--resume needs the run's name: pass run.name=<folder under run.output_dir>")
-    if not cfg.run.name and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("multi-process runs need run.name (every process must write to the same folder)")
-    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, JOB)
-    argv = getattr(args, "argv", None)
-    if cfg.variants:
-        run_variants(cfg, data, run_dir, resume=resume, argv=argv, where=str(args.config))
-    else:
-        train_run(cfg, run_dir, resume=resume, argv=argv)
+    """Validate everything (config, every variant, data, model), then claim the run folder and train."""
+    cfg, plan = plan_from_args(JOB, args, build=build_train_config)
+    data = to_dict(cfg)
+    variants = variant_configs(cfg, data, str(plan.run_dir / CONFIG_FILE)) if cfg.variants else {}
+    preflight(cfg, variants)
+    with open_run(plan, cfg, sub_configs=variants) as run_dir:
+        if cfg.variants:
+            run_variants(cfg, data, run_dir, resume=plan.resume, argv=plan.argv, where=str(run_dir / CONFIG_FILE))
+        else:
+            train_run(cfg, run_dir, resume=plan.resume, argv=plan.argv)
     return 0
 
 

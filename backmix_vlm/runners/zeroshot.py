@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import DataSource, EvalConfig, RunConfig, check_choice, load_config, to_dict
+from ..config import DataSource, EvalConfig, RunConfig, check_choice, default_data_root, fill_data_roots, from_dict, to_dict
 from ..errors import ConfigError
 from ..models.clip import PRECISIONS, ClipZeroShotClassifier, load_clip, resolve_templates
-from ..runs import make_run_dir, record_run, resolve_device
+from ..runs import open_run, plan_from_args, resolve_device
 
 JOB = "zeroshot"
 DEFAULT_SCORES = ["mcm", "glmcm", "msp", "maxlogit", "energy"]
@@ -57,9 +57,42 @@ class ZeroShotEvalConfig(EvalConfig):
 @dataclass
 class ZeroShotConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    data_root: str = field(default_factory=default_data_root)  # every data source without a root reads from here
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     data: DataSource = field(default_factory=DataSource)  # the known (ID) test set
     eval: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
+
+    def __post_init__(self) -> None:
+        fill_data_roots(self, self.data_root)
+
+    def validate(self) -> None:
+        if not self.eval.ood:
+            raise ConfigError("eval.ood: list at least one unknown (OOD) dataset")
+        names = [self.data.display_name] + [src.display_name for src in self.eval.ood]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"eval.ood: several datasets are named {', '.join(dupes)}; give each a distinct `label`")
+
+
+def build_zeroshot_config(data: dict[str, Any]) -> ZeroShotConfig:
+    return from_dict(ZeroShotConfig, data)
+
+
+def preflight(cfg: ZeroShotConfig) -> None:
+    """Check the CLIP name / tag / weights file, the scores and every data source before a run
+    folder is created or a model is loaded."""
+    from ..data import check_dataset
+    from ..engine.evaluation import build_scores as build_eval_scores, needs_fit
+    from ..models.clip import check_clip_source
+
+    check_clip_source(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint, "model")
+    for score in build_eval_scores(cfg.eval, (1.0, 1.0, 1.0)):
+        if needs_fit(score):
+            raise ConfigError(f"eval.scores: '{score.name}' must be fit on training features, which a zero-shot "
+                              f"run does not have; use it with backmix-vlm fewshot / train")
+    check_dataset(cfg.data, "data")
+    for i, src in enumerate(cfg.eval.ood):
+        check_dataset(src, f"eval.ood[{i}] ({src.display_name})")
 
 
 def build_scores(cfg: EvalConfig, std: tuple[float, ...]) -> list[Any]:
@@ -156,13 +189,13 @@ def _title(results: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """CLI entry: load the config, record the run, evaluate, print the results table."""
+    """CLI entry: validate config, model name and data; then record the run, evaluate, print the table."""
     from ..report.tables import results_to_markdown
 
-    cfg = load_config(ZeroShotConfig, args.config, getattr(args, "overrides", None))
-    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, JOB)
-    record_run(run_dir, cfg, JOB, getattr(args, "argv", None))
-    results = run_zeroshot(cfg, run_dir)
+    cfg, plan = plan_from_args(JOB, args, build=build_zeroshot_config, can_resume=False)
+    preflight(cfg)
+    with open_run(plan, cfg) as run_dir:
+        results = run_zeroshot(cfg, run_dir)
     print(results_to_markdown(results, title=_title(results)))
     print(f"results: {run_dir / 'results.md'}")
     return 0

@@ -452,7 +452,7 @@ class Recording:
         grads = torch.autograd.grad(selected, attns, retain_graph=True)
         self.grads = [None] * self.owner.start + list(grads)
 
-    def maps(self, from_loss: bool = True) -> Tensor:
+    def maps(self, from_loss: bool = True, grad_scale: float = 1.0) -> Tensor:
         """(B, gh, gw) maps in [0, 1] for every row of the recorded batch (slice the clean rows).
 
         Uses the :meth:`target_grads` gradients when present, else the gradients retained by
@@ -461,6 +461,8 @@ class Recording:
         target-logit gradient); ``from_loss=False`` if you back-propagated a score to maximise
         (e.g. the target logits).  With a batch-mean loss the gradients carry a 1/B factor; the
         last-layer-only map is invariant to it (min-max), a multi-layer map is not.
+        ``grad_scale``: the loss scale of that backward (a GradScaler under fp16); the retained
+        gradients are divided by it, so multi-layer maps see the true gradients.
         """
         attns = self._needed()
         if self.grads is not None:
@@ -469,8 +471,10 @@ class Recording:
             if any(a.grad is None for a in attns):
                 raise RuntimeError("the recorded attention has no gradient yet: call loss.backward() "
                                    "(or Recording.target_grads) first")
-            sign = -1.0 if from_loss else 1.0
-            grads = [None] * self.owner.start + [sign * a.grad for a in attns]  # type: ignore[operator]
+            if not grad_scale > 0:
+                raise ValueError(f"grad_scale must be positive, got {grad_scale}")
+            sign = (-1.0 if from_loss else 1.0) / float(grad_scale)
+            grads = [None] * self.owner.start + [sign * a.grad.float() for a in attns]  # type: ignore[union-attr]
         rel = relevance_from_attentions(self.attns, grads, self.owner.start)
         return self.owner.to_maps(rel)
 
@@ -587,7 +591,8 @@ class AttentionRelevance:
             loss.backward()
             maps = rec.maps()
 
-        Only the first forward inside the block is recorded (e.g. the clean images).
+        Only the first forward inside the block is recorded (e.g. the clean images), and only the
+        blocks from ``start_layer`` on run with explicit attention (the others keep fused kernels).
         """
         rec = Recording(self, len(self.blocks))
         start = self.start

@@ -1,0 +1,116 @@
+"""Where and how computations run: device names, precision names + autocast, the network probe.
+
+One definition of each, used by every job:
+
+* ``run.device`` (``auto | cpu | cuda | cuda:N``) → :func:`resolve_device`.
+* Two different precision settings, with two different name sets on purpose:
+  ``run.precision`` is **autocast** (``AUTOCAST_PRECISIONS``: ``no | bf16 | fp16``; weights stay
+  fp32) → :func:`autocast`; ``model.precision`` of the zero-shot job is the **weight dtype** of a
+  frozen CLIP (``WEIGHT_PRECISIONS``: ``fp32 | fp16 | bf16``).
+* :func:`host_reachable` / :func:`hub_reachable`: a TCP probe of a few seconds, so offline
+  machines fail fast with advice instead of minutes of download retries.  ``BACKMIX_VLM_OFFLINE=1``
+  skips the probe and behaves as offline.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from typing import Any
+
+from .errors import ConfigError
+
+AUTOCAST_PRECISIONS = ("no", "bf16", "fp16")
+WEIGHT_PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+OFFLINE_ENV = "BACKMIX_VLM_OFFLINE"   # "1": skip network probes and behave as offline
+HUB_HOST = ("huggingface.co", 443)
+
+
+# ----------------------------------------------------------------------------- devices
+def check_device_name(device: Any, where: str = "run.device") -> str:
+    """``device`` as a string if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (no GPU check)."""
+    name = str(device)
+    if name in ("auto", "cpu", "cuda"):
+        return name
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return name
+    raise ConfigError(f"{where}: {name!r} is not accepted; use {DEVICE_CHOICES}")
+
+
+def resolve_device(device: Any, where: str = "run.device") -> Any:
+    """``auto`` → CUDA when visible, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given.
+
+    Asking for CUDA on a machine without a visible GPU is a ConfigError naming ``where``.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    name = check_device_name(device, where)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: {name!r} but no CUDA GPU is visible; use {where}=cpu or auto")
+    return dev
+
+
+# ----------------------------------------------------------------------------- precision
+def check_autocast_precision(precision: Any, where: str = "run.precision") -> str:
+    if precision not in AUTOCAST_PRECISIONS:
+        raise ConfigError(f"{where}: {precision!r} is not accepted; choose one of {', '.join(AUTOCAST_PRECISIONS)} "
+                          "(autocast; the weights stay float32)")
+    return str(precision)
+
+
+def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` bf16 / fp16 on ``device``'s type; a no-op for ``no``."""
+    import torch
+
+    check_autocast_precision(precision, "precision")
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- network
+def offline_forced() -> bool:
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def host_reachable(host: str, port: int, timeout: float = 2.0) -> tuple[bool, str]:
+    """(True, "") when ``host:port`` accepts a TCP connection within ``timeout`` s, else (False, why).
+
+    Runs in a thread with a hard deadline, because name resolution ignores the socket timeout.
+    """
+    if offline_forced():
+        return False, f"{OFFLINE_ENV} is set"
+    result: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            result.append(e)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 2.0)
+    if not result:
+        return False, "timed out"
+    if result[0] is not None:
+        return False, f"{type(result[0]).__name__}: {result[0]}"
+    return True, ""
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when huggingface.co:443 answers within ``timeout`` seconds.
+
+    Offline, huggingface_hub retries for minutes before giving up; this probe lets the loaders
+    switch it to cache-only mode and fail in seconds instead.
+    """
+    return host_reachable(*HUB_HOST, timeout=timeout)[0]

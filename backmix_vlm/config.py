@@ -97,7 +97,10 @@ class ViewsConfig:
     """
 
     name: str = "auto"                # auto | crop_flip | resized_crop_flip | flip | none | loader (v0.1: in the workers)
-    options: dict[str, Any] = field(default_factory=dict)  # sampler options: padding, flip_p, scale, ratio
+    options: dict[str, Any] = field(default_factory=dict)  # sampler options: padding, pad_mode, flip_p, scale, ratio
+
+    def validate(self, where: str = "data.views") -> None:
+        check_choice(self.name, ("auto", "crop_flip", "resized_crop_flip", "flip", "none", "loader"), join(where, "name"))
 
 
 @dataclass
@@ -130,7 +133,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"          # cosine | constant | step
+    schedule: str = "cosine"          # cosine | constant | step | triangle (airbench: 0.2 -> 1 at 23 % -> 0.07)
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5           # constant LR during warm-up (CoOp style)
     epochs: int = 200
@@ -141,7 +144,9 @@ class OptimConfig:
 
     def validate(self, where: str = "optim") -> None:
         check_choice(self.name, ("sgd", "adamw"), join(where, "name"))
-        check_choice(self.schedule, ("cosine", "constant", "step"), join(where, "schedule"))
+        check_choice(self.schedule, ("cosine", "constant", "step", "triangle"), join(where, "schedule"))
+        check_range(self.label_smoothing, join(where, "label_smoothing"), low=0, high=1, high_open=True)
+        check_positive(self.norm_lr_scale, join(where, "norm_lr_scale"))
         check_positive(self.lr, join(where, "lr"))
         check_positive(self.warmup_lr, join(where, "warmup_lr"))
         check_range(self.momentum, join(where, "momentum"), low=0, high=1, high_open=True)
@@ -173,6 +178,7 @@ class BackMixConfig:
         check_choice(self.pairing, ("random", "different_class"), join(where, "pairing"))
         check_choice(self.mode, ("alongside", "mixed_only"), join(where, "mode"))
         check_range(self.bank_update_every, join(where, "bank_update_every"), low=1)
+        check_choice(self.mask_source, ("bank", "random", "oracle"), join(where, "mask_source"))
 
 
 # ----------------------------------------------------------------------------- machinery

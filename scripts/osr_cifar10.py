@@ -11,8 +11,8 @@ Recipes: ``fast`` = ``configs/cnn/cifar10_osr_airbench.yaml`` (airbench-class ne
 ``paper`` = ``configs/cnn/cifar10_osr_wrn40_4.yaml`` (WRN-40-4, SGD 0.1, cosine, 100 epochs) run
 with the training set decoded once into memory and crop / flip on the device.
 
-    python scripts/osr_cifar10.py --data-root data/shared --recipe fast --splits 0 1 2 3 4
-    python scripts/osr_cifar10.py --data-root data/shared --recipe fast --splits 0 --seeds 0 1 2 \\
+    python scripts/osr_cifar10.py --recipe fast --splits 0 1 2 3 4        # data from $BACKMIX_DATA or ./data
+    python scripts/osr_cifar10.py --recipe fast --splits 0 --seeds 0 1 2 \\
         --variants plain backmix mixed_only official_box k0 random_mask cutout cutmix
     python scripts/osr_cifar10.py --smoke ...          # a tiny end-to-end pass (CPU, minutes)
     python scripts/osr_cifar10.py --cuda-check         # CUDA vs CPU agreement of the core pieces
@@ -56,11 +56,13 @@ UNKNOWN = "cifar10 unknown (split {split})"
 EXTRA = ("CIFAR-100", "TIN-resize", "TIN-crop")
 
 
-def data_overrides(root: str) -> list[str]:
-    ood = ("[{name: cifar100, root: %s, split: test, label: CIFAR-100, jpeg_quality: 75}, "
-           "{name: tinyimagenet, root: %s, split: test, label: TIN-resize, resize: resize, jpeg_quality: 75}, "
-           "{name: tinyimagenet, root: %s, split: test, label: TIN-crop, resize: crop, jpeg_quality: 75}]") % ((root,) * 3)
-    return [f"data.train.root={root}", f"data.test.root={root}", f"eval.ood={ood}"]
+def data_overrides(root: str | None) -> list[str]:
+    """Every set from one data root (``data_root``; default $BACKMIX_DATA, else ./data), the OOD sets
+    with the JPEG q75 round trip of the JPEG-stored CIFAR-10."""
+    ood = ("eval.ood=[{name: cifar100, split: test, label: CIFAR-100, jpeg_quality: 75}, "
+           "{name: tinyimagenet, split: test, label: TIN-resize, resize: resize, jpeg_quality: 75}, "
+           "{name: tinyimagenet, split: test, label: TIN-crop, resize: crop, jpeg_quality: 75}]")
+    return ([f"data_root={root}"] if root else []) + [ood]
 
 
 def recipe_overrides(recipe: str, device: str, epochs: int | None) -> list[str]:
@@ -173,7 +175,7 @@ def cuda_check() -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=str(REPO / "data" / "shared"))
+    p.add_argument("--data-root", default=None, help="the data root (default: $BACKMIX_DATA, else ./data)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "osr_cifar10")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
     p.add_argument("--splits", type=int, nargs="+", default=[0])
@@ -193,7 +195,7 @@ def main() -> int:
     extra = data_overrides(a.data_root) + recipe_overrides(a.recipe, a.device, 1 if a.smoke else a.epochs)
     if a.smoke:
         extra += ["data.train.max_samples=600", "data.test.max_samples=600", "optim.batch_size=128"]
-        extra[2] = extra[2].replace("jpeg_quality: 75}", "jpeg_quality: 75, max_samples: 200}")
+        extra = [e.replace("jpeg_quality: 75}", "jpeg_quality: 75, max_samples: 200}") for e in extra]
     extra += a.overrides
     report_path = a.out / "table.json"
     report: dict[str, dict[str, list[dict]]] = json.loads(report_path.read_text()) if report_path.is_file() else {}

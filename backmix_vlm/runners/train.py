@@ -69,6 +69,7 @@ class DataConfig:
             raise ConfigError(f"{where}.num_workers: {self.num_workers} is not accepted; expected >= 0")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise ConfigError(f"{where}.crop_padding: {self.crop_padding} is not accepted; expected >= 0 or null")
+        check_choice(self.cache, ("none", "memory"), f"{where}.cache")
         for key in ("mean", "std"):
             values = getattr(self, key)
             if len(values) != 3 or (key == "std" and any(v <= 0 for v in values)):

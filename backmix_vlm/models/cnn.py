@@ -80,6 +80,8 @@ class CamClassifier(nn.Module):
     def cam_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """CAM / mask-bank resolution for this input size (every downsampling rounds up)."""
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if hasattr(self.backbone, "cam_size"):  # backbones whose downsampling rounds down (max-pools)
+            return self.backbone.cam_size((h, w))
         return math.ceil(h / self.stride), math.ceil(w / self.stride)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -291,6 +293,11 @@ class AirbenchNet(nn.Module):
         self.act = nn.GELU()
         self.num_features = cin
         self.head_options = {"head_bias": False, "head_scale": 1 / 9}
+
+    def cam_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The map size for an input size: each max-pool halves it, rounding down."""
+        f = 2 ** len(self.groups)
+        return size[0] // f, size[1] // f
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor, eps: float = 5e-4) -> None:

@@ -538,6 +538,15 @@ def _has_checkpoint(run_dir: Path, newer_than: float | None = None) -> bool:
     return False
 
 
+def _remove_empty(created: list[Path]) -> None:
+    """rmdir the folders in ``created`` (deepest first) that are still empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def _remove_fresh(run_dir: Path, created: list[Path]) -> None:
     """Remove what a failed fresh run left: its folder (or, if the folder existed, its contents)
     and the empty parent folders it created."""
@@ -559,7 +568,7 @@ def _remove_fresh(run_dir: Path, created: list[Path]) -> None:
 def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = None) -> Iterator[Path]:
     """Create / lock the run directory, record the run, and settle its records on exit.
 
-    Fresh run: the folder is created (an ``--overwrite``-n old run's files are deleted first),
+    Fresh run: the folder is created (with ``--overwrite`` the old run's files are deleted first),
     locked, and ``config.yaml`` / ``run_info.json`` written with status ``running``.  On success
     the status becomes ``finished``; on failure a run without any checkpoint is removed again
     (no stub folders), one with checkpoints is marked ``failed`` / ``interrupted``.
@@ -583,9 +592,14 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
     else:
         created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
-        try:
+        try:  # another process may have claimed the folder since the plan was checked: then touch nothing
             lock.acquire(plan.argv)
             check_new_run_dir(run_dir, plan.job, overwrite=plan.overwrite)  # again, now under the lock
+        except BaseException:
+            lock.release()
+            _remove_empty(created)
+            raise
+        try:
             if plan.overwrite:
                 for entry in run_dir.iterdir():
                     if entry.name == LOCK_FILE:
@@ -593,8 +607,8 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             record_run(run_dir, cfg, plan.job, plan.argv, status="running")
         except BaseException:
+            _remove_fresh(run_dir, created)  # ours (locked, checked): the lock file goes with it
             lock.release()
-            _remove_fresh(run_dir, created)
             raise
     try:
         yield run_dir
@@ -604,8 +618,8 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
             if _has_checkpoint(run_dir, newer_than=start):
                 _settle_resume(plan, cfg, sub_configs, started, status)
         elif not _has_checkpoint(run_dir):
+            _remove_fresh(run_dir, created)  # nothing worth keeping: no stub folder (the lock goes with it)
             lock.release()
-            _remove_fresh(run_dir, created)
             raise
         else:
             _update_info(run_dir, status=status, ended=_now(), error=f"{type(e).__name__}: {str(e)[:300]}")

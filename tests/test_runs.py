@@ -342,3 +342,19 @@ def test_eval_of_a_non_checkpoint_file_says_what_was_expected(finished, capsys):
 def test_flatten_names_every_leaf():
     assert flatten({"a": {"b": 1, "c": []}, "l": [{"x": 2}], "s": [1, 2]}) == {
         "a.b": 1, "a.c": [], "l[0].x": 2, "l#len": 1, "s": [1, 2]}
+
+
+def test_a_folder_claimed_after_the_plan_is_left_alone(tmp_path):
+    """Two fresh runs race for one name: the loser of the lock removes nothing of the winner's."""
+    from backmix_vlm.runs import new_run_dir, open_run
+    from backmix_vlm.runners.train import TrainConfig
+
+    plan = new_run_dir("train", tmp_path / "runs", "same")  # checked while the folder is free
+    winner = tmp_path / "runs" / "same"
+    winner.mkdir(parents=True)
+    (winner / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "since": "now"}))
+    (winner / "run_info.json").write_text(json.dumps({"job": "train", "status": "running"}))
+    with pytest.raises(RunDirError, match="another process"):
+        with open_run(plan, TrainConfig()):
+            pytest.fail("must not start")
+    assert sorted(os.listdir(winner)) == [LOCK_FILE, "run_info.json"]

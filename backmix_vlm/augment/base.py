@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
 
 Criterion = Callable[..., Tensor]
 
@@ -100,10 +99,9 @@ def alongside(images: Tensor, labels: Tensor, result: MixResult) -> MixResult:
 # ----------------------------------------------------------------------------- shared helpers
 def check_fraction(value: float, name: str, *, low_open: bool = False, owner: str = "backmix") -> float:
     """Validate a fraction in [0, 1] (or (0, 1] with ``low_open``) for a user-facing key."""
-    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if not ok:
-        accepted = "a number in (0, 1]" if low_open else "a number in [0, 1]"
-        raise ConfigError(f"{owner}.{name}: {value!r} is not accepted; expected {accepted}")
+    from ..validation import check_fraction as check
+
+    check(value, f"{owner}.{name}", low_open=low_open)
     return float(value)
 
 

@@ -108,4 +108,5 @@ def test_datasource_from_yaml_builds(tmp_path):
 
 def test_registry_names():
     assert DATASETS.names() == sorted(["cifar10", "cifar100", "svhn", "tinyimagenet", "mnist", "fashionmnist",
-                                       "imagefolder", "demo"])
+                                       "imagefolder", "demo",
+                                       "imagenet", "inaturalist", "sun", "places", "textures"])

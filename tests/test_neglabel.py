@@ -115,6 +115,7 @@ def test_zeroshot_job_with_neglabel(tmp_path):
     assert rc == 0
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert set(results["results"]["c100"]) == {"mcm", "neglabel"}
+    assert "| neglabel |" in (tmp_path / "r" / "summary.md").read_text()  # FPR95 / AUROC + average table
     rc = cli.main(["zeroshot", str(CONFIG), f"run.output_dir={tmp_path}", "run.name=r2", "data.max_samples=8",
                    "eval.ood=[{name: demo, split: ood-cifar100, label: c100, max_samples: 8}]",
                    "eval.scores=[neglabel]"])

@@ -113,6 +113,16 @@ def test_ood_job_timm_model_every_score_matches_its_own_forward(tmp_path, data_r
     assert np.allclose(arrays["known::react"], react.numpy(), atol=1e-4)
     md = (run / "results.md").read_text()
     assert "## far (unknown, n = 16)" in md and "| vim |" in md
+    # a second run with other scores reads the cached outputs: no new forward pass, no new cache file
+    cache = sorted((tmp_path / ".cache" / "features").iterdir())
+    assert len(cache) == 3  # known, far, train
+    mtimes = [p.stat().st_mtime_ns for p in cache]
+    assert cli.main(["ood", str(tmp_path / "cfg.yaml"), "run.name=r2", "eval.scores=[energy, knn]",
+                     "eval.score_params={knn: {k: 3}}"]) == 0
+    assert sorted((tmp_path / ".cache" / "features").iterdir()) == cache
+    assert [p.stat().st_mtime_ns for p in cache] == mtimes
+    again, _ = load_scores(tmp_path / "r2" / SCORES_FILE)
+    assert np.array_equal(again["known::energy"], arrays["known::energy"])
 
 
 def test_timm_local_weights_file_headless_gets_a_linear_probe(tmp_path, data_root, monkeypatch):

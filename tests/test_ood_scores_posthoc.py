@@ -109,6 +109,16 @@ def test_vim_matches_reference_formula():
     s.fit({"features": train})
     ref = _vim_reference(w.double().numpy(), b.double().numpy(), train.double().numpy(), test.double().numpy(), 8)
     assert np.allclose(s.score({"features": test}).numpy(), ref, atol=1e-4)
+    # the fit sums float64 statistics over row blocks: any block size gives the same score
+    from backmix_vlm.ood.scores import ViM
+
+    ViM.CHUNK, chunk = 37, ViM.CHUNK
+    try:
+        s2 = _with_head("vim", w, b, dim=8)
+        s2.fit({"features": train})
+    finally:
+        ViM.CHUNK = chunk
+    assert np.allclose(s2.score({"features": test}).numpy(), ref, atol=1e-4)
 
 
 def test_vim_dim_rule_and_errors():

@@ -196,6 +196,9 @@ def _load_timm(name: str, pretrained: bool, checkpoint: str | None, options: dic
     num_classes = options.pop("num_classes", None)  # None: the architecture's own head (timm drops None kwargs)
     try:  # ViTs take img_size (position embeddings); CNNs take any size and refuse the keyword
         net = load_timm_vit(name, pretrained=weights, img_size=image_size, num_classes=num_classes, **options)
+    except ModelError as e:  # name this job's key for a local weights file
+        raise ModelError(str(e).replace("model.pretrained=/path/to/model.safetensors",
+                                        "model.checkpoint=/path/to/model.safetensors")) from None
     except TypeError as e:
         if "img_size" not in str(e) or image_size is None:
             raise ConfigError(f"model.options for timm '{name}': {e}") from None

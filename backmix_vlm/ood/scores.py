@@ -395,6 +395,7 @@ class ViM(Score):
 
     requires = ("features",)
     needs_head = True
+    CHUNK = 65536
 
     def __init__(self, dim: int | None = None) -> None:
         if dim is not None and (isinstance(dim, bool) or int(dim) != dim or dim < 1):
@@ -407,21 +408,21 @@ class ViM(Score):
     def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
         self.check(train_outputs, ("features",))
         head = self.head()
-        x = train_outputs["features"].double().cpu()
-        d = x.shape[1]
+        feats = train_outputs["features"].cpu()
+        n, d = feats.shape
         dim = vim_dim(d) if self.dim is None else self.dim
         if not 1 <= dim < d:
             raise ConfigError(f"vim dim = {dim} must be in [1, {d - 1}] for {d}-d features")
         w, b = head.weight.double(), head.bias.double()
         u = -torch.linalg.pinv(w) @ b
-        xc = x - u
-        cov = xc.T @ xc / x.shape[0]
+        chunks = range(0, n, self.CHUNK)  # float64 sums over row blocks: ImageNet-size sets fit in memory
+        cov = sum((lambda xc: xc.T @ xc)(feats[i:i + self.CHUNK].double() - u) for i in chunks) / n
         eigvals, eigvecs = torch.linalg.eigh(cov)                 # ascending
         order = torch.argsort(eigvals, descending=True)
         residual = eigvecs[:, order[dim:]].contiguous()           # (D, D - dim)
-        vlogit = (xc @ residual).norm(dim=-1)
-        alpha = (x @ w.T + b).amax(dim=-1).mean() / vlogit.mean()
-        self._u, self._residual, self._alpha = u, residual, float(alpha)
+        vlogit = sum(((feats[i:i + self.CHUNK].double() - u) @ residual).norm(dim=-1).sum() for i in chunks) / n
+        maxlogit = sum((feats[i:i + self.CHUNK].double() @ w.T + b).amax(dim=-1).sum() for i in chunks) / n
+        self._u, self._residual, self._alpha = u, residual, float(maxlogit / vlogit)
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         if self._residual is None or self._u is None or self._alpha is None:

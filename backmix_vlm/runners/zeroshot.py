@@ -180,6 +180,10 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     results["known"] = cfg.data.display_name
     results["model"] = {"name": bundle.name, "pretrained": bundle.pretrained, "templates": list(clf.templates)}
     write_results(run_dir, results, title=_title(results))
+    from ..report.tables import ood_summary_table
+    from ..runs import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / "summary.md", f"# {_title(results)}\n\n" + ood_summary_table(results))
     return results
 
 

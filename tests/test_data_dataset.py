@@ -109,4 +109,4 @@ def test_datasource_from_yaml_builds(tmp_path):
 def test_registry_names():
     assert DATASETS.names() == sorted(["cifar10", "cifar100", "svhn", "tinyimagenet", "mnist", "fashionmnist",
                                        "imagefolder", "demo",
-                                       "imagenet", "inaturalist", "sun", "places", "textures"])
+                                       "imagenet", "inaturalist", "sun", "places", "textures", "bgshift"])

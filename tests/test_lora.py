@@ -299,6 +299,38 @@ def test_fewshot_lora_clip_backmix_maps_from_the_training_backward(tmp_path):
     bank = state["bank"]["bank"]
     assert bank.shape == (20, 4, 4) and bool((bank != INIT_VALUE).flatten(1).any(1).all())
 
+    # scripts/merge_lora.py: the run's LoRA folded into a plain open_clip state dict
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from backmix_vlm.runners.fewshot import adapter_config, build_backbone, load_fewshot_config
+
+    from backmix_vlm.runs import record_run
+
+    cfg = _fewshot(tmp_path, "method.options={rank: 2}")
+    record_run(tmp_path / "run", cfg, "fewshot", None)  # what `backmix-vlm fewshot` writes beside the seeds
+    script = Path(__file__).resolve().parents[1] / "scripts" / "merge_lora.py"
+    argv = sys.argv
+    sys.argv = [str(script), str(tmp_path / "run"), "--out", str(tmp_path / "merged.safetensors"),
+                "--adapter-dir", str(tmp_path / "adapter")]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0
+    finally:
+        sys.argv = argv
+    merged = open_clip.create_model(TINY_CLIP)
+    merged.load_state_dict(load_file(str(tmp_path / "merged.safetensors")), strict=True)
+    adapter = create_adapter("lora", build_backbone(cfg, "cpu")["base"], state["meta"]["classes"], adapter_config(cfg))
+    adapter.load_adapter(tmp_path / "adapter")
+    adapter.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval().encode_image(x), adapter(x).features, rtol=0, atol=1e-5)
+
 
 def test_fewshot_lora_timm_and_text_only(tmp_path):
     from backmix_vlm.augment.mask_bank import INIT_VALUE

@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import open_clip
 import torch
-from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
 from ..errors import ModelError
@@ -41,6 +39,8 @@ class TextTower:
 
 def text_tower(model: nn.Module) -> TextTower:
     """The text-tower view of an open_clip ``CLIP`` / ``CustomTextCLIP`` model."""
+    from open_clip.transformer import TextTransformer  # lazy: timm-only installs import the adapters too
+
     if isinstance(getattr(model, "text", None), TextTransformer):
         t = model.text
         if t.cls_emb is not None or t.use_pad_mask:
@@ -85,6 +85,8 @@ def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids
     x = embeddings.to(cast_dtype) + pos.to(cast_dtype)
     x = t.transformer(x, attn_mask=attn_mask)
     x = t.ln_final(x)
+    from open_clip.transformer import text_global_pool
+
     x = text_global_pool(x, token_ids, t.pool_type, eos_token_id=t.eos_id)
     if t.text_projection is not None:
         x = t.text_projection(x) if isinstance(t.text_projection, nn.Linear) else x @ t.text_projection
@@ -103,5 +105,7 @@ def unwrap_clip(base: Any, tokenizer: Callable[..., torch.Tensor] | None = None)
     if not isinstance(model, nn.Module) or not hasattr(model, "visual") or not hasattr(model, "logit_scale"):
         raise ModelError(f"expected an open_clip CLIP model or a ClipBundle (see load_clip), got {type(base).__name__}")
     if tokenizer is None:
+        import open_clip
+
         tokenizer = open_clip.SimpleTokenizer(context_length=getattr(model, "context_length", 77))
     return model, tokenizer

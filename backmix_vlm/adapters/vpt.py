@@ -126,11 +126,15 @@ class _TimmViT:
 
 
 def _backbone_view(model: nn.Module) -> _ClipVision | _TimmViT:
-    from open_clip.transformer import VisionTransformer as ClipVisionTransformer
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
+    try:
+        from open_clip.transformer import VisionTransformer as ClipVisionTransformer
+    except ImportError:  # timm-only install
+        ClipVisionTransformer = ()  # type: ignore[assignment,misc]
+
     visual = getattr(model, "visual", model)
-    if isinstance(visual, ClipVisionTransformer):
+    if ClipVisionTransformer and isinstance(visual, ClipVisionTransformer):
         return _ClipVision(visual)
     if isinstance(model, TimmVisionTransformer):
         return _TimmViT(model)

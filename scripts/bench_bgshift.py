@@ -33,7 +33,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "bgshift" / "small_cnn.yaml"
-PLACEHOLDER = "data/bgshift/rho0.9"
 ROWS = ["plain", "backmix", "backmix_mixed_only", "backmix_k0", "backmix_random_mask", "backmix_oracle_mask",
         "backmix_v01_frame", "cutout", "cutmix"]
 UNKNOWN = {"unknown-knownbg": "unknown on known bg", "unknown-unseenbg": "unknown on unseen bg"}
@@ -73,9 +72,7 @@ def run_one(out: Path, data: Path, rho: float, seed: int, smoke: bool, extra: li
     run_dir = out / name
     if (run_dir / "results.json").is_file():
         return run_dir
-    cfg_path = out / f"config-rho{rho}.yaml"
-    cfg_path.write_text(CONFIG.read_text().replace(PLACEHOLDER, str(data)))
-    overrides = [f"run.output_dir={out}", f"run.name={name}", f"run.seed={seed}", *extra]
+    overrides = [f"data_root={data}", f"run.output_dir={out}", f"run.name={name}", f"run.seed={seed}", *extra]
     if smoke:
         overrides += ["optim.epochs=1", "eval.every=1"]
     if variants is not None:  # keep the config's definitions of the chosen variants
@@ -84,7 +81,7 @@ def run_one(out: Path, data: Path, rho: float, seed: int, smoke: bool, extra: li
         defined = yaml.safe_load(CONFIG.read_text())["variants"]
         chosen = {v: defined[v] for v in variants}
         overrides.append("variants=" + json.dumps(chosen))
-    cmd = [sys.executable, "-m", "backmix_vlm.cli", "train", str(cfg_path), *overrides]
+    cmd = [sys.executable, "-m", "backmix_vlm.cli", "train", str(CONFIG), *overrides]
     if run_dir.is_dir():
         cmd.append("--resume")
     print("$", " ".join(cmd), flush=True)

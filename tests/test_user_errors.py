@@ -244,9 +244,14 @@ def test_shipped_configs_hold_no_machine_paths_and_all_load():
         assert "checkpoint: null" in body or "checkpoint:" not in body, path
         if path.name.startswith("_"):
             continue
-        job = path.relative_to(REPO / "configs").parts[0]
+        parts = path.relative_to(REPO / "configs").parts
+        job = parts[1] if parts[0] == "imagenet" else parts[0]
         if job == "zeroshot":
             cfg = load_config(ZeroShotConfig, path, ["data_root=/x"])
+        elif job == "ood":
+            from backmix_vlm.runners.ood import OodConfig
+
+            cfg = load_config(OodConfig, path, ["data_root=/x"])
         elif job == "fewshot":
             cfg = load_fewshot_config(path, ["data_root=/x"])
         else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DataSource, EvalConfig, RunConfig, load_config, to_dict
+from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, load_config, to_dict
 from ..errors import ConfigError
 from ..runs import make_run_dir, record_run, resolve_device
 
@@ -64,6 +64,10 @@ class OodConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     eval: OodEvalConfig = field(default_factory=OodEvalConfig)
     plots: bool = True
+    data_root: str = field(default_factory=default_data_root)  # every data source without a root reads from here
+
+    def __post_init__(self) -> None:
+        fill_data_roots(self, self.data_root)
 
 
 def load_model(cfg: OodConfig) -> Any:

@@ -80,11 +80,11 @@ class FeatureClassifier(nn.Module):
         self._captured = args[0]
 
     def linear_head(self) -> Any:
-        from ..ood.heads import LinearHead
+        from ..ood.heads import linear_head_of
 
         if self.head_name is None:
             return None
-        return LinearHead.from_module(dict(self.net.named_modules())[self.head_name], self.head_name)
+        return linear_head_of(self.net, dict(self.net.named_modules())[self.head_name], self.head_name)
 
     def linear_head_layer(self) -> nn.Module | None:
         return None if self.head_name is None else dict(self.net.named_modules())[self.head_name]

@@ -108,7 +108,17 @@ def find_head_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.
 def find_linear_head(model: nn.Module, name: str | None = None) -> LinearHead | None:
     """The :class:`LinearHead` of ``model`` (see :func:`find_head_layer`), or None."""
     found = find_head_layer(model, name)
-    return None if found is None else LinearHead.from_module(found[1], found[0])
+    return None if found is None else linear_head_of(model, found[1], found[0])
+
+
+def linear_head_of(model: nn.Module, layer: nn.Module, name: str) -> LinearHead:
+    """``layer`` as a :class:`LinearHead`, with the fixed output scale of a CAM head that owns it
+    (``CamHead(scale=...)``, e.g. airbench's 1/9) folded into its weights and bias."""
+    head = LinearHead.from_module(layer, name)
+    for m in model.modules():
+        if getattr(m, "conv", None) is layer and float(getattr(m, "scale", 1.0)) != 1.0:
+            return LinearHead(head.weight * m.scale, head.bias * m.scale, head.name)
+    return head
 
 
 def check_head(head: LinearHead, outputs: Mapping[str, Tensor], *, where: str = "known",

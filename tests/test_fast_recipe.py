@@ -152,3 +152,17 @@ def test_train_job_fast_recipe_end_to_end(tmp_path):
     assert state["bank"]["bank"].shape == (24, 2, 2)          # 16 px / stride 8
     assert not torch.allclose(state["bank"]["bank"], torch.full_like(state["bank"]["bank"], 0.5))
     assert "views" in state["rng"][0]["generators"]
+
+
+def test_ood_linear_head_of_a_scaled_cam_head_reproduces_the_logits() -> None:
+    """airbench's CAM head multiplies by 1/9: the head the OOD scores re-run must include it."""
+    from backmix_vlm.models.classifier import FeatureClassifier
+    from backmix_vlm.ood.heads import find_linear_head
+
+    torch.manual_seed(0)
+    net = create_cnn("airbench", 5, widths=[8, 8, 8], tta="flip").eval()
+    wrapped = FeatureClassifier(net)
+    with torch.no_grad():
+        out = wrapped(torch.randn(4, 3, 16, 16))
+    for head in (find_linear_head(net), wrapped.linear_head()):
+        assert torch.allclose(head(out.features), out.logits, atol=1e-5)

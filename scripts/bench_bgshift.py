@@ -150,10 +150,11 @@ def plot_mask_curves(run_dir: Path, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ref = None
+    finished = set(json.loads((run_dir / "results.json").read_text())["variants"])  # not a stray partial run
     for name, style in (("backmix", "-o"), ("backmix_mixed_only", "-s"), ("backmix_v01_frame", "--^"),
                         ("backmix_oracle_mask", ":x")):
         log = run_dir / name / "log.jsonl"
-        if not log.is_file():
+        if name not in finished or not log.is_file():
             continue
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         ax.plot([r["epoch"] for r in rows], [100 * r["mask_precision"] for r in rows], style, label=name)

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+@pytest.mark.slow
 def test_osr_script_smoke_writes_the_table(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 3)):

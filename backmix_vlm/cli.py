@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.argv = ["backmix-vlm", *argv]
+    from .perf import keep_freed_memory
+
+    keep_freed_memory()  # CPU: no page faults on every forward's activations (backmix_vlm/perf.py)
     try:
         if getattr(args, "config", None):
             _preflight_data(args.config, list(getattr(args, "overrides", []) or []))

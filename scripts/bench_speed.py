@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-variants", type=json.loads,
                    default=[["vpt", -1, False], ["vpt", -1, True], ["vpt", 0, False], ["coop", -1, False], ["coop", 0, False]],
                    help="JSON list of [method, start_layer, legacy]")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as is (the CLI's keep_freed_memory() is applied otherwise)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -415,6 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_worker(**json.loads(args.memory_worker))))
         return
     if args.part_worker:
+        if not args.default_malloc:
+            from backmix_vlm.perf import keep_freed_memory
+
+            keep_freed_memory()  # as the CLI does; both sides of every comparison share the process
         print(json.dumps({"eval": part_eval, "coop": part_coop, "memory": part_memory}[args.part_worker](args)))
         return
     info = machine_info()

@@ -278,3 +278,57 @@ def test_text_tower_truncated_to_the_last_eot_gives_the_same_features(tiny):
     with torch.no_grad():  # auto: on for a held tower
         got = encode_text_embeddings(held, emb, ids)
     assert float(F.cosine_similarity(got.float(), full, dim=-1).min()) > 0.999
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation(monkeypatch):
+    import resource
+    import sys
+
+    from backmix_vlm import perf
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    monkeypatch.setattr(perf, "_applied", None)
+    monkeypatch.setenv(perf.ENV, "default")
+    assert perf.keep_freed_memory() is False  # opt-out
+    monkeypatch.setattr(perf, "_applied", None)
+    monkeypatch.delenv(perf.ENV)
+    assert perf.keep_freed_memory() is True and perf.keep_freed_memory() is True
+
+    def forward_like() -> int:  # 12 live 8 MiB activations, then all freed (a forward's pattern)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        xs = [torch.ones(2 << 20) for _ in range(12)]
+        del xs
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults = [forward_like() for _ in range(5)]
+    assert faults[-1] < 0.1 * 12 * 2048  # re-used from the heap; glibc's default re-faults all 24k pages each time
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
+def test_class_token_only_last_block_gives_the_same_pooled_features(tiny, layout):
+    from backmix_vlm.models.clip import encode_image_global_local, set_block_layout
+    from backmix_vlm.models.frozen import class_token_only
+
+    held = _held(tiny.model)
+    set_block_layout(held, layout)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    last = held.visual.transformer.resblocks[-1]
+    outputs, inputs = [], []
+    last.register_forward_hook(lambda m, a, out: outputs.append(out.shape))
+    last.register_forward_pre_hook(lambda m, a: inputs.append(a[0].shape))
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        full = held.encode_image(images).float()
+        with class_token_only(held) as active:
+            short = held.encode_image(images).float()
+        g, local = encode_image_global_local(held, images)
+    assert active
+    tokens = 17  # 16 patches + CLS
+    seq = 0 if layout == "seq_first" else 1
+    assert [s[seq] for s in inputs] == [tokens] * 3  # hooks still see the whole input
+    assert [s[seq] for s in outputs] == [tokens, 1, 1]
+    assert float(F.cosine_similarity(short, full).min()) > 0.9999
+    assert float(F.cosine_similarity(g.float(), full).min()) > 0.9999 and local.shape[1] == 16
+    assert last.class_token_only is False  # reset on exit
+    with class_token_only(tiny.model) as active:  # not held: nothing changes
+        assert not active

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import check_choice
 from ..errors import ConfigError, DataError, ModelError
-from ..models.frozen import fp32_head
+from ..models.frozen import class_token_only, fp32_head
 from ..models.output import ModelOutput
 from .base import ADAPTERS, Adapter, resolve_config
 from .clip_text import encode_text_embeddings, text_tower, unwrap_clip
@@ -179,7 +179,8 @@ class CoOp(Adapter):
 
             image, local_feats = encode_image_global_local(self.base, images)
         else:
-            image, local_feats = self.base.encode_image(images), None
+            with class_token_only(self.base):  # held towers: last block for the class token only
+                image, local_feats = self.base.encode_image(images), None
         with fp32_head(image):  # cosines and the logit scale in fp32, also under autocast
             text = F.normalize(text.float(), dim=-1)
             scale = self.logit_scale.float()

@@ -387,10 +387,13 @@ def encode_image_global_local(model: nn.Module, images: torch.Tensor) -> tuple[t
     if not isinstance(block, ResidualAttentionBlock):
         raise ModelError(f"local features need nn.MultiheadAttention blocks; got {type(block).__name__}")
 
+    from .frozen import class_token_only
+
     captured: list[torch.Tensor] = []
     handle = block.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        global_feats = model.encode_image(images) if hasattr(model, "encode_image") else model(images)
+    try:  # a tower held by hold_frozen_in runs its last block for the class token only
+        with class_token_only(visual):
+            global_feats = model.encode_image(images) if hasattr(model, "encode_image") else model(images)
     finally:
         handle.remove()
     x = captured[-1]

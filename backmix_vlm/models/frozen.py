@@ -18,6 +18,8 @@ precision (``convert_weights_to_lp`` + ``LayerNormFp32``):
   forward (:class:`FusedMultiheadAttention`: one packed projection in the input's own layout,
   strided q / k / v views into the flash kernel, no ``contiguous`` copies of q, k, v);
 * open_clip's ``QuickGELU`` allocates one tensor instead of three when no graph is recorded;
+* open_clip blocks can compute the class token alone (:func:`class_token_only`: the last block
+  of a tower whose caller reads only the pooled embedding, e.g. CoOp's image features);
 * conv layers (the patch embedding) cast their input to their weight dtype, so an image
   tower also runs without autocast.
 
@@ -30,7 +32,8 @@ the evaluator do), so fp32 trainable parts mix with the low-precision frozen one
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +180,71 @@ def _sdpa_mask(mask: Tensor | None, n: int, heads: int, dtype: torch.dtype) -> T
     return mask.to(dtype)
 
 
+# ----------------------------------------------------------------------------- class token only
+class _ClassTokenOnly:
+    """open_clip ``ResidualAttentionBlock`` that, while ``class_token_only`` is set (see
+    :func:`class_token_only`), computes its output for the class token alone.
+
+    For a tower pooled at the class token the last block's other outputs are never read: their
+    keys and values are still needed, but not their queries, attention rows, out-projection and
+    MLP, ~80 % of the block.  Hooks fire as usual (a pre-hook still sees the whole input); a
+    patched (explicit, relevance) attention, cross-attention or a mask takes the normal path.
+    """
+
+    class_token_only = False
+
+    def forward(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
+        attn = self.attn  # type: ignore[attr-defined]
+        if (not self.class_token_only or k_x is not None or v_x is not None or attn_mask is not None
+                or not isinstance(attn, FusedMultiheadAttention) or "forward" in attn.__dict__
+                or (attn.training and attn.dropout > 0)):
+            return super().forward(q_x, k_x, v_x, attn_mask)  # type: ignore[misc]
+        first = attn.batch_first
+        y = (q_x[:, :1] if first else q_x[:1]) + self.ls_1(class_query_attention(attn, self.ln_1(q_x)))  # type: ignore[attr-defined]
+        return y + self.ls_2(self.mlp(self.ln_2(y)))  # type: ignore[attr-defined]
+
+
+def class_query_attention(mod: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """Self-attention output of the first token only: (N, 1, E) / (1, N, E) for batch- / sequence-first ``x``."""
+    emb, heads = mod.embed_dim, mod.num_heads
+    w, b = mod.in_proj_weight, mod.in_proj_bias
+    first = mod.batch_first
+    q = F.linear(x[:, :1] if first else x[:1], w[:emb], None if b is None else b[:emb])
+    kv = F.linear(x, w[emb:], None if b is None else b[emb:])
+    if first:
+        n, length = x.shape[:2]
+        q = q.view(n, 1, heads, emb // heads).transpose(1, 2)
+        k, v = kv.view(n, length, 2, heads, emb // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        length, n = x.shape[:2]
+        q = q.view(1, n, heads, emb // heads).permute(1, 2, 0, 3)
+        k, v = kv.view(length, n, 2, heads, emb // heads).permute(2, 1, 3, 0, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)  # (N, H, 1, D)
+    out = out.transpose(1, 2).reshape(n, 1, emb) if first else out.permute(2, 0, 1, 3).reshape(1, n, emb)
+    return mod.out_proj(out)
+
+
+@contextmanager
+def class_token_only(model: nn.Module) -> Iterator[bool]:
+    """While active, the last block of ``model``'s open_clip image tower (held by :func:`hold_frozen_in`)
+    outputs the class token only -- for callers that read nothing but the pooled embedding
+    (``encode_image`` of a tower pooled at the class token).  Yields whether it applies."""
+    visual = getattr(model, "visual", model)
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    block = blocks[-1] if blocks is not None and len(blocks) else None
+    eligible = (isinstance(block, _ClassTokenOnly) and getattr(visual, "attn_pool", None) is None
+                and getattr(visual, "pool_type", None) == "tok" and not getattr(visual, "output_tokens", False))
+    if not eligible:
+        yield False
+        return
+    block.class_token_only = True  # type: ignore[union-attr]
+    try:
+        yield True
+    finally:
+        del block.class_token_only  # type: ignore[union-attr]
+
+
 # ----------------------------------------------------------------------------- the cast
 _VARIANTS: dict[tuple[type, type], type] = {}
 
@@ -197,9 +265,12 @@ def _swap(module: nn.Module, mixin: type) -> None:
         module.__class__ = _variant(mixin, type(module))
 
 
+def _is_open_clip(module: nn.Module, name: str) -> bool:
+    return any(c.__name__ == name and c.__module__.startswith("open_clip") for c in type(module).__mro__)
+
+
 def _is_quick_gelu(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "QuickGELU" and cls.__module__.startswith("open_clip")
+    return _is_open_clip(module, "QuickGELU")
 
 
 def hold_frozen_in(module: nn.Module, dtype: torch.dtype | None) -> int:
@@ -230,6 +301,8 @@ def hold_frozen_in(module: nn.Module, dtype: torch.dtype | None) -> int:
             _swap(sub, _CastInput)
         elif _is_quick_gelu(sub):
             _swap(sub, _QuickGELUFewerAllocations)
+        elif _is_open_clip(sub, "ResidualAttentionBlock") and frozen:
+            _swap(sub, _ClassTokenOnly)
     return cast
 
 

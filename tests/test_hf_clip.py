@@ -250,3 +250,17 @@ def test_full_size_geometries_match_transformers(tmp_path, hf_tokenizer, geometr
     spec.loader.exec_module(script)
     diffs = script.parity(script.GEOMETRIES[geometry], tmp_path, hf_tokenizer)
     assert max(diffs.values()) <= 1e-5, diffs
+
+
+def test_zeroshot_job_runs_on_a_transformers_checkpoint(saved, tmp_path):
+    from pathlib import Path
+
+    from backmix_vlm import cli
+
+    _, folder = saved
+    config = Path(__file__).resolve().parents[1] / "configs" / "zeroshot" / "tiny_demo.yaml"
+    rc = cli.main(["zeroshot", str(config), f"run.output_dir={tmp_path}", "run.name=hf", f"model.checkpoint={folder}",
+                   "data.max_samples=20", "eval.ood=[{name: demo, split: ood-cifar100, label: c100, max_samples: 20}]"])
+    assert rc == 0
+    results = json.loads((tmp_path / "hf" / "results.json").read_text())
+    assert "c100" in results["results"]

@@ -221,13 +221,13 @@ class SplitAttention(nn.Module):
         if query.dim() != 3:
             raise ModelError(f"SplitAttention needs batched (3-D) inputs, got shape {tuple(query.shape)}")
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        if not self.batch_first:  # (L, N, E) -> (N, L, E)
-            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        n, tgt, _ = q.shape
-        src, heads, hd = k.shape[1], self.num_heads, self.head_dim
-        q = q.reshape(n, tgt, heads, hd).transpose(1, 2)
-        k = k.reshape(n, src, heads, hd).transpose(1, 2)
-        v = v.reshape(n, src, heads, hd).transpose(1, 2)
+        heads, hd = self.num_heads, self.head_dim
+        if self.batch_first:  # (N, L, E) -> (N, H, L, hd), views: no copies
+            (n, tgt, _), src = q.shape, k.shape[1]
+            q, k, v = (t.view(t.shape[0], t.shape[1], heads, hd).transpose(1, 2) for t in (q, k, v))
+        else:  # (L, N, E) -> (N, H, L, hd)
+            (tgt, n, _), src = q.shape, k.shape[0]
+            q, k, v = (t.view(t.shape[0], t.shape[1], heads, hd).permute(1, 2, 0, 3) for t in (q, k, v))
         bias = _additive(attn_mask, q.dtype)
         if bias is not None and bias.dim() == 3:  # (N * H, L, S)
             bias = bias.view(n, heads, tgt, src)
@@ -251,9 +251,10 @@ class SplitAttention(nn.Module):
             out = F.dropout(attn, p=p_drop, training=self.training) @ v
             if need_weights:
                 weights = attn.mean(dim=1) if average_attn_weights else attn
-        out = out.transpose(1, 2).reshape(n, tgt, self.embed_dim)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
+        if self.batch_first:
+            out = out.transpose(1, 2).reshape(n, tgt, self.embed_dim)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(tgt, n, self.embed_dim)
         return self.out_proj(out), weights
 
     def to_multihead_attention(self) -> nn.MultiheadAttention:

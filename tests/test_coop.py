@@ -193,5 +193,5 @@ def test_config_errors_name_the_key(tiny):
         create_adapter("coop", tiny, NAMES, {"n_ctx": 0})
     with pytest.raises(ConfigError, match="context length"):
         create_adapter("coop", tiny, NAMES, {"n_ctx": 75})
-    with pytest.raises(RegistryError, match="coop, locoop, vpt"):
+    with pytest.raises(RegistryError, match="coop, locoop, lora, vpt"):
         create_adapter("cooop", tiny, NAMES)

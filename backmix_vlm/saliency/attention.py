@@ -573,9 +573,7 @@ class AttentionRelevance:
                 rec.attns[i] = attn
             return attn
 
-        # only the blocks the relevance reads run explicit attention; those below start_layer keep their
-        # fused kernels (explicit softmax in all 12 ViT-B/16 blocks cost ~15% of a VPT / LoRA step)
-        with explicit_attention(self.blocks[start:], lambda i, attn: record(start + i, attn)):
+        with explicit_attention(self.blocks, record):
             yield rec
 
 

@@ -58,7 +58,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--micro", action="store_true",
+                    help="only time one ViT-B/16 attention (SplitAttention, 8 x 197 tokens) forward + backward: "
+                         "SDPA vs the explicit softmax the BackMix recording forward uses")
     args = ap.parse_args()
+    if args.micro:
+        return micro(args)
 
     from backmix_vlm.adapters import LoRA
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
@@ -112,6 +117,38 @@ def main() -> int:
           f"target <= 1.15: {'reached' if report['ratio_median'] <= 1.15 else 'NOT reached'}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def micro(args: argparse.Namespace) -> int:
+    from torch import nn
+
+    from backmix_vlm.adapters.lora import SplitAttention
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    attn = SplitAttention(nn.MultiheadAttention(768, 12, batch_first=False))
+    x0 = torch.randn(197, 8, 768)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    def step(explicit: bool) -> float:
+        x = x0.clone().requires_grad_(True)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out, _ = attn(x, x, x, need_weights=False, record=(lambda a: a) if explicit else None)
+        out.float().sum().backward()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"sdpa": [], "explicit": []}
+    for r in range(1 + 2 * args.rounds):
+        for name in (["sdpa", "explicit"] if r % 2 == 0 else ["explicit", "sdpa"]):
+            t = step(name == "explicit")
+            if r:
+                times[name].append(t)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"one ViT-B/16 attention, 8 x 197 tokens, {args.precision}, forward + backward: SDPA {med['sdpa']:.1f} ms, "
+          f"explicit softmax {med['explicit']:.1f} ms ({torch.get_num_threads()} threads)")
     return 0
 
 

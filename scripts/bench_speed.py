@@ -289,7 +289,7 @@ def part_coop(args: argparse.Namespace) -> dict[str, Any]:
         for name, ts in times.items():
             med = statistics.median(t[clock] for t in ts)
             out["summary"].setdefault(name, {})[clock] = {
-                "median_s": med, "images_per_s": (2 * b if name == "plain2x" else b) / med}
+                "median_s": med, "images_per_s": (2 * b if name in ("plain2x", "backmix") else b) / med}  # forwarded images
         for key, (num, den) in {"plain_speedup_over_official": ("official", "plain"),
                                 "backmix_over_plain2x": ("backmix", "plain2x")}.items():
             per_round = [n[clock] / d[clock] for n, d in zip(times[num], times[den])]

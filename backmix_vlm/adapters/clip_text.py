@@ -63,7 +63,7 @@ def text_tower(model: nn.Module) -> TextTower:
 
 
 def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor,
-                           truncate: bool | None = None) -> torch.Tensor:
+                           truncate: bool | None = None, length: int | None = None) -> torch.Tensor:
     """Text features ``(N, E)`` from token embeddings ``(N, L, D)``; ``token_ids`` locate the EOT token.
 
     ``truncate``: run only positions up to the last EOT of the batch.  With CLIP's causal mask
@@ -71,7 +71,8 @@ def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids
     features are the same up to float rounding (a CoOp prompt of 16 context tokens + a class
     name is ~20 of 77 positions: ~3.5x less text-tower work).  Default: on when the text tower
     is held in bf16 / fp16 (:mod:`backmix_vlm.models.frozen`), off in fp32 so the result stays
-    bit-identical to ``encode_text``.
+    bit-identical to ``encode_text``.  ``length``: the truncated length if the caller knows it
+    (the last EOT position + 1; saves a device-to-host sync per call on a GPU).
     """
     t = text_tower(model)
     cast_dtype = t.transformer.get_cast_dtype()
@@ -79,8 +80,7 @@ def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids
     if truncate is None:
         truncate = cast_dtype in (torch.bfloat16, torch.float16)
     if truncate and attn_mask is not None and (t.pool_type == "argmax" or (t.pool_type == "eos" and t.eos_id is not None)):
-        eot = token_ids.argmax(dim=-1) if t.pool_type == "argmax" else (token_ids == t.eos_id).int().argmax(dim=-1)
-        end = int(eot.max()) + 1
+        end = length if length is not None else last_eot(token_ids, t) + 1
         embeddings, token_ids, pos, attn_mask = embeddings[:, :end], token_ids[:, :end], pos[:end], attn_mask[:end, :end]
     x = embeddings.to(cast_dtype) + pos.to(cast_dtype)
     x = t.transformer(x, attn_mask=attn_mask)
@@ -91,6 +91,13 @@ def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids
     if t.text_projection is not None:
         x = t.text_projection(x) if isinstance(t.text_projection, nn.Linear) else x @ t.text_projection
     return x
+
+
+def last_eot(token_ids: torch.Tensor, tower: TextTower) -> int:
+    """Position of the last pooled (EOT / EOS) token over a batch of token id rows."""
+    if tower.pool_type == "eos" and tower.eos_id is not None:
+        return int((token_ids == tower.eos_id).int().argmax(dim=-1).max())
+    return int(token_ids.argmax(dim=-1).max())
 
 
 def unwrap_clip(base: Any, tokenizer: Callable[..., torch.Tensor] | None = None) -> tuple[nn.Module, Callable[..., torch.Tensor]]:

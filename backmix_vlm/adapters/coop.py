@@ -29,7 +29,7 @@ from ..errors import ConfigError, DataError, ModelError
 from ..models.frozen import class_token_only, fp32_head
 from ..models.output import ModelOutput
 from .base import ADAPTERS, Adapter, resolve_config
-from .clip_text import encode_text_embeddings, text_tower, unwrap_clip
+from .clip_text import encode_text_embeddings, last_eot, text_tower, unwrap_clip
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 
@@ -140,6 +140,7 @@ class CoOp(Adapter):
         with torch.no_grad():
             embedding = embed(ids)
         self.register_buffer("token_ids", ids, persistent=False)
+        self.text_length = last_eot(ids, tower) + 1  # positions a held text tower runs (clip_text)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)            # SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)    # CLASS . EOS pad
         self.name_lens = name_lens
@@ -167,7 +168,7 @@ class CoOp(Adapter):
 
     def encode_text(self) -> torch.Tensor:
         """``(K, E)`` class text features (unnormalised), differentiable w.r.t. ``ctx``."""
-        return encode_text_embeddings(self.base, self.prompt_embeddings(), self.token_ids)
+        return encode_text_embeddings(self.base, self.prompt_embeddings(), self.token_ids, length=self.text_length)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, local: bool | None = None) -> ModelOutput:

@@ -111,9 +111,16 @@ class _CastInput:
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         w = self.weight  # type: ignore[attr-defined]
-        if x.is_floating_point() and x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.is_floating_point() and x.dtype != w.dtype and not _autocast_on(x.device.type):
             x = x.to(w.dtype)
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 # ----------------------------------------------------------------------------- QuickGELU
@@ -133,8 +140,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
 
     torch's own path (``F.multi_head_attention_forward``) also ends in SDPA, but first copies
     the packed q / k / v projection into a contiguous (3, L, N, E) tensor, re-views it per head
-    and copies the output back; in bf16 on a CPU those copies cost as much as the attention
-    itself.  Here the projection runs in the input's own layout and q / k / v are strided views
+    and copies the output back (in bf16 on a CPU, ~10 % of a ViT-B/16 forward went to copies).  Here the projection runs in the input's own layout and q / k / v are strided views
     of it (the flash kernels read strides).  Anything else — ``need_weights``, cross-attention,
     key padding masks, ``add_bias_kv``, dropout in training — goes to the original forward.
     """

@@ -32,7 +32,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "bgshift" / "small_cnn.yaml"
+#: model -> (config, job); the fewshot job (VPT) runs one method per call, so its variants are listed here
+MODELS = {"small_cnn": (REPO / "configs" / "bgshift" / "small_cnn.yaml", "train"),
+          "vpt_vits14": (REPO / "configs" / "bgshift" / "vpt_vits14.yaml", "fewshot")}
+CONFIG = MODELS["small_cnn"][0]
+#: the fewshot job has no Cutout / CutMix (it trains with BackMix or plain), so VPT runs the BackMix ablations
+VPT_VARIANTS = {"plain": ["backmix.enabled=false"], "backmix": [], "backmix_mixed_only": ["backmix.mode=mixed_only"],
+                "backmix_k0": ["backmix.mask_ratio=0.0"], "backmix_random_mask": ["backmix.mask_source=random"],
+                "backmix_oracle_mask": ["backmix.mask_source=oracle"], "backmix_v01_frame": ["data.views.name=loader"]}
 ROWS = ["plain", "backmix", "backmix_mixed_only", "backmix_k0", "backmix_random_mask", "backmix_oracle_mask",
         "backmix_v01_frame", "cutout", "cutmix"]
 UNKNOWN = {"unknown-knownbg": "unknown on known bg", "unknown-unseenbg": "unknown on unseen bg"}
@@ -44,18 +51,20 @@ CORE = ["plain", "backmix", "backmix_oracle_mask"]
 CORRELATION = ["plain", "backmix"]
 
 
-def plan(smoke: bool, full: bool) -> list[tuple[float, int, list[str] | None]]:
+def plan(smoke: bool, full: bool, model: str = "small_cnn") -> list[tuple[float, int, list[str] | None]]:
     """(rho, seed, variants or None for all): every variant at rho 0.9 seed 0, the core ones on two
-    more seeds, plain / BackMix / oracle at rho 0.7 and 0.5 (``--full``: everything everywhere)."""
+    more seeds (VPT: plain / BackMix; its oracle row is seed 0 only), plain / BackMix at rho 0.7 and 0.5
+    (``--full``: everything everywhere)."""
     if smoke:
         return [(0.9, 0, ["plain", "backmix"])]
     if full:
         return [(0.9, 0, None), (0.9, 1, None), (0.9, 2, None), (0.7, 0, None), (0.5, 0, None)]
-    return [(0.9, 0, None), (0.9, 1, CORE), (0.9, 2, CORE), (0.7, 0, CORRELATION), (0.5, 0, CORRELATION)]
+    core = CORE if model == "small_cnn" else CORRELATION
+    return [(0.9, 0, None), (0.9, 1, core), (0.9, 2, core), (0.7, 0, CORRELATION), (0.5, 0, CORRELATION)]
 
 
-def ensure_data(out: Path, sources: Path, rho: float, smoke: bool) -> Path:
-    folder = out / "data" / f"rho{rho}"
+def ensure_data(out: Path, sources: Path, rho: float, smoke: bool, data_dir: Path | None = None) -> Path:
+    folder = (data_dir or out / "data") / f"rho{rho}"
     if (folder / "meta.json").is_file():
         return folder
     sizes = ["--train-per-class", "60", "--test-per-class", "30", "--unknown-per-set", "120"] if smoke else []
@@ -64,6 +73,36 @@ def ensure_data(out: Path, sources: Path, rho: float, smoke: bool) -> Path:
            "--dtd", str(sources / "dtd_partial"), "--tinyimagenet", str(sources / "tiny-imagenet-200"), *sizes]
     subprocess.run(cmd, check=True, cwd=REPO)
     return folder
+
+
+def run_one_fewshot(out: Path, data: Path, rho: float, seed: int, smoke: bool, extra: list[str],
+                    variants: list[str] | None = None) -> Path:
+    """One fewshot run per variant into ``<out>/rho-seed/<variant>``, then a ``results.json`` holding
+    every variant's results in the layout of the train job's comparison runs."""
+    config, _ = MODELS["vpt_vits14"]
+    run_dir = out / f"rho{rho}-seed{seed}"
+    results = {}
+    for name in variants or list(VPT_VARIANTS):
+        seed_dir = run_dir / name / f"seed{seed}"
+        if not (seed_dir / "results.json").is_file():
+            overrides = [f"data_root={data}", f"run.output_dir={run_dir}", f"run.name={name}", f"data.seeds=[{seed}]",
+                         f"data.split_dir={out / 'splits'}", *VPT_VARIANTS[name], *extra]
+            if smoke:
+                overrides += ["optim.epochs=2", "optim.warmup_epochs=0", "eval.every=1", "data.shots=4"]
+            cmd = [sys.executable, "-m", "backmix_vlm.cli", "fewshot", str(config), *overrides]
+            if (run_dir / name).is_dir():
+                cmd.append("--resume")
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=REPO)
+        results[name] = json.loads((seed_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({"variants": results}, indent=1))
+    return run_dir
+
+
+def variant_dir(run_dir: Path, name: str) -> Path:
+    """Where a variant's log and checkpoint are: ``<name>/`` (train job) or ``<name>/seed<k>/`` (fewshot job)."""
+    seeds = sorted((run_dir / name).glob("seed*/log.jsonl"))
+    return seeds[0].parent if seeds else run_dir / name
 
 
 def run_one(out: Path, data: Path, rho: float, seed: int, smoke: bool, extra: list[str],
@@ -106,7 +145,7 @@ def collect(run_dir: Path) -> dict[str, dict]:
                 m = r["results"][ood][score]
                 row[f"auroc/{ood}/{score}"] = m["auroc"]
                 row[f"oscr/{ood}/{score}"] = m["oscr"]
-        log = last_row(run_dir / name / "log.jsonl")
+        log = last_row(variant_dir(run_dir, name) / "log.jsonl")
         for k in ("mask_precision", "mask_iou", "mask_random_precision", "mask_centre_precision"):
             if k in log:
                 row[k] = log[k]
@@ -150,7 +189,7 @@ def plot_mask_curves(run_dir: Path, path: Path) -> None:
     finished = set(json.loads((run_dir / "results.json").read_text())["variants"])  # not a stray partial run
     for name, style in (("backmix", "-o"), ("backmix_mixed_only", "-s"), ("backmix_v01_frame", "--^"),
                         ("backmix_oracle_mask", ":x")):
-        log = run_dir / name / "log.jsonl"
+        log = variant_dir(run_dir, name) / "log.jsonl"
         if name not in finished or not log.is_file():
             continue
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -183,9 +222,12 @@ def plot_grid(run_dir: Path, data: Path, path: Path, n: int = 8) -> None:
     from backmix_vlm.saliency.mask_quality import upsample_nearest
 
     images, _, masks, _ = read_split(data, "train")
-    state = load_checkpoint(run_dir / "backmix" / "last.pt")["bank"]
+    state = load_checkpoint(variant_dir(run_dir, "backmix") / "last.pt")["bank"]
     bank = MaskBank(state["bank"].shape[0], tuple(state["bank"].shape[1:]))
     bank.load_state_dict(state)
+    if len(bank.bank) != len(images):  # a few-shot run: bank rows follow its saved split's indices
+        split = json.loads(next(run_dir.parent.glob(f"splits/*seed{run_dir.name.rsplit('seed', 1)[1]}.json")).read_text())
+        images, masks = images[split["indices"]], masks[split["indices"]]
     idx = torch.arange(0, len(images), len(images) // n)[:n]
     x = torch.as_tensor(images[idx.numpy()]).permute(0, 3, 1, 2).float() / 255
     pred = upsample_nearest(topk_foreground(bank.get(idx), 0.25), tuple(masks.shape[1:])) > 0
@@ -211,19 +253,25 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_bgshift")
     p.add_argument("--smoke", action="store_true", help="1 epoch, 2 variants, tiny data")
     p.add_argument("--full", action="store_true", help="every variant on every seed and correlation")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the generated datasets are (default <out>/data; share one between models)")
+    p.add_argument("--model", choices=sorted(MODELS), default="small_cnn",
+                   help="small_cnn (train job, from scratch) or vpt_vits14 (fewshot job over the real ViT-S/14; "
+                        "pass backbone.checkpoint=<weights file> as an override)")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, list[dict]]] = {}
-    for rho, seed, variants in plan(a.smoke, a.full):
-        data = ensure_data(a.out, a.sources, rho, a.smoke)
-        run_dir = run_one(a.out, data, rho, seed, a.smoke, a.overrides, variants)
+    for rho, seed, variants in plan(a.smoke, a.full, a.model):
+        data = ensure_data(a.out, a.sources, rho, a.smoke, a.data_dir)
+        run = run_one if a.model == "small_cnn" else run_one_fewshot
+        run_dir = run(a.out, data, rho, seed, a.smoke, a.overrides, variants)
         for name, row in collect(run_dir).items():
             report.setdefault(f"rho{rho}", {}).setdefault(name, []).append(row)
         if seed == 0:
             plot_mask_curves(run_dir, a.out / f"mask_precision_rho{rho}.png")
             plot_grid(run_dir, data, a.out / f"grid_rho{rho}.png")
-        parts = ["# Background-shift benchmark (bgshift), small CNN", ""]
+        parts = [f"# Background-shift benchmark (bgshift), {a.model}", ""]
         for key, res in report.items():
             seeds = len(next(iter(res.values())))
             parts.append(table(res, f"{key}: {seeds} seed(s) (mean ± std)"))

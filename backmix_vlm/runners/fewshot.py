@@ -294,7 +294,12 @@ def build_datasets(cfg: FewShotConfig, backbone: dict[str, Any]) -> dict[str, An
     if dupes:
         raise ConfigError(f"eval.ood: unknown sets need distinct labels; repeated: {', '.join(dupes)}")
     unknowns = {s.display_name: build_dataset(s, eval_tf(s)) for s in cfg.eval.ood}
-    return {"train": train, "views": views, "known": known, "unknowns": unknowns,
+    extra_known = {s.display_name: build_dataset(s, eval_tf(s)) for s in cfg.eval.extra_known}
+    for name, ds in extra_known.items():
+        if len(ds.classes) != len(train.classes):
+            raise ConfigError(f"eval.extra_known {name!r} has {len(ds.classes)} classes but data.train has "
+                              f"{len(train.classes)}; extra known sets hold the training classes")
+    return {"train": train, "views": views, "known": known, "unknowns": unknowns, "extra_known": extra_known,
             "train_eval": lambda: build_dataset(cfg.data.train, eval_tf(cfg.data.train))}
 
 
@@ -342,7 +347,8 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: dict[str, 
         return full if indices is None else IndexedSubset(full, indices)
 
     evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=accelerator.device,
-                                 precision=cfg.run.precision, std=backbone["std"], fit_set=fit_set)
+                                 precision=cfg.run.precision, std=backbone["std"], fit_set=fit_set,
+                                 extra_known=data["extra_known"])
     task = AdapterTask(adapter, backbone["image_size"], cfg.saliency, cfg.run.precision)
     trainer = Trainer(task, train, optim=cfg.optim, run=run_cfg, run_dir=seed_dir, num_classes=len(train_full.classes),
                       augment="backmix" if cfg.backmix.enabled else "none", backmix=cfg.backmix,

@@ -139,3 +139,15 @@ def test_visualize_fewshot_run_draws_the_attention_bank(tmp_path, capsys):
     width, height = Image.open(grid).size
     assert width > 0 and height >= width  # 4 rows (pairs) x 4 columns (TI, BI, mask, mixed)
     assert (tmp_path / "v" / "seed1" / "plots" / "score_hist_c100.png").is_file()
+
+
+def test_extra_known_set_reports_its_accuracy(tmp_path):
+    # the known test split again as an "extra known" set: the same images under the same transform
+    # must give exactly the known accuracy (how bgshift's swapped-background split is reported)
+    cfg = _cfg(tmp_path, "backmix.enabled=false",
+               "eval.extra_known=[{name: demo, split: test, label: again, max_samples: 30}]")
+    res = run_fewshot(cfg, tmp_path / "xk")
+    seed = json.loads((tmp_path / "xk" / "seed1" / "results.json").read_text())
+    assert seed["extra_known"]["again"]["acc"] == pytest.approx(seed["acc"], abs=1e-12)
+    assert "acc/again" in (tmp_path / "xk" / "seed1" / "log.csv").read_text()
+    assert res["num_seeds"] == 1

@@ -34,7 +34,7 @@ def main() -> int:
     from backmix_vlm.adapters import LoRA, create_adapter
     from backmix_vlm.engine.checkpoint import LAST, load_checkpoint
     from backmix_vlm.errors import ConfigError
-    from backmix_vlm.runners.fewshot import adapter_config, build_backbone, load_fewshot_config
+    from backmix_vlm.jobs.fewshot import adapter_config, build_backbone, load_fewshot_config
 
     cfg = load_fewshot_config(args.run_dir / "config.yaml")
     if cfg.method.name != "lora":
@@ -45,12 +45,12 @@ def main() -> int:
     classes = state.get("meta", {}).get("classes")
     if not classes:
         raise ConfigError(f"{args.run_dir}: the checkpoint has no class names in its meta")
-    adapter = create_adapter("lora", backbone["base"], classes, adapter_config(cfg))
+    adapter = create_adapter("lora", backbone.base, classes, adapter_config(cfg))
     assert isinstance(adapter, LoRA)
     adapter.load_state_dict_trainable(state["model"])
     merged = adapter.merged_state_dict()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"backbone": json.dumps(backbone["id"]), "classes": json.dumps(classes), "seed": str(seed),
+    meta = {"backbone": json.dumps(backbone.identity), "classes": json.dumps(classes), "seed": str(seed),
             "lora": json.dumps(state.get("meta", {}).get("adapter"))}
     save_file({k: v.contiguous() for k, v in merged.items()}, str(args.out), metadata=meta)
     print(f"merged {len(merged)} tensors -> {args.out}")

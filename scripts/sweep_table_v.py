@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from backmix_vlm.errors import BackmixError
+    from backmix_vlm.jobs.fewshot import build_fewshot_config, load_fewshot_config, preflight
     from backmix_vlm.report.tables import paper_table_v
-    from backmix_vlm.runners.fewshot import build_fewshot_config, load_fewshot_config, preflight, run_fewshot
+    from backmix_vlm.runners.fewshot import run_fewshot
     from backmix_vlm.runs import (atomic_write_text, find_resume_dir, is_run_dir, new_run_dir, open_run, resume_config,
                                   write_json)
 

@@ -245,7 +245,7 @@ def test_fewshot_backbone_option(tmp_path):
 
     def backbone_dtype(*overrides):
         cfg = load_fewshot_config(None, [f"backbone.name={TINY_CLIP}", "backbone.pretrained=null", *overrides])
-        model = build_backbone(cfg, "cpu")["base"].model
+        model = build_backbone(cfg, "cpu").base.model
         return model.visual.conv1.weight.dtype, model.visual.ln_post.weight.dtype
 
     assert backbone_dtype("run.precision=bf16") == (BF16, torch.float32)

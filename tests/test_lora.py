@@ -323,7 +323,7 @@ def test_fewshot_lora_clip_backmix_maps_from_the_training_backward(tmp_path):
         sys.argv = argv
     merged = open_clip.create_model(TINY_CLIP)
     merged.load_state_dict(load_file(str(tmp_path / "merged.safetensors")), strict=True)
-    adapter = create_adapter("lora", build_backbone(cfg, "cpu")["base"], state["meta"]["classes"], adapter_config(cfg))
+    adapter = create_adapter("lora", build_backbone(cfg, "cpu").base, state["meta"]["classes"], adapter_config(cfg))
     adapter.load_adapter(tmp_path / "adapter")
     adapter.eval()
     x = torch.randn(2, 3, 32, 32)

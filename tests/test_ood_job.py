@@ -325,3 +325,35 @@ def test_ood_summary_table_averages_and_marks_the_best():
     assert "| Score | A FPR95 ↓ | A AUROC | B FPR95 ↓ | B AUROC | Average FPR95 ↓ | Average AUROC |" in md
     assert "| msp | 50.00 | **80.00** | 70.00 | 60.00 | 60.00 | 70.00 |" in md
     assert "| knn | **30.00** | 70.00 | **10.00** | **90.00** | **20.00** | **80.00** |" in md
+
+
+# ----------------------------------------------------------------------------- run folders
+def test_ood_run_folder_belongs_to_one_run(tmp_path, data_root, toy_module, capsys):
+    """``ood`` plans and opens its folder like the other jobs: a finished run is never replaced
+    without --overwrite, and a command that fails (bad model name, missing data) leaves nothing."""
+    from backmix_vlm.runs import LOCK_FILE, read_run_info
+
+    model_cfg = {"source": "module", "name": "toy_ood_models:build", "options": {"width": 8}, "image_size": 32}
+    cfg = str(_config(tmp_path, data_root, model_cfg))
+    fast = ["eval.scores=[msp, energy]", "eval.score_params={}", "plots=false"]
+    assert cli.main(["ood", cfg, *fast]) == 0
+    run = tmp_path / "r"
+    info = read_run_info(run)
+    assert info["job"] == "ood" and info["status"] == "finished" and not (run / LOCK_FILE).exists()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+
+    assert cli.main(["ood", cfg, *fast, "eval.scores=[msp]"]) == 2  # same run.name: refused, nothing touched
+    err = capsys.readouterr().err
+    assert str(run) in err and "run.name" in err and "--overwrite" in err and "--resume" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+    for bad in (["model.name=toy_ood_models:nope"], ["eval.ood=[{name: imagefolder, root: /no/such, label: x}]"]):
+        assert cli.main(["ood", cfg, *fast, "run.name=fails", *bad]) == 2
+        assert not (tmp_path / "fails").exists()  # no stub folder
+        assert cli.main(["ood", cfg, *fast, *bad, "--overwrite"]) == 2  # preflight fails before the old run is touched
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+    assert cli.main(["ood", cfg, *fast, "eval.scores=[msp]", "--overwrite"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert list(results["results"]["far"]) == ["msp"] and read_run_info(run)["status"] == "finished"

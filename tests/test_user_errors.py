@@ -61,7 +61,7 @@ def test_fewshot_timm_backbone_reads_a_local_file_given_as_pretrained(tmp_path, 
     cfg = load_fewshot_config(FEWSHOT_TINY, ["method.name=vpt", "method.options={num_tokens: 2}", "backbone.family=timm",
                                              "backbone.name=vit_tiny_patch16_224", f"backbone.pretrained={path}",
                                              "backbone.image_size=32", "backbone.options={patch_size: 8, depth: 2}"])
-    vit = build_backbone(cfg, "cpu")["base"]
+    vit = build_backbone(cfg, "cpu").base
     assert torch.equal(vit.state_dict()["cls_token"], ref.state_dict()["cls_token"])
 
 

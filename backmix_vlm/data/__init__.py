@@ -20,7 +20,8 @@ from .dataset import ImageDataset, IndexedSubset
 from .datasets import DATASETS, DEMO_SPLITS, LAYOUTS, DatasetSpec, build_dataset, check_dataset
 from .fewshot import fewshot_indices, sample_fewshot
 from .images import jpeg_roundtrip, to_rgb
-from .protocols import OOD_BENCHMARKS, OpenSetProtocol, get_protocol, list_protocols, ood_sources, protocol_info
+from .protocols import (OOD_BENCHMARKS, OpenSetProtocol, OpenSetSources, get_protocol, list_protocols, ood_sources,
+                        open_set_sources, protocol_info)
 from .transforms import (CIFAR10_MEAN, CIFAR10_STD, CLIP_MEAN, CLIP_STD, CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD,
                          RESIZE_MODES, build_transform)
 
@@ -29,5 +30,5 @@ __all__ = [
     "class_names", "class_keys", "clip_friendly", "build_transform", "RESIZE_MODES", "CROP_SIZE",
     "CIFAR10_MEAN", "CIFAR10_STD", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "fewshot_indices", "sample_fewshot", "get_protocol", "list_protocols", "protocol_info",
-    "OpenSetProtocol", "OOD_BENCHMARKS", "ood_sources", "to_rgb", "jpeg_roundtrip",
+    "OpenSetProtocol", "OpenSetSources", "open_set_sources", "OOD_BENCHMARKS", "ood_sources", "to_rgb", "jpeg_roundtrip",
 ]

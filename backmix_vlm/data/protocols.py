@@ -11,10 +11,10 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import DataSource
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,56 @@ def get_protocol(name: str, split: int = 0) -> OpenSetProtocol:
     s = splits[split]
     return OpenSetProtocol(info["name"], list(s["known"]), list(s["unknown"]),
                            info["known_dataset"], info["unknown_dataset"], split)
+
+
+# ----------------------------------------------------------------------------- a job's sources
+@dataclass(frozen=True)
+class OpenSetSources:
+    """What a job trains on and evaluates: the training set, the known test set, the unknown sets."""
+
+    train: DataSource
+    test: DataSource
+    unknowns: list[DataSource]
+
+
+def open_set_sources(train: DataSource, test: DataSource, *, protocol: str | None = None, protocol_split: int = 0,
+                     ood: Sequence[DataSource] = (), protocol_key: str | None = "data.protocol") -> OpenSetSources:
+    """Resolve an open-set protocol and OOD sets into concrete sources.
+
+    With ``protocol`` (e.g. ``cifar10`` split 0), ``train`` and ``test`` keep only its known
+    classes (relabelled in the protocol's order) and its unknown classes of the test split (or of
+    ``unknown_dataset``, e.g. CIFAR-100 for CIFAR+10) become the first unknown set; ``ood`` (whole
+    datasets) follow.  Unknown sets need distinct display names, and there must be at least one.
+    ``protocol_key`` names the protocol's config key in messages (None: the job has no protocol).
+    """
+    unknowns: list[DataSource] = []
+    if protocol:
+        p = get_protocol(protocol, protocol_split)
+        for key, src in (("train", train), ("test", test)):
+            if src.classes is not None:
+                raise ConfigError(f"data.{key}.classes is set, but {protocol_key} '{protocol}' chooses the "
+                                  "known classes; remove one of them")
+        original_test = test
+        train = dataclasses.replace(train, classes=list(p.known))
+        test = dataclasses.replace(test, classes=list(p.known),
+                                   label=test.label or f"{test.name} known ({p.name} split {p.split})")
+        unknown_label = f"{p.name} unknown (split {p.split})"
+        if p.unknown_dataset == p.known_dataset:
+            unknowns.append(dataclasses.replace(original_test, classes=list(p.unknown), label=unknown_label))
+        else:  # e.g. CIFAR+10: unknown classes come from CIFAR-100
+            unknowns.append(DataSource(name=p.unknown_dataset, root=original_test.root, split="test",
+                                       classes=list(p.unknown), label=unknown_label,
+                                       jpeg_quality=original_test.jpeg_quality))
+    unknowns += list(ood)
+    names = [u.display_name for u in unknowns]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"eval.ood: unknown sets need distinct labels; repeated: {', '.join(dupes)} "
+                          "(set label: for each)")
+    if not unknowns:
+        how = f"set {protocol_key} and/or list datasets in eval.ood" if protocol_key else "list datasets in eval.ood"
+        raise ConfigError(f"no unknown set to evaluate: {how}")
+    return OpenSetSources(train, test, unknowns)
 
 
 # ----------------------------------------------------------------------------- OOD benchmarks

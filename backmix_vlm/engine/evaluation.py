@@ -77,6 +77,15 @@ class OpenSetEvaluator:
         self.result: dict[str, Any] | None = None
         self.per_sample: dict[str, np.ndarray] = {}
 
+    @property
+    def unknown_names(self) -> list[str]:
+        """The unknown sets' display names, in evaluation order."""
+        return list(self.unknowns)
+
+    @property
+    def positive(self) -> str:
+        return self.cfg.positive
+
     def _loader(self, ds: Dataset) -> DataLoader:
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
                           pin_memory=self.device.type == "cuda")

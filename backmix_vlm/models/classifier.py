@@ -148,15 +148,10 @@ def load_classifier(source: str, name: str, *, pretrained: bool = False, checkpo
       (called with ``options``); ``checkpoint`` = an optional state dict loaded strictly.
     * ``run``: a ``backmix-vlm train`` run directory (its config.yaml + last.pt).
     """
-    if source not in SOURCES:
-        raise ConfigError(f"model.source: {source!r} is not accepted; choose one of {', '.join(SOURCES)}")
-    if not name:
-        raise ConfigError(f"model.name: give the {source} model ({_NAME_HELP[source]})")
+    _check_source(source, name)
     options = dict(options or {})
     if source == "run":
-        if options or checkpoint or pretrained:
-            raise ConfigError("model.options / checkpoint / pretrained do not apply to model.source=run "
-                              "(the run's config.yaml and last.pt define the model)")
+        _check_run_args(options, checkpoint, pretrained)
         return _load_run(Path(name), head_layer, feature_layer)
     if source == "timm":
         net, size, mean, std = _load_timm(name, pretrained, checkpoint, options, image_size)
@@ -172,6 +167,64 @@ def load_classifier(source: str, name: str, *, pretrained: bool = False, checkpo
     return LoadedClassifier(model, size, list(mean), list(std), ident, head.num_classes if head else None)
 
 
+def check_classifier(source: str, name: str, *, pretrained: bool = False, checkpoint: str | None = None,
+                     options: Mapping[str, Any] | None = None) -> None:
+    """What :func:`load_classifier` would refuse, checked without building the model: the source,
+    the name (a timm / torchvision model, an importable ``package.module:attr``, a train run
+    folder with its checkpoint) and the weights file."""
+    _check_source(source, name)
+    if source == "run":
+        _check_run_args(dict(options or {}), checkpoint, pretrained)
+        _check_run_dir(Path(name))
+        return
+    if source == "timm":
+        _check_timm_name(name)
+    elif source == "torchvision":
+        _check_torchvision_name(name)
+        if pretrained and checkpoint:
+            raise ConfigError("model: give either pretrained: true (torchvision's weights) or checkpoint: FILE, not both")
+    else:
+        _resolve_module(name)
+    if checkpoint and not Path(checkpoint).is_file():
+        raise ModelError(f"model.checkpoint: weights file not found: {checkpoint}")
+
+
+def _check_source(source: str, name: str) -> None:
+    if source not in SOURCES:
+        raise ConfigError(f"model.source: {source!r} is not accepted; choose one of {', '.join(SOURCES)}")
+    if not name:
+        raise ConfigError(f"model.name: give the {source} model ({_NAME_HELP[source]})")
+
+
+def _check_run_args(options: Mapping[str, Any], checkpoint: str | None, pretrained: bool) -> None:
+    if options or checkpoint or pretrained:
+        raise ConfigError("model.options / checkpoint / pretrained do not apply to model.source=run "
+                          "(the run's config.yaml and last.pt define the model)")
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ModelError(f"unknown timm model '{name}'{'; similar: ' + ', '.join(close) if close else ''} "
+                         f"(all: timm.list_models())")
+
+
+def _check_torchvision_name(name: str) -> None:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        import difflib
+
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
+        raise ModelError(f"unknown torchvision model '{name}'{'; similar: ' + ', '.join(close) if close else ''} "
+                         f"(all: torchvision.models.list_models())")
+
+
 _NAME_HELP = {
     "timm": "a timm model name, e.g. resnet18 or vit_small_patch14_dinov2",
     "torchvision": "a torchvision.models name, e.g. resnet18",
@@ -182,16 +235,9 @@ _NAME_HELP = {
 
 def _load_timm(name: str, pretrained: bool, checkpoint: str | None, options: dict[str, Any],
                image_size: int | None) -> tuple[nn.Module, int, Any, Any]:
-    import timm
-
     from .vit import load_timm_vit
 
-    if not timm.is_model(name.split(".")[0]):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise ModelError(f"unknown timm model '{name}'{'; similar: ' + ', '.join(close) if close else ''} "
-                         f"(all: timm.list_models())")
+    _check_timm_name(name)
     weights: Any = checkpoint if checkpoint else bool(pretrained)
     num_classes = options.pop("num_classes", None)  # None: the architecture's own head (timm drops None kwargs)
     try:  # ViTs take img_size (position embeddings); CNNs take any size and refuse the keyword
@@ -212,13 +258,7 @@ def _load_torchvision(name: str, pretrained: bool, checkpoint: str | None, optio
                       image_size: int | None) -> tuple[nn.Module, int, Any, Any]:
     import torchvision
 
-    available = torchvision.models.list_models()
-    if name not in available:
-        import difflib
-
-        close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
-        raise ModelError(f"unknown torchvision model '{name}'{'; similar: ' + ', '.join(close) if close else ''} "
-                         f"(all: torchvision.models.list_models())")
+    _check_torchvision_name(name)
     if pretrained and checkpoint:
         raise ConfigError("model: give either pretrained: true (torchvision's weights) or checkpoint: FILE, not both")
     weights = None
@@ -243,6 +283,11 @@ def _load_torchvision(name: str, pretrained: bool, checkpoint: str | None, optio
 
 def _load_module(spec: str, checkpoint: str | None, options: dict[str, Any],
                  image_size: int | None) -> tuple[nn.Module, int, Any, Any]:
+    return _load_module_object(_resolve_module(spec), spec, checkpoint, options, image_size)
+
+
+def _resolve_module(spec: str) -> Any:
+    """The object ``'package.module:attr'`` names (imported)."""
     if ":" not in spec:
         raise ConfigError(f"model.name {spec!r}: a module source is 'package.module:attr'")
     mod_name, attr = spec.split(":", 1)
@@ -255,6 +300,11 @@ def _load_module(spec: str, checkpoint: str | None, options: dict[str, Any],
         if not hasattr(obj, part):
             raise ConfigError(f"model.name {spec!r}: '{mod_name}' has no attribute '{attr}'")
         obj = getattr(obj, part)
+    return obj
+
+
+def _load_module_object(obj: Any, spec: str, checkpoint: str | None, options: dict[str, Any],
+                        image_size: int | None) -> tuple[nn.Module, int, Any, Any]:
     if isinstance(obj, nn.Module):
         if options:
             raise ConfigError(f"model.options: {spec} is a module instance, not a function; remove the options")
@@ -289,10 +339,28 @@ def _load_state(net: nn.Module, path: str, what: str) -> None:
 
 
 def _load_run(run_dir: Path, head_layer: str | None, feature_layer: str | None) -> LoadedClassifier:
-    import json
-
     from ..engine.checkpoint import LAST, load_checkpoint, load_model_state_dict
     from .cnn import create_cnn
+
+    _check_run_dir(run_dir)
+    cfg = _run_model_config(run_dir)
+    state = load_checkpoint(run_dir / LAST)
+    classes = state.get("meta", {}).get("classes")
+    net = create_cnn(cfg["name"], len(classes) if classes else _num_classes(state), **cfg["options"])
+    load_model_state_dict(net, state["model"], trainable_only=state.get("trainable_only", False),
+                          source=run_dir / LAST)
+    net.eval()
+    model = FeatureClassifier(net, head_layer=head_layer, feature_layer=feature_layer).eval()
+    ident = {"source": "run", "run": str(run_dir.resolve()), "epoch": int(state.get("epoch", 0)),
+             "model": cfg["name"]}
+    return LoadedClassifier(model, cfg["image_size"], cfg["mean"], cfg["std"], ident,
+                            net.num_classes, list(classes) if classes else None)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    import json
+
+    from ..engine.checkpoint import LAST
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"model.name: {run_dir} has no config.yaml; give a run directory written by "
@@ -303,20 +371,23 @@ def _load_run(run_dir: Path, head_layer: str | None, feature_layer: str | None) 
                           f"model.source=run takes train runs (re-evaluate few-shot runs with backmix-vlm eval)")
     if not (run_dir / LAST).is_file():
         raise ConfigError(f"model.name: {run_dir} has no {LAST} (a comparison run keeps one per variant folder)")
-    from ..runners.eval import load_overridden
 
-    cfg, _ = load_overridden(run_dir, [])
-    state = load_checkpoint(run_dir / LAST)
-    classes = state.get("meta", {}).get("classes")
-    net = create_cnn(cfg.model.name, len(classes) if classes else _num_classes(state), **cfg.model.options)
-    load_model_state_dict(net, state["model"], trainable_only=state.get("trainable_only", False),
-                          source=run_dir / LAST)
-    net.eval()
-    model = FeatureClassifier(net, head_layer=head_layer, feature_layer=feature_layer).eval()
-    ident = {"source": "run", "run": str(run_dir.resolve()), "epoch": int(state.get("epoch", 0)),
-             "model": cfg.model.name}
-    return LoadedClassifier(model, int(cfg.data.image_size), list(cfg.data.mean), list(cfg.data.std), ident,
-                            net.num_classes, list(classes) if classes else None)
+
+def _run_model_config(run_dir: Path) -> dict[str, Any]:
+    """Model and input settings from a train run's resolved ``config.yaml`` (read as data: the
+    models layer does not import the train job's config classes)."""
+    from ..config import load_yaml
+
+    path = run_dir / "config.yaml"
+    saved = load_yaml(path)
+    try:
+        model, data = saved["model"], saved["data"]
+        return {"name": str(model["name"]), "options": dict(model.get("options") or {}),
+                "image_size": int(data["image_size"]), "mean": [float(v) for v in data["mean"]],
+                "std": [float(v) for v in data["std"]]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model.name: {path} is not a train run's resolved config (missing or bad {e}); "
+                          "give a run directory written by backmix-vlm train") from None
 
 
 def _num_classes(state: Mapping[str, Any]) -> int:

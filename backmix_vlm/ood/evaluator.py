@@ -99,6 +99,11 @@ class Evaluator:
         self.per_sample: dict[str, Any] = {}
         self.scores: list[Score] = []
 
+    @property
+    def unknown_names(self) -> list[str]:
+        """The OOD sets' display names, in evaluation order."""
+        return list(self.ood_sets)
+
     # ----------------------------------------------------------------- outputs
     @property
     def model_id(self) -> Any:

@@ -176,6 +176,23 @@ def paper_table_v(
     return _md_table(header, table) + "\n"
 
 
+COMPARE_METRICS = ("auroc", "fpr95", "oscr")
+
+
+def comparison_markdown(results: Mapping[str, Mapping[str, Any]], scores: Sequence[str], title: str,
+                        metrics: Sequence[str] = COMPARE_METRICS) -> str:
+    """Variants of one run side by side, one table per score: model | variant | accuracy |
+    AUROC / FPR95 / OSCR per unknown set (``train`` with ``variants``, and its ``eval``)."""
+    parts = [f"# {title}"]
+    for score in scores:
+        rows = [{"setting": f"{res.get('model', '')}, {res.get('epochs', '?')} epochs", "method": name,
+                 "results": res, "score": score} for name, res in results.items()]
+        parts += [f"## Score: {score}", paper_table_v(rows, metrics=metrics, digits=2).replace(
+            "| Setting | Method |", "| Model | Variant |")]
+    parts.append("Values in %; FPR95 lower is better. Each variant's own results.md has every metric.")
+    return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
     """Read a ``results.json`` written by :func:`write_results`."""
     return json.loads(Path(path).read_text())

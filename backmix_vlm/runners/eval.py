@@ -16,24 +16,12 @@ from typing import Any
 
 import torch
 
-from ..config import build_with_overrides, load_yaml
 from ..errors import ConfigError
+from ..jobs.train import load_overridden
 from ..runs import fresh_output_dir, resolve_device, run_status, unique_subdir
 
 JOB = "eval"
-
-
-def load_overridden(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
-    from .train import TrainConfig
-
-    from ..config import apply_overrides, from_dict
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml; pass a run directory written by backmix-vlm train")
-    saved = load_yaml(path)
-    cfg = build_with_overrides(lambda raw: from_dict(TrainConfig, raw), saved, list(overrides), str(path))
-    return cfg, apply_overrides(saved, list(overrides))
+__all__ = ["JOB", "load_overridden", "warn_if_unfinished", "evaluate_run", "evaluate_fewshot_run", "main"]
 
 
 def warn_if_unfinished(run_dir: Path, checkpoint: Path, epoch: int, epochs: int) -> None:
@@ -54,36 +42,34 @@ def warn_if_unfinished(run_dir: Path, checkpoint: Path, epoch: int, epochs: int)
 def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | None = None) -> dict[str, Any]:
     """Load ``checkpoint`` into the configured model, evaluate, write results into ``out_dir``."""
     from ..engine.checkpoint import load_checkpoint, load_model_state_dict
-    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
+    from ..engine.evaluation import OpenSetEvaluator
+    from ..jobs.train import build_datasets
     from ..models.cnn import create_cnn
-    from ..report.tables import write_results
+    from ..report.finish import finish_evaluation
     from ..runs import record_run
-    from .train import build_datasets
 
     state = load_checkpoint(checkpoint, require=("model",))
     epoch = int(state.get("epoch", 0))
     warn_if_unfinished(checkpoint.parent, checkpoint, epoch, cfg.optim.epochs)
     data = build_datasets(cfg)
-    classes = state.get("meta", {}).get("classes") or data["train"].classes
-    if len(classes) != len(data["train"].classes):
+    classes = state.get("meta", {}).get("classes") or data.train.classes
+    if len(classes) != len(data.train.classes):
         raise ConfigError(f"{checkpoint} was trained on {len(classes)} classes, the config now gives "
-                          f"{len(data['train'].classes)}; overrides may not change the known classes")
+                          f"{len(data.train.classes)}; overrides may not change the known classes")
     device = resolve_device(cfg.run.device)
     model = create_cnn(cfg.model.name, len(classes), **cfg.model.options)
     load_model_state_dict(model, state["model"], trainable_only=state.get("trainable_only", False), source=checkpoint)
     model.to(device).eval()
-    evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=device,
-                                 precision=cfg.run.precision, std=cfg.data.std, fit_set=data["train_eval"])
+    evaluator = OpenSetEvaluator(data.known, data.unknowns, cfg.eval, device=device,
+                                 precision=cfg.run.precision, std=cfg.data.std, fit_set=data.train_eval,
+                                 extra_known=data.extra_known)
     torch.manual_seed(cfg.run.seed)
     evaluator(model, epoch)
     record_run(out_dir, cfg, JOB, argv)
     results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": epoch,
                "checkpoint": str(checkpoint)}
-    write_results(out_dir, results, title=f"{cfg.model.name} + {cfg.mixer}, {epoch} epochs: {checkpoint}")
-    save_scores(out_dir / SCORES_FILE, evaluator.per_sample,
-                {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
-                 "positive": cfg.eval.positive, "epoch": epoch})
-    return results
+    return finish_evaluation(out_dir, results, title=f"{cfg.model.name} + {cfg.mixer}, {epoch} epochs: {checkpoint}",
+                             evaluator=evaluator, epoch=epoch)
 
 
 def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
@@ -91,11 +77,12 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
     """Re-evaluate every seed of a ``fewshot`` run (adapter weights from ``seed<k>/last.pt``)."""
     from ..adapters import create_adapter
     from ..engine.checkpoint import LAST, load_checkpoint
-    from ..engine.evaluation import SCORES_FILE, OpenSetEvaluator, save_scores
+    from ..engine.evaluation import OpenSetEvaluator
+    from ..jobs.fewshot import adapter_config, build_backbone, build_datasets, load_fewshot_config
     from ..models.frozen import trainable_in_fp32
+    from ..report.finish import finish_evaluation
     from ..report.tables import aggregate_seeds, write_results
     from ..runs import record_run
-    from .fewshot import adapter_config, build_backbone, build_datasets, load_fewshot_config
 
     cfg = load_fewshot_config(run_dir / "config.yaml", overrides)
     ckpts = {seed: run_dir / f"seed{seed}" / LAST for seed in cfg.data.seeds}
@@ -109,28 +96,26 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
     per_seed, epochs = [], []
     for seed in cfg.data.seeds:
         ckpt, state = ckpts[seed], states[seed]
-        adapter = create_adapter(cfg.method.name, backbone["base"], data["train"].classes, adapter_config(cfg))
-        trainable_in_fp32(adapter)  # as in training (fewshot.run_seed)
+        adapter = create_adapter(cfg.method.name, backbone.base, data.train.classes, adapter_config(cfg))
+        trainable_in_fp32(adapter)  # as in training (runners.fewshot.run_seed)
         adapter.load_state_dict_trainable(state["model"])
         adapter.to(device).eval()
-        evaluator = OpenSetEvaluator(data["known"], data["unknowns"], cfg.eval, device=device,
-                                     precision=cfg.run.precision, std=backbone["std"], fit_set=data["train_eval"])
+        evaluator = OpenSetEvaluator(data.known, data.unknowns, cfg.eval, device=device,
+                                     precision=cfg.run.precision, std=backbone.std, fit_set=data.train_eval,
+                                     extra_known=data.extra_known)
         torch.manual_seed(seed)
         epoch = int(state.get("epoch", 0))
         epochs.append(epoch)
         evaluator(adapter, epoch)
-        seed_out = out_dir / f"seed{seed}"
-        write_results(seed_out, {**evaluator.result, "seed": seed, "epochs": epoch, "checkpoint": str(ckpt)},
-                      title=f"{cfg.method_label} on {backbone['id']['name']}, {cfg.setting_label}, seed {seed}, "
-                            f"{epoch} epochs: {ckpt}")
-        save_scores(seed_out / SCORES_FILE, evaluator.per_sample,
-                    {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(data["unknowns"]),
-                     "positive": cfg.eval.positive, "epoch": int(state.get("epoch", 0))})
+        finish_evaluation(out_dir / f"seed{seed}", {**evaluator.result, "seed": seed, "epochs": epoch,
+                                                    "checkpoint": str(ckpt)},
+                          title=f"{cfg.method_label} on {backbone.name}, {cfg.setting_label}, seed {seed}, "
+                                f"{epoch} epochs: {ckpt}", evaluator=evaluator, epoch=epoch)
         per_seed.append(evaluator.result)
     agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
-    agg.update({"backbone": backbone["id"], "epochs": epochs, "seeds": list(cfg.data.seeds)})
+    agg.update({"backbone": backbone.identity, "epochs": epochs, "seeds": list(cfg.data.seeds)})
     shown = str(epochs[0]) if len(set(epochs)) == 1 else "/".join(map(str, epochs))
-    write_results(out_dir, agg, title=f"Re-evaluation: {cfg.method_label} on {backbone['id']['name']}, "
+    write_results(out_dir, agg, title=f"Re-evaluation: {cfg.method_label} on {backbone.name}, "
                                       f"{cfg.setting_label}, {shown} epochs")
     return agg
 
@@ -139,8 +124,9 @@ def main(args: Any) -> int:
     import json
 
     from ..engine.checkpoint import LAST
+    from ..jobs.train import variant_configs
+    from ..report.tables import comparison_markdown
     from ..runs import atomic_write_text, write_json
-    from .train import comparison_markdown, variant_configs
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -9,102 +9,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import DataSource, EvalConfig, RunConfig, check_choice, default_data_root, fill_data_roots, from_dict, to_dict
+from ..config import DataSource, EvalConfig, to_dict
 from ..errors import ConfigError
-from ..models.clip import PRECISIONS, ClipZeroShotClassifier, load_clip, resolve_templates
+from ..jobs.data import check_distinct_sets
+from ..jobs.zeroshot import (DEFAULT_SCORES, JOB, ClipModelConfig, ZeroShotConfig, ZeroShotEvalConfig,
+                             build_scores, build_zeroshot_config, preflight)
+from ..models.clip import ClipZeroShotClassifier, load_clip
 from ..runs import open_run, plan_from_args, resolve_device
 
-JOB = "zeroshot"
-DEFAULT_SCORES = ["mcm", "glmcm", "msp", "maxlogit", "energy"]
+__all__ = ["JOB", "DEFAULT_SCORES", "ClipModelConfig", "ZeroShotEvalConfig", "ZeroShotConfig", "build_scores",
+           "build_zeroshot_config", "preflight", "run_zeroshot", "main"]
 # what zero-shot scores read (local_logits = logit_scale * local_cosine would double the memory)
 OUTPUT_KEEP = ("logits", "features", "cosine", "local_cosine")
-
-
-@dataclass
-class ClipModelConfig:
-    """Which CLIP, with which weights and prompts (see :func:`backmix_vlm.models.clip.load_clip`)."""
-
-    name: str = "ViT-B-16"                 # open_clip model name (open_clip.list_models()), or backmix-tiny-clip
-    pretrained: str | None = "openai"      # open_clip tag; null = random init
-    checkpoint: str | None = None          # local weights file (then `pretrained` only names the tag it holds)
-    templates: str | list[str] = "simple"  # simple | cifar_ensemble | imagenet, or strings with '{}'
-    classnames: list[str] | None = None    # prompt class names (default: the known set's CLIP-friendly names)
-    precision: str = "fp32"                # weight precision: fp32 | fp16 | bf16 (run.precision = autocast)
-    cache_dir: str | None = None           # open_clip / HF download cache (default: the HF cache)
-
-    def validate(self) -> None:
-        check_choice(self.precision, PRECISIONS, "model.precision")
-        try:
-            resolve_templates(self.templates)
-        except Exception as e:  # ModelError -> the config key that caused it
-            raise ConfigError(f"model.templates: {e}") from None
-
-
-@dataclass
-class ZeroShotEvalConfig(EvalConfig):
-    """:class:`EvalConfig` with the CLIP scores as the default list."""
-
-    scores: list[str] = field(default_factory=lambda: list(DEFAULT_SCORES))
-
-
-@dataclass
-class ZeroShotConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data_root: str = field(default_factory=default_data_root)  # every data source without a root reads from here
-    model: ClipModelConfig = field(default_factory=ClipModelConfig)
-    data: DataSource = field(default_factory=DataSource)  # the known (ID) test set
-    eval: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
-
-    def __post_init__(self) -> None:
-        fill_data_roots(self, self.data_root)
-
-    def validate(self) -> None:
-        if not self.eval.ood:
-            raise ConfigError("eval.ood: list at least one unknown (OOD) dataset")
-        names = [self.data.display_name] + [src.display_name for src in self.eval.ood]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(f"eval.ood: several datasets are named {', '.join(dupes)}; give each a distinct `label`")
-
-
-def build_zeroshot_config(data: dict[str, Any]) -> ZeroShotConfig:
-    return from_dict(ZeroShotConfig, data)
-
-
-def preflight(cfg: ZeroShotConfig) -> None:
-    """Check the CLIP name / tag / weights file, the scores and every data source before a run
-    folder is created or a model is loaded."""
-    from ..data import check_dataset
-    from ..engine.evaluation import build_scores as build_eval_scores, needs_fit
-    from ..models.clip import check_clip_source
-
-    check_clip_source(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint, "model")
-    for score in build_eval_scores(cfg.eval, (1.0, 1.0, 1.0)):
-        if needs_fit(score):
-            raise ConfigError(f"eval.scores: '{score.name}' must be fit on training features, which a zero-shot "
-                              f"run does not have; use it with backmix-vlm fewshot / train")
-    check_dataset(cfg.data, "data")
-    for i, src in enumerate(cfg.eval.ood):
-        check_dataset(src, f"eval.ood[{i}] ({src.display_name})")
-
-
-def build_scores(cfg: EvalConfig, std: tuple[float, ...]) -> list[Any]:
-    """Score objects from ``eval.scores`` / ``eval.score_params``; zero-shot has no training data."""
-    from ..engine.evaluation import build_scores as build_eval_scores, needs_fit
-
-    scores = build_eval_scores(cfg, std)  # ODIN gets the pixel-space epsilon, as the reference code
-    for score in scores:
-        if needs_fit(score):
-            raise ConfigError(f"eval.scores: '{score.name}' must be fit on training features, which a zero-shot "
-                              f"run does not have; use it with backmix-vlm fewshot / train")
-    return scores
 
 
 def _loader(ds: Any, cfg: EvalConfig, device: torch.device) -> DataLoader:
@@ -118,14 +40,9 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     from ..models.frozen import LOW_PRECISION, frozen_compute_dtype, hold_frozen_in
     from ..ood.evaluate import evaluate_open_set
     from ..ood.features import cache_file, extract_outputs, model_fingerprint, score_images_loader
-    from ..report.tables import write_results
+    from ..report.finish import finish_evaluation
 
-    if not cfg.eval.ood:
-        raise ConfigError("eval.ood: list at least one unknown (OOD) dataset")
-    names = [cfg.data.display_name] + [src.display_name for src in cfg.eval.ood]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"eval.ood: several datasets are named {', '.join(dupes)}; give each a distinct `label`")
+    check_distinct_sets(cfg.data, cfg.eval.ood)
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)  # random-init models (backmix-tiny-clip) are reproducible
     m = cfg.model
@@ -179,12 +96,7 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     results = evaluate_open_set(known, unknowns, scores, positive=cfg.eval.positive, extra_scores=extra)
     results["known"] = cfg.data.display_name
     results["model"] = {"name": bundle.name, "pretrained": bundle.pretrained, "templates": list(clf.templates)}
-    write_results(run_dir, results, title=_title(results))
-    from ..report.tables import ood_summary_table
-    from ..runs import atomic_write_text
-
-    atomic_write_text(Path(run_dir) / "summary.md", f"# {_title(results)}\n\n" + ood_summary_table(results))
-    return results
+    return finish_evaluation(run_dir, results, title=_title(results), summary=True)
 
 
 def _title(results: dict[str, Any]) -> str:

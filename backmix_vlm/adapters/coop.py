@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_choice
+from ..validation import check_choice
 from ..errors import ConfigError, DataError, ModelError
 from ..models.frozen import class_token_only, fp32_head
 from ..models.output import ModelOutput

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_choice
+from ..validation import check_choice
 from ..errors import ConfigError, DataError, ModelError
 from ..models.output import ModelOutput
 from .base import ADAPTERS, Adapter, resolve_config

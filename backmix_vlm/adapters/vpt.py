@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_choice
+from ..validation import check_choice
 from ..errors import ConfigError, DataError, ModelError
 from ..models.frozen import fp32_head
 from ..models.output import ModelOutput

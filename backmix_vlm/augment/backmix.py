@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import check_choice
+from ..validation import check_choice
 from ..errors import ConfigError
 from .base import MixResult, box_mask, check_fraction, rand, randint, randperm
 from .factory import MIXERS

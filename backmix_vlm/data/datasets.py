@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-from ..config import DataSource, check_choice, default_data_root
+from ..config import DataSource, default_data_root
+from ..validation import check_choice
 from ..errors import DataError
 from ..registry import Registry
 from .classnames import class_keys, class_names, clip_friendly, normalize_key

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ..config import check_choice
+from ..validation import check_choice
 from ..errors import ConfigError
 
 # Per-channel statistics of the lossless CIFAR-10 training set.

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_choice
+from ..validation import check_choice
 from ..models.output import ModelOutput
 
 SALIENCY_SOURCES = ("attention", "local")

@@ -19,7 +19,8 @@ from safetensors.numpy import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import EvalConfig, check_choice
+from ..config import EvalConfig
+from ..validation import check_choice
 from ..ood.evaluate import accuracy, evaluate_open_set, predictions
 from ..ood.features import extract_outputs, score_images_loader
 from ..ood.scores import Score, get_score

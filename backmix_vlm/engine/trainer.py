@@ -60,11 +60,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..config import BackMixConfig, OptimConfig, RunConfig, check_choice
+from ..augment.factory import MIXER_NAMES, active_mixer
+from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimConfig, RunConfig
 from ..errors import ConfigError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
-from ..runtime import AUTOCAST_PRECISIONS, resolve_device
+from ..runtime import check_autocast_precision, resolve_device
+from ..validation import check_choice
 from .checkpoint import (
     BEST,
     LAST,
@@ -77,13 +79,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant", "step", "triangle")
 #: airbench's piecewise-linear schedule: factor 0.2 at step 0, 1.0 at 23 % of training, 0.07 at the end
 TRIANGLE = (0.2, 0.23, 0.07)
-PRECISIONS = AUTOCAST_PRECISIONS  # run.precision: autocast (backmix_vlm.runtime)
-AUGMENTS = ("none", "backmix", "cutout", "mixup", "cutmix")
-MODES = ("alongside", "mixed_only")
 CHECKPOINT_FORMAT = 1
 TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "time", "bank_skipped")
 
@@ -191,20 +188,16 @@ def build_accelerator(run: RunConfig) -> Any:
     Accelerate state is a singleton; it is reset when a later run asks for another precision.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
 
-    check_choice(run.precision, PRECISIONS, "run.precision")
+    from ..compat import accelerate_state_started, reset_accelerate_state
+
+    check_autocast_precision(run.precision, "run.precision")
     device = str(run.device)
     cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
-    shared = AcceleratorState._shared_state
-    if shared and PartialState._shared_state.get("num_processes", 1) == 1:
-        device_type = getattr(shared.get("device"), "type", None)
-        same = shared.get("_mixed_precision") == run.precision and (device_type == "cpu") == cpu
-        if not same:  # single process: safe to start over with other settings
-            AcceleratorState._reset_state(reset_partial_state=True)
-    if device.startswith("cuda:") and not PartialState._shared_state:
+    reset_accelerate_state(run.precision, cpu)
+    if device.startswith("cuda:") and not accelerate_state_started():
         os.environ["ACCELERATE_TORCH_DEVICE"] = device
     return Accelerator(mixed_precision=run.precision, cpu=cpu)
 
@@ -255,9 +248,9 @@ class Trainer:
         accelerator: Any = None,
         views: Any = None,
     ) -> None:
-        check_choice(augment, AUGMENTS, "augment")
+        check_choice(augment, MIXER_NAMES, "augment")
         self.backmix = backmix or BackMixConfig()
-        check_choice(self.backmix.mode, MODES, "backmix.mode")
+        check_choice(self.backmix.mode, BACKMIX_MODES, "backmix.mode")
         if self.backmix.bank_update_every < 1:
             raise ConfigError(f"backmix.bank_update_every: {self.backmix.bank_update_every!r}; expected >= 1")
         self.task, self.train_set = task, train_set
@@ -310,7 +303,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
     def _build_mixer(self) -> tuple[nn.Module | None, Callable[..., Any] | None]:
-        if self.augment == "none" or (self.augment == "backmix" and not self.backmix.enabled):
+        if active_mixer(self.augment, self.backmix.enabled) == "none":
             return None, None
         from ..augment import build_mixer
         from ..augment.mask_bank import MaskBank

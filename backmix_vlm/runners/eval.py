@@ -18,7 +18,8 @@ import torch
 
 from ..config import build_with_overrides, load_yaml
 from ..errors import ConfigError
-from ..runs import fresh_output_dir, resolve_device, run_status, unique_subdir
+from ..runs import fresh_output_dir, run_status, unique_subdir
+from ..runtime import resolve_device
 
 JOB = "eval"
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
-                      build_with_overrides, check_choice, default_data_root, fill_data_roots, from_dict, load_yaml)
+                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml)
 from ..engine.adapter_task import SaliencyConfig
 from ..errors import ConfigError
 from ..runs import open_run, plan_from_args
+from ..validation import check_choice
 
 JOB = "fewshot"
 METHODS = ("coop", "locoop", "vpt", "lora")

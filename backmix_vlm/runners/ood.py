@@ -18,7 +18,8 @@ from typing import Any
 
 from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, load_config, to_dict
 from ..errors import ConfigError
-from ..runs import make_run_dir, record_run, resolve_device
+from ..runs import make_run_dir, record_run
+from ..runtime import resolve_device
 
 JOB = "ood"
 DEFAULT_SCORES = ["msp", "maxlogit", "energy", "gen", "mahalanobis", "knn", "vim", "react", "ash_s"]

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import DataSource, EvalConfig, RunConfig, check_choice, default_data_root, fill_data_roots, from_dict, to_dict
+from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, from_dict, to_dict
 from ..errors import ConfigError
-from ..models.clip import PRECISIONS, ClipZeroShotClassifier, load_clip, resolve_templates
-from ..runs import open_run, plan_from_args, resolve_device
+from ..models.clip import ClipZeroShotClassifier, load_clip, resolve_templates
+from ..runs import open_run, plan_from_args
+from ..runtime import WEIGHT_PRECISIONS, resolve_device
+from ..validation import check_choice
 
 JOB = "zeroshot"
 DEFAULT_SCORES = ["mcm", "glmcm", "msp", "maxlogit", "energy"]
@@ -40,7 +42,7 @@ class ClipModelConfig:
     cache_dir: str | None = None           # open_clip / HF download cache (default: the HF cache)
 
     def validate(self) -> None:
-        check_choice(self.precision, PRECISIONS, "model.precision")
+        check_choice(self.precision, WEIGHT_PRECISIONS, "model.precision")
         try:
             resolve_templates(self.templates)
         except Exception as e:  # ModelError -> the config key that caused it
@@ -115,7 +117,8 @@ def _loader(ds: Any, cfg: EvalConfig, device: torch.device) -> DataLoader:
 def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg`` and write results.md / results.json into ``run_dir``; return the results."""
     from ..data import build_dataset
-    from ..models.frozen import LOW_PRECISION, frozen_compute_dtype, hold_frozen_in
+    from ..models.frozen import frozen_compute_dtype, hold_frozen_in
+    from ..runtime import low_precision_dtype
     from ..ood.evaluate import evaluate_open_set
     from ..ood.features import cache_file, extract_outputs, model_fingerprint, score_images_loader
     from ..report.tables import write_results
@@ -146,7 +149,7 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
             score.prepare_text(lambda words, tpl: build_text_features(bundle, words, tpl), clf.text_features,
                                list(classnames), clf.templates)
     # the frozen image tower in the compute dtype once (bf16 / fp16 weights or run.precision), fused attention
-    hold_frozen_in(bundle.model, LOW_PRECISION.get(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
+    hold_frozen_in(bundle.model, low_precision_dtype(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
 
     cache_dir = Path(cfg.run.output_dir) / ".cache" / "features"
     # image tower weights + the exact class embeddings + logit scale = everything outputs depend on

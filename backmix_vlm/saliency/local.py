@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_choice
+from ..validation import check_choice
 from ..errors import ModelError
 from .attention import minmax_normalize
 

@@ -34,7 +34,7 @@ from torch import nn
 from ..compat import add_open_clip_config_dir
 from ..errors import ModelError, load_error_summary
 from ..registry import Registry
-from ..runtime import OFFLINE_ENV, WEIGHT_PRECISIONS, hub_reachable, resolve_device  # noqa: F401 (OFFLINE_ENV: importable from here)
+from ..runtime import OFFLINE_ENV, WEIGHT_PRECISIONS, hub_reachable, resolve_device  # noqa: F401 (OFFLINE_ENV)
 from .hf_clip import convert_state_dict as convert_hf_state_dict
 from .hf_clip import find_hf_clip, is_hf_name, is_hf_state_dict, load_hf_clip
 from .output import ModelOutput

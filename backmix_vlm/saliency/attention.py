@@ -22,7 +22,8 @@ from .relevance import (
 )
 
 __all__ = [
-    "DEFAULT_START_LAYER", "AttentionRelevance", "ForwardFactory", "RecordFn", "Recording", "attention_types", "check_supported",
+    "DEFAULT_START_LAYER", "AttentionRelevance", "ForwardFactory", "RecordFn", "Recording", "attention_types",
+    "check_supported",
     "clip_logits_fn", "explicit_attention", "minmax_normalize", "model_grid", "model_prefix_tokens",
     "register_attention_forward", "relevance_from_attentions", "relevance_to_maps", "resolve_blocks",
 ]

@@ -30,6 +30,13 @@ DATA_ROOT_ENV = "BACKMIX_DATA"   # default for every job's data_root (else ./dat
 
 C = TypeVar("C")
 
+# choices of the shared sections (the trainer checks the same names)
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant", "step", "triangle")
+BACKMIX_MODES = ("alongside", "mixed_only")
+PAIRINGS = ("random", "different_class")
+MASK_SOURCES = ("bank", "random", "oracle")
+
 
 # ----------------------------------------------------------------------------- sections
 def default_data_root() -> str:
@@ -143,8 +150,8 @@ class OptimConfig:
     norm_lr_scale: float = 1.0        # LR multiplier of normalisation-layer parameters, weight decay kept (airbench: 64)
 
     def validate(self, where: str = "optim") -> None:
-        check_choice(self.name, ("sgd", "adamw"), join(where, "name"))
-        check_choice(self.schedule, ("cosine", "constant", "step", "triangle"), join(where, "schedule"))
+        check_choice(self.name, OPTIMIZERS, join(where, "name"))
+        check_choice(self.schedule, SCHEDULES, join(where, "schedule"))
         check_range(self.label_smoothing, join(where, "label_smoothing"), low=0, high=1, high_open=True)
         check_positive(self.norm_lr_scale, join(where, "norm_lr_scale"))
         check_positive(self.lr, join(where, "lr"))
@@ -175,10 +182,10 @@ class BackMixConfig:
         check_fraction(self.cut_area, join(where, "cut_area"), low_open=True)
         check_fraction(self.mask_ratio, join(where, "mask_ratio"))
         check_fraction(self.momentum, join(where, "momentum"), low_open=True)
-        check_choice(self.pairing, ("random", "different_class"), join(where, "pairing"))
-        check_choice(self.mode, ("alongside", "mixed_only"), join(where, "mode"))
+        check_choice(self.pairing, PAIRINGS, join(where, "pairing"))
+        check_choice(self.mode, BACKMIX_MODES, join(where, "mode"))
         check_range(self.bank_update_every, join(where, "bank_update_every"), low=1)
-        check_choice(self.mask_source, ("bank", "random", "oracle"), join(where, "mask_source"))
+        check_choice(self.mask_source, MASK_SOURCES, join(where, "mask_source"))
 
 
 # ----------------------------------------------------------------------------- machinery
@@ -414,6 +421,3 @@ def fill_data_roots(obj: Any, root: str) -> None:
         for f in dataclasses.fields(obj):
             fill_data_roots(getattr(obj, f.name), root)
 
-
-# check_choice (and the other value checks) live in backmix_vlm.validation; imported above so
-# ``from backmix_vlm.config import check_choice`` keeps working.

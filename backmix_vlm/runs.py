@@ -30,16 +30,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import yaml
 
 from . import __version__
 from .config import build_with_overrides, load_yaml, to_dict
 from .errors import ConfigError, RunDirError
-
-if TYPE_CHECKING:
-    import torch
 
 C = TypeVar("C")
 
@@ -53,13 +50,6 @@ NOT_RESULT_KEYS = frozenset({
     "eval.num_workers", "eval.batch_size", "eval.cache_features", "eval.every",
     "model.cache_dir", "backbone.cache_dir", "data.split_dir",
 })
-
-
-def resolve_device(device: Any) -> torch.device:
-    """``run.device`` → ``torch.device`` (see :func:`backmix_vlm.runtime.resolve_device`)."""
-    from .runtime import resolve_device as _resolve
-
-    return _resolve(device, "run.device")
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

@@ -6,7 +6,8 @@ One definition of each, used by every job:
 * Two different precision settings, with two different name sets on purpose:
   ``run.precision`` is **autocast** (``AUTOCAST_PRECISIONS``: ``no | bf16 | fp16``; weights stay
   fp32) → :func:`autocast`; ``model.precision`` of the zero-shot job is the **weight dtype** of a
-  frozen CLIP (``WEIGHT_PRECISIONS``: ``fp32 | fp16 | bf16``).
+  frozen CLIP (``WEIGHT_PRECISIONS``: ``fp32 | fp16 | bf16``).  Both map a name to a torch dtype
+  with :func:`low_precision_dtype` (``no`` / ``fp32`` → None, i.e. float32).
 * :func:`host_reachable` / :func:`hub_reachable`: a TCP probe of a few seconds, so offline
   machines fail fast with advice instead of minutes of download retries.  ``BACKMIX_VLM_OFFLINE=1``
   skips the probe and behaves as offline.
@@ -65,14 +66,30 @@ def check_autocast_precision(precision: Any, where: str = "run.precision") -> st
     return str(precision)
 
 
+def low_precision_dtype(precision: str | None) -> Any:
+    """``bf16`` → ``torch.bfloat16``, ``fp16`` → ``torch.float16``; ``no`` / ``fp32`` / None → None (float32).
+
+    The one name → dtype map, for autocast and for frozen weights alike.
+    """
+    import torch
+
+    if precision in (None, "no", "fp32"):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    raise ConfigError(f"precision {precision!r} is not accepted; choose no, fp32, bf16 or fp16")
+
+
 def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``precision`` bf16 / fp16 on ``device``'s type; a no-op for ``no``."""
     import torch
 
     check_autocast_precision(precision, "precision")
-    if precision == "no":
+    dtype = low_precision_dtype(precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 

@@ -312,15 +312,15 @@ def memory_worker(model_name: str, batch: int, method: str, start_layer: int, le
     from backmix_vlm.engine.trainer import Trainer
     from backmix_vlm.models.clip import load_clip
     from backmix_vlm.models.frozen import hold_frozen_in
-    from backmix_vlm.saliency import attention
+    from backmix_vlm.saliency import relevance
 
     if legacy:  # every block explicit, as the recording / separate pass did before issue 11
-        original = attention.explicit_attention
+        original = relevance.explicit_attention
 
         def every_block(blocks: Any, record: Any, no_grad_below: int = 0, explicit_from: int = 0) -> Any:
             return original(blocks, record, no_grad_below=no_grad_below, explicit_from=0)
 
-        attention.explicit_attention = every_block
+        relevance.explicit_attention = every_block
     torch.manual_seed(seed)
     bundle = load_clip(model_name, "openai", load_weights=False)
     hold_frozen_in(bundle.model, BF16)

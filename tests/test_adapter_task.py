@@ -57,16 +57,17 @@ def test_reuse_forward_maps_equal_separate_pass(tiny, method, start_layer, seq_f
     mixed, _ = _batch(seed=1)
     ref = _separate_reference(adapter, images, labels, start_layer)
 
-    assert task.saliency_extra_pass(adapter, images, labels) is None  # deferred to the training forward
-    out = task.forward(adapter, torch.cat([images, mixed]))
+    plan = task.plan_step(adapter, images, labels)
+    assert plan.source == "capture" and plan.maps is None  # deferred to the training forward
+    out = task.forward(adapter, torch.cat([images, mixed]), plan)
     task.loss(out, _Mix(torch.cat([labels, labels]))).backward()
     with torch.no_grad():  # as the trainer calls it
-        maps = task.saliency_from_output(out, images, labels)
+        maps = task.bank_maps(plan, out, images, labels)
 
     assert maps.shape == (4, *GRID) and not maps.requires_grad
     assert float(maps.amax()) == 1.0  # min-max normalised, not a constant map
     torch.testing.assert_close(maps, ref, atol=1e-5, rtol=0)
-    assert adapter.training and task._captured is None  # state restored, capture consumed
+    assert adapter.training and plan.stage == "done"  # state restored, capture consumed
 
 
 def test_reuse_forward_skips_the_separate_pass(tiny):
@@ -80,11 +81,10 @@ def test_reuse_forward_skips_the_separate_pass(tiny):
             lambda *_: calls.__setitem__("block0", calls["block0"] + 1))
         adapter.base.transformer.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
         images, labels = _batch()
-        maps = task.saliency_extra_pass(adapter, images, labels)
-        out = task.forward(adapter, torch.cat([images, images.flip(0)]))
+        plan = task.plan_step(adapter, images, labels)
+        out = task.forward(adapter, torch.cat([images, images.flip(0)]), plan)
         task.loss(out, _Mix(torch.cat([labels, labels]))).backward()
-        if maps is None:
-            maps = task.saliency_from_output(out, images, labels)
+        maps = task.bank_maps(plan, out, images, labels)
         assert maps.shape == (4, *GRID)
         counts[reuse] = calls
     assert counts[True] == {"block0": 1, "text": 1}
@@ -96,10 +96,10 @@ def test_reuse_forward_bf16_close_to_fp32(tiny):
     images, labels = _batch()
     ref = _separate_reference(adapter, images, labels, -1)
     task = AdapterTask(adapter, 32, SaliencyConfig(), precision="bf16")
-    task.saliency_extra_pass(adapter, images, labels)
+    plan = task.plan_step(adapter, images, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = task.forward(adapter, torch.cat([images, images]))
-    maps = task.saliency_from_output(out, images, labels)
+        out = task.forward(adapter, torch.cat([images, images]), plan)
+    maps = task.bank_maps(plan, out, images, labels)
     assert maps.dtype == torch.float32
     assert float((maps - ref).abs().mean()) < 0.05
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_choice
 from ..errors import ConfigError, DataError, ModelError
 from ..models.frozen import class_token_only, fp32_head
 from ..models.output import ModelOutput
+from ..validation import check_choice
 from .base import ADAPTERS, Adapter, resolve_config
 from .clip_text import encode_text_embeddings, last_eot, text_tower, unwrap_clip
 
@@ -94,6 +94,7 @@ class CoOp(Adapter):
     """Learned text context over a frozen open_clip CLIP (only ``ctx`` trains)."""
 
     config_class = CoOpConfig
+    encodes_text = True  # the map path: frozen image tower, maps from a tail pass (engine.adapter_task)
 
     def __init__(self, base: Any, classnames: Sequence[str], cfg: CoOpConfig | None = None, *,
                  tokenizer: Callable[..., torch.Tensor] | None = None) -> None:
@@ -174,7 +175,7 @@ class CoOp(Adapter):
     def forward(self, images: torch.Tensor, local: bool | None = None) -> ModelOutput:
         """Global logits/cosines; with ``local`` (default: ``cfg.local_features``) also per-patch ones."""
         use_local = self.cfg.local_features if local is None else local
-        text = self.encode_text()
+        text = self._emit_text_features(self.encode_text())
         if use_local:
             from ..models.clip import encode_image_global_local
 

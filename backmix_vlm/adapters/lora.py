@@ -51,11 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_choice
 from ..errors import ConfigError, DataError, ModelError
 from ..models.output import ModelOutput
+from ..validation import check_choice
 from .base import ADAPTERS, Adapter, resolve_config
-from .vpt import _backbone_view, _ClipVision
+from .vision import ClipVision, vision_view
 
 TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
 TOWERS = ("vision", "text")
@@ -308,7 +308,7 @@ class SplitQKV(nn.Module):
 
 
 def _register_with_attention_relevance() -> None:
-    from ..saliency.attention import register_attention_forward
+    from ..saliency.explicit import register_attention_forward
 
     register_attention_forward(SplitAttention, lambda mod, record: partial(mod.forward, record=record))
 
@@ -406,7 +406,7 @@ class LoRA(Adapter):
         cfg = resolve_config(LoRAConfig, cfg)
         if not classnames:
             raise DataError("LoRA needs at least one class name, got none")
-        is_clip = isinstance(_backbone_view(model), _ClipVision)  # raises for unsupported backbones
+        is_clip = isinstance(vision_view(model, "LoRA"), ClipVision)  # raises for unsupported backbones
         head = cfg.head if cfg.head != "auto" else ("zeroshot_text" if is_clip else "linear")
         if head == "zeroshot_text" and not is_clip:
             raise ConfigError("adapter.head: 'zeroshot_text' needs a CLIP base (a text tower); use head: linear "
@@ -431,7 +431,7 @@ class LoRA(Adapter):
 
         inject_adapter_in_model(_peft_lora_config(cfg, targets), model, adapter_name=ADAPTER_NAME)
         self._lora_layers = [m for m in model.modules() if _is_lora_layer(m)]
-        self.view = _backbone_view(model)  # of the adapted copy
+        self.view = vision_view(model, "LoRA")  # of the adapted copy
         device = next(model.parameters()).device
 
         if head == "linear":
@@ -468,6 +468,11 @@ class LoRA(Adapter):
     def maps_from_backward(self) -> bool:
         """BackMix maps from the training backward (gradients reach the image tower), as for VPT."""
         return bool(self.adapted_blocks.get("vision"))
+
+    @property
+    def encodes_text(self) -> bool:
+        """``encode_text()`` gives class text features (the zero-shot text head)."""
+        return self.tokens is not None
 
     @property
     def blocks(self) -> nn.Module:
@@ -528,7 +533,7 @@ class LoRA(Adapter):
             feats = self.forward_features(images)
         if self.head is not None:
             return ModelOutput(logits=self.head(feats), features=feats)
-        text = self.encode_text().to(feats.dtype)
+        text = self._emit_text_features(self.encode_text()).to(feats.dtype)
         scale = self.logit_scale.to(feats.dtype)
         cosine = F.normalize(feats, dim=-1) @ text.T
         out = ModelOutput(logits=scale * cosine, features=feats, cosine=cosine)

@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_choice
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError
 from ..models.frozen import fp32_head
 from ..models.output import ModelOutput
+from ..validation import check_choice
 from .base import ADAPTERS, Adapter, resolve_config
+from .vision import ClipVision, vision_view
 
 HEADS = ("linear", "zeroshot_text")
 INITS = ("uniform", "zeros")
@@ -61,91 +62,12 @@ class VPTConfig:
         check_choice(self.head, HEADS, "adapter.head")
 
 
-# ----------------------------------------------------------------------------- backbone views
-class _ClipVision:
-    """open_clip ``VisionTransformer``: conv1 → [CLS] + pos → ln_pre → resblocks → ln_post/pool → proj."""
-
-    def __init__(self, visual: nn.Module) -> None:
-        if getattr(visual, "attn_pool", None) is not None:
-            raise ModelError("VPT does not support open_clip image towers with attentional pooling")
-        self.visual = visual
-        self.num_prefix_tokens = 1
-        self.width = visual.conv1.out_channels
-        self.patch_size = tuple(visual.patch_size)
-        self.feature_dim = visual.proj.shape[1] if visual.proj is not None else self.width
-
-    @property
-    def blocks(self) -> nn.Module:
-        return self.visual.transformer.resblocks
-
-    def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
-        return images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1]
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual._embeds(images)  # (B, 1 + P, W), after ln_pre
-
-    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.visual.transformer.batch_first:
-            return block(x)
-        # contiguous: a strided (L, N, D) view makes CPU bf16 projections several times slower
-        return block(x.transpose(0, 1).contiguous()).transpose(0, 1)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.visual._pool(x)
-        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
-
-
-class _TimmViT:
-    """timm ``VisionTransformer``: patch_embed → _pos_embed (cls/reg + pos) → norm_pre → blocks → norm → head."""
-
-    def __init__(self, vit: nn.Module) -> None:
-        self.vit = vit
-        self.num_prefix_tokens = vit.num_prefix_tokens
-        self.width = vit.embed_dim
-        self.patch_size = tuple(vit.patch_embed.patch_size)
-        self.feature_dim = getattr(vit, "head_hidden_size", vit.num_features)
-
-    @property
-    def blocks(self) -> nn.Module:
-        return self.vit.blocks
-
-    def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
-        return images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1]
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.vit.patch_embed(images)
-        x = self.vit._pos_embed(x)
-        x = self.vit.patch_drop(x)
-        return self.vit.norm_pre(x)
-
-    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return block(x)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_head(self.vit.norm(x), pre_logits=True)
-
-
-def _backbone_view(model: nn.Module) -> _ClipVision | _TimmViT:
-    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
-
-    try:
-        from open_clip.transformer import VisionTransformer as ClipVisionTransformer
-    except ImportError:  # timm-only install
-        ClipVisionTransformer = ()  # type: ignore[assignment,misc]
-
-    visual = getattr(model, "visual", model)
-    if ClipVisionTransformer and isinstance(visual, ClipVisionTransformer):
-        return _ClipVision(visual)
-    if isinstance(model, TimmVisionTransformer):
-        return _TimmViT(model)
-    raise ModelError(f"VPT needs an open_clip ViT image tower or a timm VisionTransformer; got {type(model).__name__}")
-
-
 # ----------------------------------------------------------------------------- adapter
 class VPT(Adapter):
     """Visual prompts + head over a frozen ViT (only prompts and the linear head train)."""
 
     config_class = VPTConfig
+    maps_from_backward = True  # the prompts' gradients run through the image tower
 
     def __init__(self, base: Any, classnames: Sequence[str], cfg: VPTConfig | None = None, *,
                  tokenizer: Callable[..., torch.Tensor] | None = None) -> None:
@@ -153,7 +75,7 @@ class VPT(Adapter):
         if not isinstance(base, nn.Module) and hasattr(base, "model"):  # ClipBundle
             model, tokenizer = base.model, tokenizer or getattr(base, "tokenizer", None)
         cfg = resolve_config(VPTConfig, cfg)
-        view = _backbone_view(model)
+        view = vision_view(model, "VPT")
         super().__init__(model)
         self.cfg = cfg
         self.view = view
@@ -177,7 +99,7 @@ class VPT(Adapter):
             self.head = nn.Linear(view.feature_dim, len(self.classnames)).to(device)
             self.register_buffer("text_features", None, persistent=False)
         else:
-            if not isinstance(view, _ClipVision):
+            if not isinstance(view, ClipVision):
                 raise ConfigError("adapter.head: 'zeroshot_text' needs a CLIP base (a text tower); "
                                   "use head: linear for timm ViTs")
             self.head = None

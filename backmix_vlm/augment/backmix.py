@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import check_choice
 from ..errors import ConfigError
+from ..validation import check_choice
 from .base import MixResult, box_mask, check_fraction, rand, randint, randperm
 from .factory import MIXERS
 from .mask_bank import MaskBank, topk_foreground

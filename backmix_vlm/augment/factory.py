@@ -1,4 +1,9 @@
-"""Mixers by name: ``MIXERS`` (backmix, cutout, mixup, cutmix, none) and :func:`build_mixer`."""
+"""Mixers by name: ``MIXERS`` (backmix, cutout, mixup, cutmix, none) and :func:`build_mixer`.
+
+``MIXER_NAMES`` is the one list of mixer names (``augment.name`` of the train job, the
+trainer's ``augment=``); the registry holds exactly these (tests/test_compat.py checks it).
+:func:`active_mixer` is the one rule for how ``augment.name`` and ``backmix.enabled`` combine.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +17,14 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 MIXERS: Registry[Callable[..., Any]] = Registry("mixer")
+#: every mixer name, in the order the docs list them (the registry's keys)
+MIXER_NAMES = ("backmix", "cutout", "mixup", "cutmix", "none")
+
+
+def active_mixer(name: str, backmix_enabled: bool = True) -> str:
+    """The mixer that actually runs: ``name``, except ``none`` for ``backmix`` with ``backmix.enabled: false``
+    (so a sweep can switch BackMix off with one flag)."""
+    return "none" if name == "backmix" and not backmix_enabled else name
 
 # Keys of BackMixConfig that configure the engine or the bank, not a mixer's constructor.
 _BACKMIX_FIELDS = {f.name for f in dataclasses.fields(BackMixConfig)}

@@ -366,7 +366,7 @@ def train_pipeline(views: Any, image_size: int, mean: Sequence[float] | None, st
     augmentation in the DataLoader workers and returns no device views.  ``uint8``: the loader
     gives un-normalised pixels (``data.cache: memory``) and the views normalise on the device.
     """
-    from ..config import check_choice
+    from ..validation import check_choice
     from ..data import build_transform
 
     check_choice(views.name, VIEW_CHOICES, "data.views.name")

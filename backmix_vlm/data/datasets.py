@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-from ..config import DataSource, check_choice, default_data_root
+from ..config import DataSource, default_data_root
 from ..errors import DataError
 from ..registry import Registry
+from ..validation import check_choice
 from .classnames import class_keys, class_names, clip_friendly, normalize_key
 from .dataset import ImageDataset
 from .layouts import (LABEL_COLUMNS, Found, cifar_pickles, folder_tree, hf_saved, mnist_idx, scan_class_tree,

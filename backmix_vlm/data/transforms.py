@@ -6,8 +6,8 @@ from typing import Callable, Sequence
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ..config import check_choice
 from ..errors import ConfigError
+from ..validation import check_choice
 
 # Per-channel statistics of the lossless CIFAR-10 training set.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Trainer": "trainer", "TrainTask": "trainer", "build_accelerator": "trainer", "build_optimizer": "trainer",
+    "Trainer": "trainer", "TrainTask": "tasks", "StepPlan": "tasks", "build_accelerator": "trainer", "build_optimizer": "trainer",
     "build_scheduler": "trainer", "lr_factor": "trainer",
     "ClassifierTask": "tasks",
     "OpenSetEvaluator": "evaluation", "save_scores": "evaluation", "load_scores": "evaluation",

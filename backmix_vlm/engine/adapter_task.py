@@ -2,7 +2,7 @@
 
 What differs from the CNN path (:class:`~backmix_vlm.engine.tasks.ClassifierTask`) is where
 BackMix's foreground maps come from — transformers have no CAM head, so the maps are
-gradient-weighted attention relevance (:mod:`backmix_vlm.saliency.attention`) or, without
+gradient-weighted attention relevance (:mod:`backmix_vlm.saliency.relevance`) or, without
 gradients, CLIP's patch-to-text similarity (:mod:`backmix_vlm.saliency.local`):
 
 * **VPT** back-propagates through the image tower anyway, so the maps are taken from the
@@ -26,21 +26,27 @@ gradients, CLIP's patch-to-text similarity (:mod:`backmix_vlm.saliency.local`):
 * Under fp16 with a GradScaler the trainer passes the step's loss scale to
   ``saliency_from_output``; VPT's training-backward maps divide the gradients by it.
 
-Bank updates happen every ``backmix.bank_update_every`` steps (the trainer asks for them with
-``saliency_extra_pass`` before the forward).
+Bank updates happen every ``backmix.bank_update_every`` steps.  Which of these paths a step
+takes is decided by :meth:`AdapterTask.plan_step` and carried by the step's
+:class:`~backmix_vlm.engine.tasks.StepPlan` (``record`` / ``capture`` / ``ready``); the task keeps
+no state between the calls of a step.  Everything model-specific comes from the adapter
+(``maps_from_backward``, ``image_blocks``, ``num_prefix_tokens``, ``patch_size``,
+``map_logits_fn``, ``tail_logits_fn``, ``keep_text_features``; see
+:mod:`backmix_vlm.adapters.base`).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_choice
+from ..errors import ConfigError
 from ..models.output import ModelOutput
+from ..saliency.relevance import DEFAULT_START_LAYER
+from ..validation import check_choice
+from .tasks import StepPlan
 
 SALIENCY_SOURCES = ("attention", "local")
 
@@ -50,7 +56,7 @@ class SaliencyConfig:
     """Where BackMix's foreground maps come from for transformers."""
 
     source: str = "attention"          # attention (grad x attention relevance) | local (patch-text similarity, CLIP only)
-    start_layer: int = -1              # -1: last block only (Chefer's CLIP default; our default, see docs); 0: all blocks
+    start_layer: int = DEFAULT_START_LAYER  # -1: last block only (Chefer's CLIP default; see docs); 0: all blocks
     reuse_backward: bool = True        # VPT: maps from the training backward (no extra pass)
     reuse_forward: bool = True         # CoOp/LoCoOp: reuse the training forward up to start_layer (tail pass only)
     exact_target_grads: bool = False   # VPT + reuse_backward: Chefer's target-logit gradient (one partial backward)
@@ -61,7 +67,7 @@ class SaliencyConfig:
 
 
 class AdapterTask:
-    """:class:`~backmix_vlm.engine.trainer.TrainTask` for an :class:`~backmix_vlm.adapters.base.Adapter`."""
+    """:class:`~backmix_vlm.engine.tasks.TrainTask` for an :class:`~backmix_vlm.adapters.base.Adapter`."""
 
     trainable_only = True   # checkpoints hold the adapter's parameters, not the frozen backbone
 
@@ -72,18 +78,12 @@ class AdapterTask:
         self.cfg = saliency or SaliencyConfig()
         self.precision = precision
         self.method = type(adapter).__name__.lower()
-        # maps from the training backward: VPT, and any adapter that says its gradients reach the image
-        # tower (LoRA); it then provides blocks / num_prefix_tokens / view.patch_size like VPT
-        self.is_vpt = hasattr(adapter, "forward_tokens") or bool(getattr(adapter, "maps_from_backward", False))
-        if self.cfg.source == "local" and not hasattr(adapter, "encode_text"):
-            from ..errors import ConfigError
-
+        # maps from the training backward when the adapter says its gradients reach the image tower
+        self.from_backward = bool(adapter.maps_from_backward)
+        if self.cfg.source == "local" and not adapter.encodes_text:
             raise ConfigError("saliency.source: 'local' needs CLIP text features (CoOp / LoCoOp); "
                               "use saliency.source=attention for VPT")
-        self._extractor = None
-        self._recording = None
-        self._capture: _Capture | None = None   # reuse_forward: requested, filled by the next forward
-        self._captured: _Capture | None = None  # reuse_forward: filled, read by saliency_from_output
+        self._extractor = None  # built once (a view of the adapter's blocks; no per-step state)
 
     # ------------------------------------------------------------------ TrainTask
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -91,22 +91,38 @@ class AdapterTask:
 
     @property
     def saliency_size(self) -> tuple[int, int]:
-        patch = self._patch_size()
+        patch = self.model.patch_size
         return self.image_size // patch[0], self.image_size // patch[1]
 
-    def forward(self, model: nn.Module, images: Tensor) -> ModelOutput:
-        capture, self._capture = self._capture, None
-        if capture is not None and model.training:
-            return self._forward_capturing(model, images, capture)
-        labels, self._record_labels = self._record_labels, None
-        if labels is None or not model.training:
+    def plan_step(self, model: nn.Module, images: Tensor, labels: Tensor, *, update_bank: bool = True,
+                  clean_first: bool = True) -> StepPlan:
+        """``record`` (maps from this step's training backward), ``capture`` (from its forward + a tail
+        pass), ``ready`` (a separate pass, run now) or ``none`` (not a bank-update step)."""
+        if not update_bank:
+            return StepPlan("none")
+        if self._reuse_backward():
+            return StepPlan("record", images, labels)
+        if self._reuse_forward() and clean_first:
+            return StepPlan("capture", images, labels)
+        # the separate pass; also when the forward will not hold the clean images (backmix.mode:
+        # mixed_only): on the clean images, before the optimizer step (docs/methods.md)
+        return StepPlan("ready", images, labels, maps=self._separate_pass(model, images, labels))
+
+    def forward(self, model: nn.Module, images: Tensor, plan: StepPlan | None = None) -> ModelOutput:
+        if plan is not None:
+            plan.advance("forwarded")
+        if plan is None or not model.training:
+            return model(images)
+        if plan.source == "capture":
+            return self._forward_capturing(model, images, plan)
+        if plan.source != "record":
             return model(images)
         with self.extractor().record() as rec:  # records the first forward: the whole 2B batch
             out = model(images)
-        self._recording = rec
+        plan.recording = rec
         if self.cfg.exact_target_grads:
             # gradient of each clean image's own label logit (rows [:B] are the originals)
-            rec.target_grads(out.logits[: labels.shape[0]].float(), labels)
+            rec.target_grads(out.logits[: plan.labels.shape[0]].float(), plan.labels)
         return out
 
     def loss(self, output: ModelOutput, mix: Any) -> Tensor:
@@ -132,25 +148,17 @@ class AdapterTask:
             return loss + w * reg_a + (1 - w) * regularizer(output, mix.labels_b)
         return lam * adapter.loss(output, mix.labels_a) + (1 - lam) * adapter.loss(output, mix.labels_b)
 
-    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor,
-                             grad_scale: float = 1.0) -> Tensor | None:
-        captured, self._captured = self._captured, None
-        if captured is not None:  # own autograd.grad of unscaled logits: grad_scale does not apply
-            return captured.maps if captured.maps is not None else self._tail_maps(captured)
-        rec, self._recording = self._recording, None
-        if rec is None:
-            return None
-        maps = rec.maps(from_loss=True, grad_scale=grad_scale)  # gradients of the (scaled) training loss
-        return maps[: images.shape[0]].detach()
-
-    def saliency_extra_pass(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor | None:
-        if self._reuse_backward():  # maps come from this step's training backward
-            self._record_labels = labels
-            return None
-        if self._reuse_forward():  # maps come from this step's training forward + a tail pass
-            self._capture = _Capture(images, labels)
-            return None
-        return self._separate_pass(model, images, labels)
+    def bank_maps(self, plan: StepPlan, output: ModelOutput, images: Tensor, labels: Tensor,
+                  grad_scale: float = 1.0) -> Tensor | None:
+        plan.advance("done")
+        if plan.maps is not None:  # ready (or a capture that fell back to the separate pass)
+            return plan.maps
+        if plan.source == "capture" and plan.block_input is not None:
+            return self._tail_maps(plan)  # own autograd.grad of unscaled logits: grad_scale does not apply
+        if plan.source == "record" and plan.recording is not None:
+            maps = plan.recording.maps(from_loss=True, grad_scale=grad_scale)  # gradients of the (scaled) loss
+            return maps[: images.shape[0]].detach()
+        return None
 
     # ------------------------------------------------------------------ CoOp / LoCoOp maps
     def _separate_pass(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
@@ -167,116 +175,70 @@ class AdapterTask:
                     maps = LocalSimilarity(model.base, text, mode=self.cfg.local_mode,
                                            grid=self.saliency_size)(images, labels)
                 else:
-                    maps = self.extractor()(images, labels, self._logits_fn(model))
+                    maps = self.extractor()(images, labels, model.map_logits_fn())
         finally:
             model.train(was_training)
         return maps.float().detach()
 
-    def _forward_capturing(self, model: nn.Module, images: Tensor, cap: "_Capture") -> ModelOutput:
+    def _forward_capturing(self, model: nn.Module, images: Tensor, plan: StepPlan) -> ModelOutput:
         """The training forward, keeping the clean rows' input of block ``start`` and the text features."""
-        b = cap.labels.shape[0]
-        if images.shape[0] < b or not torch.equal(images[:b], cap.images):
-            # the clean images are not in this batch (mixed_only): separate pass, before the optimizer step
-            cap.maps = self._separate_pass(self.model, cap.images, cap.labels)
-            self._captured = cap
+        adapter = self.model
+        b = plan.labels.shape[0]
+        if images.shape[0] < b or not torch.equal(images[:b], plan.images):
+            # the clean images are not the first rows of this batch: separate pass, before the optimizer step
+            plan.maps = self._separate_pass(adapter, plan.images, plan.labels)
             return model(images)
-        transformer = self.model.base.visual.transformer
-        seq_first = not transformer.batch_first
+        to_batch_first = adapter.vision.to_batch_first
 
         def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            if cap.x is None:  # first call only
-                x = args[0].detach()
-                cap.x = x[:, :b].transpose(0, 1) if seq_first else x[:b]  # clean rows, (B, T, D)
+            if plan.block_input is None:  # first call only
+                plan.block_input = to_batch_first(args[0].detach())[:b]  # clean rows, (B, T, D)
 
-        handle = transformer.resblocks[self.extractor().start].register_forward_pre_hook(grab)
+        start = self.extractor().start
+        handle = adapter.image_blocks[start].register_forward_pre_hook(grab)
         try:
-            with _keep_text_features(self.model, cap):
+            with adapter.keep_text_features() as texts:
                 out = model(images)
         finally:
             handle.remove()
-        if cap.x is None:
-            raise RuntimeError("saliency.reuse_forward: the image tower's block "
-                               f"{self.extractor().start} did not run in the training forward")
-        self._captured = cap
+        if plan.block_input is None:
+            raise RuntimeError(f"saliency.reuse_forward: the image tower's block {start} did not run in the "
+                               "training forward")
+        plan.text = texts[0] if texts else None
         return out
 
-    def _tail_maps(self, cap: "_Capture") -> Tensor:
+    def _tail_maps(self, plan: StepPlan) -> Tensor:
         """Relevance of blocks ``start..L-1`` from the captured block input: the tail pass only."""
         model = self.model
-        text = cap.text
-        if text is None:  # the adapter's forward did not go through encode_text
+        text = plan.text
+        if text is None:  # the adapter's forward did not report its text features
             with torch.no_grad():
                 text = model.encode_text()
         was_training = model.training
         model.eval()
-        try:  # the trainer calls saliency_from_output under no_grad; the relevance needs a graph
+        try:  # the trainer asks for maps under no_grad; the relevance needs a graph
+            extractor = self.extractor()
             with torch.enable_grad(), self._autocast():
-                maps = self.extractor()(cap.x, cap.labels, self._tail_logits_fn(text))
+                maps = extractor(plan.block_input, plan.labels, model.tail_logits_fn(extractor.start, text))
         finally:
             model.train(was_training)
         return maps.float().detach()
 
-    def _tail_logits_fn(self, text_features: Tensor) -> Callable[[Tensor], Tensor]:
-        """``x_start (B, T, D) -> logit_scale · cos(image, text)``: what ``clip_logits_fn`` computes
-        after block ``start`` (open_clip ``VisionTransformer.forward`` from the transformer on)."""
-        base = self.model.base
-        visual = base.visual
-        transformer = visual.transformer
-        blocks = list(transformer.resblocks)[self.extractor().start:]
-        seq_first = not transformer.batch_first
-        text = F.normalize(text_features.detach(), dim=-1)
-
-        def tail(x: Tensor) -> Tensor:
-            if seq_first:
-                x = x.transpose(0, 1)  # NLD -> LND
-            for block in blocks:
-                x = block(x)
-            if seq_first:
-                x = x.transpose(0, 1)
-            pooled, _ = visual._pool(x)
-            if visual.proj is not None:
-                pooled = pooled @ visual.proj
-            image = F.normalize(pooled, dim=-1)
-            return base.logit_scale.detach().exp() * image @ text.to(image.dtype).t()
-
-        return tail
-
     # ------------------------------------------------------------------ helpers
-    _record_labels: Tensor | None = None
-
     def _reuse_backward(self) -> bool:
-        return self.is_vpt and self.cfg.source == "attention" and self.cfg.reuse_backward
+        return self.from_backward and self.cfg.source == "attention" and self.cfg.reuse_backward
 
     def _reuse_forward(self) -> bool:
-        return not self.is_vpt and self.cfg.source == "attention" and self.cfg.reuse_forward
-
-    def _patch_size(self) -> tuple[int, int]:
-        m = self.model
-        if self.is_vpt:
-            return tuple(m.view.patch_size)
-        visual = m.base.visual
-        ps = visual.patch_size
-        return (ps, ps) if isinstance(ps, int) else tuple(ps)
+        return not self.from_backward and self.cfg.source == "attention" and self.cfg.reuse_forward
 
     def extractor(self):
         if self._extractor is None:
-            from ..saliency.attention import AttentionRelevance
+            from ..saliency.relevance import AttentionRelevance
 
             m = self.model
-            blocks = m.blocks if self.is_vpt else m.base.visual.transformer.resblocks
-            prefix = m.num_prefix_tokens if self.is_vpt else 1
-            self._extractor = AttentionRelevance(list(blocks), start_layer=self.cfg.start_layer,
-                                                 num_prefix_tokens=prefix, grid=self.saliency_size)
+            self._extractor = AttentionRelevance(m.image_blocks, start_layer=self.cfg.start_layer,
+                                                 num_prefix_tokens=m.num_prefix_tokens, grid=self.saliency_size)
         return self._extractor
-
-    def _logits_fn(self, model: nn.Module):
-        if self.is_vpt:
-            return lambda x: model(x).logits
-        from ..saliency.attention import clip_logits_fn
-
-        with torch.no_grad():
-            text = model.encode_text()
-        return clip_logits_fn(model.base, text)
 
     def _autocast(self):
         """Autocast for the map passes in the run's precision (``backmix_vlm.runtime``): a frozen tower
@@ -286,40 +248,3 @@ class AdapterTask:
 
         device = next(self.model.parameters()).device
         return autocast(device, self.precision)
-
-
-@dataclass
-class _Capture:
-    """One reuse-forward bank update: the clean batch, then what the training forward left."""
-
-    images: Tensor
-    labels: Tensor
-    x: Tensor | None = None       # clean rows' input of block start_layer, (B, T, D), detached
-    text: Tensor | None = None    # the text features of the training forward, detached
-    maps: Tensor | None = None    # set when the separate pass had to run instead (mixed_only)
-
-
-@contextmanager
-def _keep_text_features(adapter: nn.Module, cap: _Capture) -> Iterator[None]:
-    """Let the adapter's own ``encode_text`` call store its (detached) result in ``cap.text``.
-
-    The training forward computes the class text features anyway; keeping them saves a text-tower
-    forward per bank update (with 1000 classes that costs more than the image tail).
-    """
-    original = adapter.encode_text
-    saved = adapter.__dict__.get("encode_text")
-
-    def encode_text(*args: Any, **kwargs: Any) -> Tensor:
-        out = original(*args, **kwargs)
-        if cap.text is None:
-            cap.text = out.detach()
-        return out
-
-    adapter.encode_text = encode_text  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if saved is None:
-            del adapter.encode_text
-        else:
-            adapter.encode_text = saved  # type: ignore[method-assign]

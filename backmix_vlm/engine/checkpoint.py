@@ -96,17 +96,21 @@ def model_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str
     model = _unwrap(model)
     if not trainable_only:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    from ..adapters.base import trainable_state_dict
+
+    return trainable_state_dict(model)
 
 
 def load_model_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], trainable_only: bool = False,
                           source: str | Path = "checkpoint") -> None:
     """Load :func:`model_state_dict` output back, failing clearly on mismatching keys."""
     model = _unwrap(model)
-    missing, unexpected = model.load_state_dict(dict(state), strict=False)
     if trainable_only:
-        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-        missing = [k for k in missing if k in trainable]
+        from ..adapters.base import load_trainable_state_dict
+
+        load_trainable_state_dict(model, state, owner=str(source))
+        return
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
     if missing or unexpected:
         raise ModelError(
             f"{source}: model weights do not match the configured model "

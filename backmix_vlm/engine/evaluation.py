@@ -19,11 +19,12 @@ from safetensors.numpy import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import EvalConfig, check_choice
+from ..config import EvalConfig
 from ..ood.evaluate import accuracy, evaluate_open_set, predictions
 from ..ood.features import extract_outputs, score_images_loader
 from ..ood.scores import Score, get_score
 from ..runs import atomic_write_bytes
+from ..validation import check_choice
 
 SCORES_FILE = "scores.safetensors"
 LOG_METRICS = ("auroc", "fpr95", "oscr")   # per (unknown set, score) in log.csv

@@ -9,7 +9,8 @@ One training step::
       -> mask bank EMA update at the clean images' dataset indices
 
 What differs per model family (a CNN trained from scratch, a prompt adapter over a frozen
-CLIP) sits behind the small :class:`TrainTask` protocol; the loop itself never branches on it.
+CLIP) sits behind the small :class:`~backmix_vlm.engine.tasks.TrainTask` protocol (its
+docstring gives the order of the calls); the loop itself never branches on it.
 
 Design choices (documented because they change numbers):
 
@@ -33,8 +34,10 @@ Design choices (documented because they change numbers):
 * **Bank maps come from the training forward.**  With ``alongside`` the maps are the
   originals' (rows ``[:B]``); with ``mixed_only`` they are taken from the mixed images w.r.t.
   the target label, as Algorithm 1 of the paper reads ("obtain C-hat with respect to x-tilde").
-  Tasks whose saliency needs its own pass (CoOp / LoCoOp) provide ``saliency_extra_pass``,
-  called every ``backmix.bank_update_every`` steps.
+  How a task gets them is its :class:`~backmix_vlm.engine.tasks.StepPlan`, made by
+  ``task.plan_step`` before the batch is mixed (the CAM of the output; a recording of the
+  forward; a kept block input + tail pass; or a separate pass — CoOp / LoCoOp's costly ones
+  only every ``backmix.bank_update_every`` steps) and read by ``task.bank_maps`` after the step.
 * **Only finite maps enter the bank.**  A map with a NaN / inf (e.g. fp16 overflow) is skipped;
   the epoch's count is logged as ``bank_skipped`` (column present only when non-zero).  With a
   GradScaler (fp16) the task gets the loss scale of the step, so maps read from the training
@@ -53,18 +56,21 @@ import time
 import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..config import BackMixConfig, OptimConfig, RunConfig, check_choice
+from ..augment.factory import MIXER_NAMES, active_mixer
+from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimConfig, RunConfig
 from ..errors import ConfigError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
-from ..runtime import AUTOCAST_PRECISIONS, resolve_device
+from ..runtime import check_autocast_precision, resolve_device
+from ..validation import check_choice
+from .tasks import StepPlan, TrainTask
 from .checkpoint import (
     BEST,
     LAST,
@@ -77,13 +83,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant", "step", "triangle")
 #: airbench's piecewise-linear schedule: factor 0.2 at step 0, 1.0 at 23 % of training, 0.07 at the end
 TRIANGLE = (0.2, 0.23, 0.07)
-PRECISIONS = AUTOCAST_PRECISIONS  # run.precision: autocast (backmix_vlm.runtime)
-AUGMENTS = ("none", "backmix", "cutout", "mixup", "cutmix")
-MODES = ("alongside", "mixed_only")
 CHECKPOINT_FORMAT = 1
 TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "time", "bank_skipped")
 
@@ -91,34 +92,7 @@ Evaluator = Callable[[nn.Module, int], dict[str, float]]
 
 
 # ----------------------------------------------------------------------------- task protocol
-@runtime_checkable
-class TrainTask(Protocol):
-    """What the Trainer needs from one model family.
-
-    ``model`` is the module to train (its frozen parts may be inside it).  ``forward`` gets
-    the *prepared* module (DDP-wrapped in multi-process runs), ``saliency_extra_pass`` the
-    unwrapped one; an extra pass that uses autograd must not leave gradients in ``.grad``
-    (use ``torch.autograd.grad``).  ``saliency_size`` is the (h, w) of the maps the task
-    produces (the mask bank is built at that size), or None when the task has no saliency.
-    ``saliency_from_output`` runs after the optimizer step; ``grad_scale`` is the loss scale the
-    step's backward used (GradScaler with fp16, else 1): gradients read from that backward must
-    be divided by it.  Non-finite maps are dropped by the trainer.
-    """
-
-    model: nn.Module
-    trainable_only: bool          # checkpoint only parameters with requires_grad
-    saliency_size: tuple[int, int] | None
-
-    def trainable_parameters(self) -> list[nn.Parameter]: ...
-
-    def forward(self, model: nn.Module, images: Tensor) -> ModelOutput: ...
-
-    def loss(self, output: ModelOutput, mix: Any) -> Tensor: ...
-
-    def saliency_from_output(self, output: ModelOutput, images: Tensor, labels: Tensor,
-                             grad_scale: float = 1.0) -> Tensor | None: ...
-
-    def saliency_extra_pass(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor | None: ...
+# TrainTask (the calls of one step, in order) and StepPlan live in .tasks; importable from here.
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -191,20 +165,16 @@ def build_accelerator(run: RunConfig) -> Any:
     Accelerate state is a singleton; it is reset when a later run asks for another precision.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
 
-    check_choice(run.precision, PRECISIONS, "run.precision")
+    from ..compat import accelerate_state_started, reset_accelerate_state
+
+    check_autocast_precision(run.precision, "run.precision")
     device = str(run.device)
     cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
-    shared = AcceleratorState._shared_state
-    if shared and PartialState._shared_state.get("num_processes", 1) == 1:
-        device_type = getattr(shared.get("device"), "type", None)
-        same = shared.get("_mixed_precision") == run.precision and (device_type == "cpu") == cpu
-        if not same:  # single process: safe to start over with other settings
-            AcceleratorState._reset_state(reset_partial_state=True)
-    if device.startswith("cuda:") and not PartialState._shared_state:
+    reset_accelerate_state(run.precision, cpu)
+    if device.startswith("cuda:") and not accelerate_state_started():
         os.environ["ACCELERATE_TORCH_DEVICE"] = device
     return Accelerator(mixed_precision=run.precision, cpu=cpu)
 
@@ -255,9 +225,9 @@ class Trainer:
         accelerator: Any = None,
         views: Any = None,
     ) -> None:
-        check_choice(augment, AUGMENTS, "augment")
+        check_choice(augment, MIXER_NAMES, "augment")
         self.backmix = backmix or BackMixConfig()
-        check_choice(self.backmix.mode, MODES, "backmix.mode")
+        check_choice(self.backmix.mode, BACKMIX_MODES, "backmix.mode")
         if self.backmix.bank_update_every < 1:
             raise ConfigError(f"backmix.bank_update_every: {self.backmix.bank_update_every!r}; expected >= 1")
         self.task, self.train_set = task, train_set
@@ -310,7 +280,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
     def _build_mixer(self) -> tuple[nn.Module | None, Callable[..., Any] | None]:
-        if self.augment == "none" or (self.augment == "backmix" and not self.backmix.enabled):
+        if active_mixer(self.augment, self.backmix.enabled) == "none":
             return None, None
         from ..augment import build_mixer
         from ..augment.mask_bank import MaskBank
@@ -351,10 +321,11 @@ class Trainer:
             images, geometry = self.views(images, self.view_generator)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        extra_maps = None
-        if (self.bank is not None and task.saliency_size is not None
-                and self.global_step % cfg.bank_update_every == 0):
-            extra_maps = task.saliency_extra_pass(acc.unwrap_model(self.model), images, labels)
+        plan: StepPlan | None = None
+        if self.bank is not None and task.saliency_size is not None:  # 1. plan the step's bank maps
+            plan = task.plan_step(acc.unwrap_model(self.model), images, labels,
+                                  update_bank=self.global_step % cfg.bank_update_every == 0,
+                                  clean_first=self.mixer is None or cfg.mode == "alongside")
         if self.mixer is None:
             mix = MixResult(images, labels)
         else:
@@ -363,11 +334,11 @@ class Trainer:
             if cfg.mode == "alongside":
                 mix = alongside(images, labels, mix)
         self.optimizer.zero_grad(set_to_none=True)
-        with acc.autocast():
-            out = _as_output(task.forward(self.model, mix.images))
+        with acc.autocast():  # 2. the training forward (keeps what the plan asks for)
+            out = _as_output(task.forward(self.model, mix.images, plan))
         out = output_to_fp32(out)
-        loss = task.loss(out, mix)
-        grad_scale = _loss_scale(acc) if self.bank is not None else 1.0  # read before step(): update() changes it
+        loss = task.loss(out, mix)  # 3. loss, backward, optimizer step
+        grad_scale = _loss_scale(acc) if plan is not None else 1.0  # read before step(): update() changes it
         acc.backward(loss)
         if self.optim_cfg.grad_clip:
             acc.clip_grad_norm_(task.trainable_parameters(), self.optim_cfg.grad_clip)
@@ -377,12 +348,10 @@ class Trainer:
         # rows that correspond one-to-one with the clean batch (originals, or the mixed TIs)
         rows = slice(0, b)
         row_labels = labels if (self.mixer is None or cfg.mode == "alongside") else mix.labels_a[:b]
-        if self.bank is not None:
-            maps = extra_maps
-            if maps is None:
-                with torch.no_grad():
-                    maps = task.saliency_from_output(_slice_output(out, rows), mix.images[rows], row_labels,
-                                                     grad_scale=grad_scale)
+        if plan is not None:  # 4. the bank maps of the clean rows, after the step
+            with torch.no_grad():
+                maps = task.bank_maps(plan, _slice_output(out, rows), mix.images[rows], row_labels,
+                                      grad_scale=grad_scale)
             if maps is not None:
                 # the bank refuses maps with non-finite values (e.g. an fp16 overflow) and counts them
                 self.bank.update(indices, maps, geometry=geometry)  # a collective in multi-process runs

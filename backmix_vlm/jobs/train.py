@@ -25,7 +25,6 @@ from .data import OpenSetData, build_open_set_data
 JOB = "train"
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]   # = backmix_vlm.data.CIFAR10_MEAN (kept light to import)
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
-AUGMENTS = ("backmix", "cutout", "mixup", "cutmix", "none")
 
 
 # ----------------------------------------------------------------------------- config
@@ -82,7 +81,9 @@ class AugmentConfig:
     options: dict[str, Any] = field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}
 
     def validate(self) -> None:
-        check_choice(self.name, AUGMENTS, "augment.name")
+        from ..augment.factory import MIXER_NAMES
+
+        check_choice(self.name, MIXER_NAMES, "augment.name")
 
 
 @dataclass
@@ -105,7 +106,9 @@ class TrainConfig:
     @property
     def mixer(self) -> str:
         """The mixer that actually runs (``none`` when BackMix is switched off)."""
-        return "none" if self.augment.name == "backmix" and not self.backmix.enabled else self.augment.name
+        from ..augment.factory import active_mixer
+
+        return active_mixer(self.augment.name, self.backmix.enabled)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:

@@ -6,7 +6,8 @@ from typing import Any
 
 from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, from_dict
 from ..errors import ConfigError
-from ..models.clip import PRECISIONS, resolve_templates
+from ..models.clip import resolve_templates
+from ..runtime import WEIGHT_PRECISIONS
 from ..validation import check_choice
 from .data import check_distinct_sets
 
@@ -27,7 +28,7 @@ class ClipModelConfig:
     cache_dir: str | None = None           # open_clip / HF download cache (default: the HF cache)
 
     def validate(self) -> None:
-        check_choice(self.precision, PRECISIONS, "model.precision")
+        check_choice(self.precision, WEIGHT_PRECISIONS, "model.precision")
         try:
             resolve_templates(self.templates)
         except Exception as e:  # ModelError -> the config key that caused it

@@ -267,7 +267,7 @@ def _load_torchvision(name: str, pretrained: bool, checkpoint: str | None, optio
         url = weights.url
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         if not cached.is_file():
-            from .clip import hub_reachable
+            from ..runtime import hub_reachable
 
             if not hub_reachable():
                 raise ModelError(f"torchvision '{name}' weights are not in the torch-hub cache ({cached}) and the "

@@ -31,21 +31,20 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from ..compat import add_open_clip_config_dir
 from ..errors import ModelError, load_error_summary
 from ..registry import Registry
-from ..runtime import OFFLINE_ENV, WEIGHT_PRECISIONS, hub_reachable, resolve_device
+from ..runtime import OFFLINE_ENV, WEIGHT_PRECISIONS, hub_reachable, resolve_device  # noqa: F401 (OFFLINE_ENV)
 from .hf_clip import convert_state_dict as convert_hf_state_dict
 from .hf_clip import find_hf_clip, is_hf_name, is_hf_state_dict, load_hf_clip
 from .output import ModelOutput
 
 TINY_CLIP = "backmix-tiny-clip"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-PRECISIONS = WEIGHT_PRECISIONS  # weight dtype of a frozen CLIP (run.precision is autocast: runtime.py)
-# OFFLINE_ENV and hub_reachable are imported above from backmix_vlm.runtime (the one network probe) and
-# stay importable from here.
+# precision names (WEIGHT_PRECISIONS: the weight dtype of a frozen CLIP), OFFLINE_ENV and hub_reachable
+# are defined in backmix_vlm.runtime; OFFLINE_ENV stays importable from here.
 
-if MODEL_CONFIG_DIR not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
-    open_clip.add_model_config(MODEL_CONFIG_DIR)  # makes "backmix-tiny-clip" an open_clip name
+add_open_clip_config_dir(MODEL_CONFIG_DIR)  # makes "backmix-tiny-clip" an open_clip name
 
 
 # ----------------------------------------------------------------------------- prompt templates
@@ -127,8 +126,8 @@ def load_clip(
     ``config_section`` is the job's config section holding these keys (``model`` for zeroshot,
     ``backbone`` for fewshot): error messages name ``<section>.checkpoint`` etc.
     """
-    if precision not in PRECISIONS:
-        raise ModelError(f"precision {precision!r} is not accepted; choose one of {', '.join(PRECISIONS)}")
+    if precision not in WEIGHT_PRECISIONS:
+        raise ModelError(f"precision {precision!r} is not accepted; choose one of {', '.join(WEIGHT_PRECISIONS)}")
     if pretrained is not None and checkpoint is None and os.path.isfile(pretrained):
         pretrained, checkpoint = None, pretrained  # open_clip also accepts a file as `pretrained`
     hf = find_hf_clip(name, checkpoint, cache_dir)  # transformers CLIP (hf:<repo>, save_pretrained folder / file)

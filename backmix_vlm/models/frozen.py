@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..runtime import low_precision_dtype
 
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOW_DTYPES = (torch.bfloat16, torch.float16)  # what frozen weights may be held in
 KEEP_FP32 = ("logit_scale", "logit_bias")  # parameter names (CLIP / SigLIP temperature and bias)
 NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
                                 *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
@@ -53,13 +54,10 @@ def frozen_compute_dtype(precision: str | None, device: torch.device | str = "cp
     ``bf16`` → bfloat16 (CPU and GPU); ``fp16`` → float16 on a GPU (CPU fp16 autocast is not
     supported, None); ``no`` / ``fp32`` / None → None (keep fp32).
     """
-    if precision in (None, "no", "fp32"):
+    dtype = low_precision_dtype(precision)
+    if dtype is torch.float16 and torch.device(device).type == "cpu":
         return None
-    if precision not in LOW_PRECISION:
-        raise ConfigError(f"precision {precision!r} is not accepted; choose no, fp32, bf16 or fp16")
-    if precision == "fp16" and torch.device(device).type == "cpu":
-        return None
-    return LOW_PRECISION[precision]
+    return dtype
 
 
 # ----------------------------------------------------------------------------- fp32 norms
@@ -284,7 +282,7 @@ def hold_frozen_in(module: nn.Module, dtype: torch.dtype | None) -> int:
     of parameter elements cast.  ``dtype=None`` does nothing.  Calling it again is a no-op."""
     if dtype is None:
         return 0
-    if dtype not in LOW_PRECISION.values():
+    if dtype not in LOW_DTYPES:
         raise ConfigError(f"frozen weights can be held in bfloat16 or float16, not {dtype}")
     cast = 0
     for sub in module.modules():

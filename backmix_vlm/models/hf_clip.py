@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..runtime import low_precision_dtype
 
 HF_PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -172,7 +173,7 @@ def resolve_hub_snapshot(repo_id: str, cache_dir: str | None = None) -> Path:
     """
     from huggingface_hub import constants, snapshot_download
 
-    from .clip import hub_reachable
+    from ..runtime import hub_reachable
 
     def local() -> Path | None:
         for patterns in (HUB_PATTERNS, HUB_PATTERNS_BIN):
@@ -347,8 +348,9 @@ def build_model(source: HFClipSource, *, device: torch.device | str = "cpu", pre
             raise ModelError(f"{source.origin}: weights do not match config.json ({'; '.join(bad[:2])})")
         model.load_state_dict(sd, strict=True)
     model.to(device=device)
-    if precision in ("fp16", "bf16"):
-        convert_weights_to_lp(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    dtype = low_precision_dtype(precision)
+    if dtype is not None:
+        convert_weights_to_lp(model, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 

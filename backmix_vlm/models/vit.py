@@ -13,12 +13,12 @@ import os
 import pickle
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import timm
 import torch
 from torch import nn
 
+from ..compat import recording_load_state_dict
 from ..errors import ModelError, load_error_summary
 
 
@@ -90,16 +90,8 @@ def _create(name: str, kwargs: dict[str, Any], file: str | None) -> nn.Module:
     """
     overlay = {"pretrained_cfg_overlay": dict(file=file)} if file else {}
     where = f"from {file}" if file else "from timm's hub"
-    reports: list[Any] = []
-    original = nn.Module.load_state_dict
-
-    def recording(module: nn.Module, *args: Any, **kw: Any) -> Any:
-        result = original(module, *args, **kw)
-        reports.append(result)
-        return result
-
     try:
-        with mock.patch.object(nn.Module, "load_state_dict", recording):
+        with recording_load_state_dict() as reports:
             model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
     except (RuntimeError, OSError, KeyError, IndexError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise ModelError(f"cannot load weights for timm '{name}' {where}: {load_error_summary(e)}; expected a "

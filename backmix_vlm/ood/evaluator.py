@@ -79,7 +79,7 @@ class Evaluator:
                  probe_C: float = 1.0, probe_max_iter: int = 1000, head: LinearHead | None = None,
                  positive: str = "known", std: Sequence[float] | None = None, seed: int = 0) -> None:
         from ..models.classifier import FeatureClassifier
-        from ..runs import resolve_device
+        from ..runtime import resolve_device
 
         if not ood_sets:
             raise ConfigError("Evaluator: give at least one OOD set")

@@ -7,7 +7,6 @@ transform never reads a stale file.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -18,17 +17,16 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import check_choice
 from ..errors import DataError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_bytes
-from ..runtime import AUTOCAST_PRECISIONS, autocast
+from ..runtime import autocast
+from ..validation import check_choice
 
 if TYPE_CHECKING:
     from .scores import ODIN
 
 OUTPUT_KEYS = ("logits", "features", "local_logits", "cam", "cosine", "local_cosine")
-PRECISIONS = AUTOCAST_PRECISIONS
 
 
 def cache_key(**parts: Any) -> str:
@@ -59,12 +57,6 @@ def model_fingerprint(module: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def autocast_context(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``precision`` bf16 / fp16 on ``device``'s type; a no-op for "no"
-    (:func:`backmix_vlm.runtime.autocast`)."""
-    return autocast(device, precision)
 
 
 def _unpack(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -103,7 +95,7 @@ def extract_outputs(
         check_choice(key, OUTPUT_KEYS, "extract_outputs keep")
     device = torch.device(device)
     chunks: dict[str, list[Tensor]] = {}
-    with torch.inference_mode(), autocast_context(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         for batch in tqdm(loader, desc=desc or "extract", leave=False, disable=None):
             images, labels, indices = _unpack(batch)
             out = forward(images.to(device, non_blocking=True))
@@ -141,7 +133,7 @@ def score_images_loader(
     """
     device = torch.device(device)
     chunks = []
-    with autocast_context(device, precision):
+    with autocast(device, precision):
         for batch in tqdm(loader, desc=desc or score.name, leave=False, disable=None):
             images, _, _ = _unpack(batch)
             chunks.append(score.score_images(forward, images.to(device)).detach().float().cpu())

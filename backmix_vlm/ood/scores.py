@@ -299,9 +299,13 @@ def _percentile(value: float, what: str, *, upper_open: bool = False) -> float:
 
 
 def _device(device: str | None, default: torch.device) -> torch.device:
+    """A score's ``device`` option: unset / ``auto`` = where the data already is, else
+    :func:`backmix_vlm.runtime.resolve_device`."""
     if device in (None, "", "auto"):
         return default
-    return torch.device(device)
+    from ..runtime import resolve_device
+
+    return resolve_device(device, "knn.device")
 
 
 def knn_distance(queries: Tensor, bank: Tensor, k: int, *, max_elements: int = 1 << 25) -> Tensor:

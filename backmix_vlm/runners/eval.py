@@ -18,7 +18,8 @@ import torch
 
 from ..errors import ConfigError
 from ..jobs.train import load_overridden
-from ..runs import fresh_output_dir, resolve_device, run_status, unique_subdir
+from ..runs import fresh_output_dir, run_status, unique_subdir
+from ..runtime import resolve_device
 
 JOB = "eval"
 __all__ = ["JOB", "load_overridden", "warn_if_unfinished", "evaluate_run", "evaluate_fewshot_run", "main"]

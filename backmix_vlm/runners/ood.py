@@ -24,7 +24,8 @@ from ..errors import ConfigError
 from ..jobs.data import check_distinct_sets
 from ..jobs.ood import (DEFAULT_SCORES, JOB, OodConfig, OodEvalConfig, OodModelConfig, ProbeConfig, build_ood_config,
                         load_model, preflight)
-from ..runs import open_run, plan_from_args, resolve_device
+from ..runs import open_run, plan_from_args
+from ..runtime import resolve_device
 
 __all__ = ["JOB", "DEFAULT_SCORES", "OodModelConfig", "ProbeConfig", "OodEvalConfig", "OodConfig", "build_ood_config",
            "preflight", "load_model", "run_ood", "main"]

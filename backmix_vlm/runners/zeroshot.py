@@ -21,7 +21,8 @@ from ..jobs.data import check_distinct_sets
 from ..jobs.zeroshot import (DEFAULT_SCORES, JOB, ClipModelConfig, ZeroShotConfig, ZeroShotEvalConfig,
                              build_scores, build_zeroshot_config, preflight)
 from ..models.clip import ClipZeroShotClassifier, load_clip
-from ..runs import open_run, plan_from_args, resolve_device
+from ..runs import open_run, plan_from_args
+from ..runtime import resolve_device
 
 __all__ = ["JOB", "DEFAULT_SCORES", "ClipModelConfig", "ZeroShotEvalConfig", "ZeroShotConfig", "build_scores",
            "build_zeroshot_config", "preflight", "run_zeroshot", "main"]
@@ -37,7 +38,8 @@ def _loader(ds: Any, cfg: EvalConfig, device: torch.device) -> DataLoader:
 def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg`` and write results.md / results.json into ``run_dir``; return the results."""
     from ..data import build_dataset
-    from ..models.frozen import LOW_PRECISION, frozen_compute_dtype, hold_frozen_in
+    from ..models.frozen import frozen_compute_dtype, hold_frozen_in
+    from ..runtime import low_precision_dtype
     from ..ood.evaluate import evaluate_open_set
     from ..ood.features import cache_file, extract_outputs, model_fingerprint, score_images_loader
     from ..report.finish import finish_evaluation
@@ -63,7 +65,7 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
             score.prepare_text(lambda words, tpl: build_text_features(bundle, words, tpl), clf.text_features,
                                list(classnames), clf.templates)
     # the frozen image tower in the compute dtype once (bf16 / fp16 weights or run.precision), fused attention
-    hold_frozen_in(bundle.model, LOW_PRECISION.get(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
+    hold_frozen_in(bundle.model, low_precision_dtype(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
 
     cache_dir = Path(cfg.run.output_dir) / ".cache" / "features"
     # image tower weights + the exact class embeddings + logit scale = everything outputs depend on

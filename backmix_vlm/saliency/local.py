@@ -13,7 +13,7 @@ with no backward at all.  Two scores (``mode``):
 * ``"cosine"``: ``cos(local_p, text_y)`` alone — no competition between classes.
 
 Either way each map is min-max normalised per image to [0, 1] like the attention maps
-(:func:`~backmix_vlm.saliency.attention.minmax_normalize`: constant maps become zeros), so a
+(:func:`~backmix_vlm.saliency.relevance.minmax_normalize`: constant maps become zeros), so a
 mask bank sees the same range whichever source fills it.
 
 When the training forward already returns ``ModelOutput.local_cosine`` (CoOp / LoCoOp heads
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_choice
 from ..errors import ModelError
-from .attention import minmax_normalize
+from ..validation import check_choice
+from .relevance import minmax_normalize
 
 LOCAL_MODES = ("softmax", "cosine")
 

@@ -54,7 +54,7 @@ class RunConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: str = "no"             # no | bf16 | fp16  (autocast; bf16 is ~4x faster on modern CPUs)
     channels_last: bool = False       # CNNs: NHWC memory format (faster convolutions with bf16 on CPU and GPU)
-    compile: bool = False             # torch.compile the model for training (first steps pay the compile time)
+    compile: bool = False             # torch.compile the model for training, the frozen image tower for zero-shot evaluation (first batches pay the compile time)
 
     def validate(self, where: str = "run") -> None:
         from .runtime import check_autocast_precision, check_device_name

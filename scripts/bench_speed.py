@@ -198,6 +198,19 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
     variants = {"fp32 weights, bf16 autocast": fp32, "held in bf16 (+ autocast)": held, cls_only: held}
     work_per_image = {name: flops for name in variants}
     work_per_image[cls_only] = flops - skipped_by_class_token_only(fp32.visual)
+    compile_s = None
+    if args.compile:  # zero-shot with run.compile: the held tower's forward under torch.compile
+        from backmix_vlm.models.frozen import compile_frozen_tower
+
+        compiled_name = "held, torch.compile (zero-shot run.compile)"
+        compiled = compile_frozen_tower(copy.deepcopy(held))
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+            compiled.encode_image(images)  # compiles for this batch shape (the rounds reuse it)
+        compile_s = time.perf_counter() - start
+        log(f"[eval] compile {compile_s:.0f} s")
+        variants[compiled_name] = compiled
+        work_per_image[compiled_name] = flops
     times: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     peaks = [matmul_bf16()]
     with torch.inference_mode():
@@ -205,7 +218,8 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
             names = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for name in names:
                 with torch.autocast("cpu", dtype=BF16), class_token_only(held) if name == cls_only else nullcontext():
-                    t = measure(lambda: variants[name].encode_image(images[:2] if r == 0 else images))
+                    warm = images if name.endswith("run.compile)") else images[:2]  # no second compile
+                    t = measure(lambda: variants[name].encode_image(warm if r == 0 else images))
                 if r:
                     times[name].append(t)
             peaks.append(matmul_bf16())
@@ -229,7 +243,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
                 "pct_of_peak": 100 * work / med / peak,
                 # each round against the peak measured right after it
                 "pct_of_peak_per_round": [100 * work / t[clock] / p[clock] for t, p in zip(ts, peaks[1:])]}
-    return {"batch": args.eval_batch, "flops_per_image": flops, "work_per_image": work_per_image, "matmul_bf16_gflops": peaks,
+    return {"batch": args.eval_batch, "compile_s": compile_s, "flops_per_image": flops, "work_per_image": work_per_image, "matmul_bf16_gflops": peaks,
             "times": times, "summary": rows,
             "accuracy": {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "argmax_agreement": float(agree.float().mean()),
                          "n": len(cos)}}
@@ -420,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc as is (the CLI's keep_freed_memory() is applied otherwise)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="eval: also time the held tower under torch.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--part-worker", default=None, help=argparse.SUPPRESS)

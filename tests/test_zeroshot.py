@@ -152,3 +152,35 @@ def test_shipped_configs_load():
     labels = [s.display_name for s in cfg.eval.ood]
     assert labels == ["CIFAR-100", "SVHN", "TIN-resize", "TIN-crop", "MNIST", "Fashion-MNIST"]
     assert [s.resize for s in cfg.eval.ood if s.name == "tinyimagenet"] == ["resize", "crop"]
+
+
+@pytest.mark.slow
+def test_compiled_image_tower_gives_the_same_results(tmp_path):
+    # run.compile: the frozen image tower's forward under torch.compile (MCM and GL-MCM read the
+    # pooled and the per-patch features, the latter through a hook on the last block), bf16 both
+    common = ["run.precision=bf16", "eval.scores=[mcm, glmcm, msp]", "eval.cache_features=false"]
+    rc_e, eager = _run(tmp_path, *common, name="eager")
+    rc_c, compiled = _run(tmp_path, *common, "run.compile=true", name="compiled")
+    assert rc_e == rc_c == 0
+    a, b = (json.loads((d / "results.json").read_text()) for d in (eager, compiled))
+    assert a["acc"] == pytest.approx(b["acc"], abs=1 / N + 1e-9)  # at most one flipped argmax
+    for score in ("mcm", "glmcm", "msp"):
+        assert a["results"]["c100"][score]["auroc"] == pytest.approx(b["results"]["c100"][score]["auroc"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_compile_frozen_tower_keeps_names_and_outputs():
+    from backmix_vlm.models.frozen import compile_frozen_tower, hold_frozen_in
+
+    torch.manual_seed(0)
+    bundle = load_clip(TINY_CLIP, pretrained=None)
+    hold_frozen_in(bundle.model, torch.bfloat16)
+    keys = list(bundle.model.state_dict())
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = bundle.model.encode_image(images).float()
+        compile_frozen_tower(bundle.model)
+        compile_frozen_tower(bundle.model)  # a second call does not wrap twice
+        compiled = bundle.model.encode_image(images).float()
+    assert list(bundle.model.state_dict()) == keys  # checkpoints and feature-cache fingerprints unchanged
+    assert float(torch.nn.functional.cosine_similarity(eager, compiled).min()) > 0.999

@@ -264,3 +264,26 @@ def test_zeroshot_job_runs_on_a_transformers_checkpoint(saved, tmp_path):
     assert rc == 0
     results = json.loads((tmp_path / "hf" / "results.json").read_text())
     assert "c100" in results["results"]
+
+
+def test_zeroshot_preprocess_key_selects_the_hf_pipeline(saved, tmp_path, capsys):
+    from pathlib import Path
+
+    from backmix_vlm import cli
+    from backmix_vlm.errors import ModelError
+
+    _, folder = saved
+    assert isinstance(load_clip(checkpoint=str(folder), preprocess="hf").preprocess_eval, HFImageProcessorTransform)
+    assert not isinstance(load_clip(checkpoint=str(folder)).preprocess_eval, HFImageProcessorTransform)
+    with pytest.raises(ModelError, match=r"model.preprocess: 'hf' needs a transformers"):
+        load_clip(TINY_CLIP, None, preprocess="hf")
+    config = Path(__file__).resolve().parents[1] / "configs" / "zeroshot" / "tiny_demo.yaml"
+    small = ["data.max_samples=10", "eval.ood=[{name: demo, split: ood-cifar100, label: c100, max_samples: 10}]"]
+    # refused up front, before a run folder exists: the key, the value and what is accepted
+    rc = cli.main(["zeroshot", str(config), f"run.output_dir={tmp_path}", "run.name=bad", "model.preprocess=hf", *small])
+    assert rc != 0 and "model.preprocess" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    rc = cli.main(["zeroshot", str(config), f"run.output_dir={tmp_path}", "run.name=typo", "model.preprocess=pil", *small])
+    assert rc != 0 and "hf_pil" in capsys.readouterr().err
+    rc = cli.main(["zeroshot", str(config), f"run.output_dir={tmp_path}", "run.name=hf", f"model.checkpoint={folder}",
+                   "model.preprocess=hf", *small])
+    assert rc == 0 and (tmp_path / "hf" / "results.json").is_file()

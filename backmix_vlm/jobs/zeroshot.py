@@ -26,9 +26,13 @@ class ClipModelConfig:
     classnames: list[str] | None = None    # prompt class names (default: the known set's CLIP-friendly names)
     precision: str = "fp32"                # weight precision: fp32 | fp16 | bf16 (run.precision = autocast)
     cache_dir: str | None = None           # open_clip / HF download cache (default: the HF cache)
+    preprocess: str = "openai"             # transformers checkpoints: openai (the weights' own pipeline) | hf | hf_pil (CLIPImageProcessor)
 
     def validate(self) -> None:
         check_choice(self.precision, WEIGHT_PRECISIONS, "model.precision")
+        from ..models.hf_clip import PREPROCESS_MODES
+
+        check_choice(self.preprocess, PREPROCESS_MODES, "model.preprocess")
         try:
             resolve_templates(self.templates)
         except Exception as e:  # ModelError -> the config key that caused it
@@ -67,7 +71,7 @@ def preflight(cfg: ZeroShotConfig) -> None:
     from ..data import check_dataset
     from ..models.clip import check_clip_source
 
-    check_clip_source(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint, "model")
+    check_clip_source(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint, "model", cfg.model.preprocess)
     build_scores(cfg.eval, (1.0, 1.0, 1.0))
     check_dataset(cfg.data, "data")
     for i, src in enumerate(cfg.eval.ood):

@@ -108,6 +108,7 @@ def load_clip(
     load_weights: bool = True,
     layout: str = "auto",
     config_section: str = "model",
+    preprocess: str = "openai",
 ) -> ClipBundle:
     """Build an open_clip model with its tokenizer and transforms, frozen and in eval mode.
 
@@ -125,16 +126,24 @@ def load_clip(
     projects a non-contiguous view that is ~7x slower in CPU bf16 (docs/benchmarks_speed.md).
     ``config_section`` is the job's config section holding these keys (``model`` for zeroshot,
     ``backbone`` for fewshot): error messages name ``<section>.checkpoint`` etc.
+    ``preprocess`` is the evaluation pipeline of a transformers checkpoint: ``openai`` (default,
+    the pipeline the weights were trained with), ``hf`` / ``hf_pil`` (transformers'
+    ``CLIPImageProcessor``; see docs/methods.md); other checkpoints accept only ``openai``.
     """
     if precision not in WEIGHT_PRECISIONS:
         raise ModelError(f"precision {precision!r} is not accepted; choose one of {', '.join(WEIGHT_PRECISIONS)}")
     if pretrained is not None and checkpoint is None and os.path.isfile(pretrained):
         pretrained, checkpoint = None, pretrained  # open_clip also accepts a file as `pretrained`
+    from .hf_clip import PREPROCESS_MODES
+
+    if preprocess not in PREPROCESS_MODES:
+        raise ModelError(f"{config_section}.preprocess: {preprocess!r} is not accepted; choose one of "
+                         f"{', '.join(PREPROCESS_MODES)}")
     hf = find_hf_clip(name, checkpoint, cache_dir)  # transformers CLIP (hf:<repo>, save_pretrained folder / file)
     if hf is not None:
         return load_hf_clip(hf, device=resolve_device(device, "device"), precision=precision,
-                            load_weights=load_weights, layout=layout)
-    name, tag_cfg = check_clip_source(name, pretrained, checkpoint, config_section)
+                            load_weights=load_weights, layout=layout, preprocess=preprocess)
+    name, tag_cfg = check_clip_source(name, pretrained, checkpoint, config_section, preprocess)
     device = resolve_device(device, "device")
 
     kwargs: dict[str, Any] = dict(
@@ -201,14 +210,18 @@ def set_block_layout(model: nn.Module, layout: str, device: str | torch.device =
 
 
 def check_clip_source(name: str, pretrained: str | None = None, checkpoint: str | None = None,
-                      config_section: str = "model") -> tuple[str, dict[str, Any]]:
-    """Check a CLIP's name, tag and weights file without building it (seconds before any run).
+                      config_section: str = "model", preprocess: str = "openai") -> tuple[str, dict[str, Any]]:
+    """Check a CLIP's name, tag, weights file and ``preprocess`` choice without building it
+    (seconds before any run).
 
     Returns the canonical model name and the tag's open_clip config (``{}`` without a tag).
     """
     if is_hf_name(name) or find_hf_clip(None, checkpoint) is not None:
         find_hf_clip(name, checkpoint)  # transformers CLIP: fails fast when the folder / cached snapshot is missing
         return name, {}
+    if preprocess != "openai":
+        raise ModelError(f"{config_section}.preprocess: {preprocess!r} needs a transformers (Hugging Face) CLIP "
+                         "checkpoint; open_clip / OpenAI weights come with their own pipeline (use 'openai')")
     name = _check_model_name(name)
     tag_cfg = _check_tag(name, pretrained, config_section) if pretrained else {}
     if checkpoint is not None and not Path(checkpoint).is_file():

@@ -49,7 +49,7 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # random-init models (backmix-tiny-clip) are reproducible
     m = cfg.model
     bundle = load_clip(m.name, m.pretrained, m.checkpoint, device=device, precision=m.precision,
-                       cache_dir=m.cache_dir)
+                       cache_dir=m.cache_dir, preprocess=m.preprocess)
     scores = build_scores(cfg.eval, bundle.std)
     transform = bundle.preprocess_eval
     known_ds = build_dataset(cfg.data, transform)

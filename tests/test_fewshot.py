@@ -151,3 +151,19 @@ def test_extra_known_set_reports_its_accuracy(tmp_path):
     assert seed["extra_known"]["again"]["acc"] == pytest.approx(seed["acc"], abs=1e-12)
     assert "acc/again" in (tmp_path / "xk" / "seed1" / "log.csv").read_text()
     assert res["num_seeds"] == 1
+
+
+def test_label_mixing_augment_for_adapters(tmp_path):
+    # augment.name picks the batch mixer for the fewshot job too (Cutout / CutMix baselines beside
+    # BackMix): no bank, the method label says which mixer ran, and backmix.enabled=false still
+    # means plain only for augment.name=backmix
+    cfg = _cfg(tmp_path, *TIMM_VPT, "augment.name=cutmix", "augment.options={alpha: 1.0}")
+    assert cfg.method_label == "VPT + CutMix"
+    run_fewshot(cfg, tmp_path / "cm")
+    assert load_checkpoint(tmp_path / "cm" / "seed1" / "last.pt")["bank"] is None
+    res = json.loads((tmp_path / "cm" / "seed1" / "results.json").read_text())
+    assert res["method"] == "VPT + CutMix"
+    assert _cfg(tmp_path, "augment.name=cutout", "backmix.enabled=false").method_label == "CoOp + Cutout"
+    assert _cfg(tmp_path, "backmix.enabled=false").method_label == "CoOp"
+    with pytest.raises(ConfigError, match="augment.name"):
+        _cfg(tmp_path, "augment.name=mosaic")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..augment.factory import AugmentConfig
 from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
                       build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml)
 from ..engine.adapter_task import SaliencyConfig
@@ -81,6 +82,7 @@ class FewShotConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # backmix (default) | cutout | mixup | cutmix | none
     backmix: BackMixConfig = field(default_factory=BackMixConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -100,7 +102,9 @@ class FewShotConfig:
     @property
     def method_label(self) -> str:
         name = {"coop": "CoOp", "locoop": "LoCoOp", "vpt": "VPT", "lora": "LoRA"}[self.method.name]
-        return f"{name} + BackMix" if self.backmix.enabled else name
+        mixer = self.augment.active(self.backmix.enabled)
+        label = {"backmix": "BackMix", "cutout": "Cutout", "mixup": "Mixup", "cutmix": "CutMix"}.get(mixer)
+        return f"{name} + {label}" if label else name
 
 
 def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = None) -> FewShotConfig:

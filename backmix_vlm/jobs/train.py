@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..augment.factory import AugmentConfig
 from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
                       build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml)
 from ..errors import ConfigError
@@ -73,20 +74,6 @@ class ModelConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """The batch mixer.  ``backmix`` reads the ``backmix`` section; ``backmix.enabled: false``
-    turns it off (plain training) so a sweep can flip one flag."""
-
-    name: str = "backmix"              # backmix | cutout | mixup | cutmix | none
-    options: dict[str, Any] = field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}
-
-    def validate(self) -> None:
-        from ..augment.factory import MIXER_NAMES
-
-        check_choice(self.name, MIXER_NAMES, "augment.name")
-
-
-@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data_root: str = field(default_factory=default_data_root)  # every data source without a root reads from here
@@ -106,9 +93,7 @@ class TrainConfig:
     @property
     def mixer(self) -> str:
         """The mixer that actually runs (``none`` when BackMix is switched off)."""
-        from ..augment.factory import active_mixer
-
-        return active_mixer(self.augment.name, self.backmix.enabled)
+        return self.augment.active(self.backmix.enabled)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:

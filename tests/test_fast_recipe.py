@@ -157,7 +157,7 @@ def test_train_job_fast_recipe_end_to_end(tmp_path):
 def test_ood_linear_head_of_a_scaled_cam_head_reproduces_the_logits() -> None:
     """airbench's CAM head multiplies by 1/9: the head the OOD scores re-run must include it."""
     from backmix_vlm.models.classifier import FeatureClassifier
-    from backmix_vlm.ood.heads import find_linear_head
+    from backmix_vlm.models.heads import find_linear_head
 
     torch.manual_seed(0)
     net = create_cnn("airbench", 5, widths=[8, 8, 8], tta="flip").eval()

@@ -1,6 +1,13 @@
-"""The package's import structure: runners stay thin and independent, nothing reaches up to them.
+"""The package's import structure: every import goes down the data flow, runners stay thin.
 
 Parsed with ``ast`` (nothing is imported), so a lazy import inside a function counts as well.
+(Two imports by computed name are not seen and need none of this: ``cli`` loads
+``runners.<job>``, and ``engine/__init__`` loads its own modules.)
+
+:data:`LAYERS` is the rank table of ``docs/architecture.md``: the foundations any module may
+import, then the data flow ``data -> augment -> saliency -> models -> adapters -> engine -> ood
+-> report``, then ``jobs``, ``runners`` and ``cli`` on top.  A module may import its own layer
+and the layers of a lower rank, never a layer of the same or a higher rank.
 """
 from __future__ import annotations
 
@@ -9,10 +16,34 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "backmix_vlm"
 
+#: rank -> the top-level modules / packages of ``backmix_vlm`` at that rank (lowest first).
+#: "" is the package itself (``backmix_vlm/__init__.py``: ``__version__``).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("", "errors"),                                        # foundations: imported by anyone ...
+    ("registry", "validation", "runtime", "compat", "perf"),
+    ("config",),
+    ("runs",),                                             # ... run directories (reads config)
+    ("data",),                                             # the data flow, top to bottom
+    ("augment",),
+    ("saliency",),
+    ("models",),
+    ("adapters",),
+    ("engine",),
+    ("ood",),
+    ("report",),
+    ("jobs",),                                             # each job's config / preflight / builders
+    ("runners",),
+    ("cli",),
+)
+RANK = {layer: rank for rank, group in enumerate(LAYERS) for layer in group}
 
-def _imports(path: Path) -> set[str]:
+#: (importing module, imported module) -> why it may go up; deliberately empty.
+EXCEPTIONS: dict[tuple[str, str], str] = {}
+
+
+def _imports(path: Path, root: Path = PACKAGE) -> set[str]:
     """Absolute dotted names of every ``backmix_vlm`` module ``path`` imports (relative ones resolved)."""
-    module = ["backmix_vlm", *path.relative_to(PACKAGE).with_suffix("").parts]
+    module = ["backmix_vlm", *path.relative_to(root).with_suffix("").parts]
     package = module[:-1] if path.name != "__init__.py" else module[:-1]
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -31,9 +62,37 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def _layer(name: str) -> str:
+def _layer(name: str, root: Path = PACKAGE) -> str:
+    """The top-level module / package of a dotted name (``""``: the package or one of its attributes)."""
     parts = name.split(".")
-    return parts[1] if len(parts) > 1 else ""
+    if len(parts) < 2:
+        return ""
+    top = parts[1]
+    return top if (root / top).is_dir() or (root / f"{top}.py").is_file() else ""
+
+
+def _own_layer(path: Path, root: Path = PACKAGE) -> str:
+    rel = path.relative_to(root)
+    if len(rel.parts) > 1:
+        return rel.parts[0]
+    return "" if rel.stem == "__init__" else rel.stem
+
+
+def _upward_imports(root: Path = PACKAGE) -> list[str]:
+    """``"file -> module (rank a -> rank b)"`` for every import of a layer that is not below the importer's."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        me = _own_layer(path, root)
+        module = ".".join(["backmix_vlm", *path.relative_to(root).with_suffix("").parts])
+        for name in sorted(_imports(path, root)):
+            target = _layer(name, root)
+            if target == me or RANK[target] < RANK[me]:
+                continue
+            if any(module == a and (name == b or name.startswith(b + ".")) for a, b in EXCEPTIONS):
+                continue
+            found.append(f"{path.relative_to(root)} -> {name} ({me or 'backmix_vlm'}: rank {RANK[me]}, "
+                         f"{target or 'backmix_vlm'}: rank {RANK[target]})")
+    return found
 
 
 def test_import_parser_resolves_relative_imports(tmp_path):
@@ -69,3 +128,43 @@ def test_nothing_below_the_runners_imports_them():
             if target == "jobs" and layer not in ("runners", "jobs", "cli"):
                 offending.append(f"{rel} -> {name}")
     assert not offending, offending
+
+
+def test_rank_table_places_every_top_level_module():
+    """A new top-level module or package must be given a rank (and the table names nothing stale)."""
+    present = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    present |= {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    placed = set(RANK) - {""}
+    assert present == placed, (f"not in LAYERS: {sorted(present - placed)}; "
+                               f"in LAYERS but not in the package: {sorted(placed - present)}")
+    assert sum(len(g) for g in LAYERS) == len(RANK), "a layer appears twice in LAYERS"
+
+
+def test_upward_import_check_catches_lazy_and_relative_imports(tmp_path):
+    """The check below on a made-up package: a lazy relative import and an absolute one going up,
+    a peer import within one rank, and imports going down (allowed)."""
+    root = tmp_path / "backmix_vlm"
+    for pkg in ("models", "engine", "ood"):
+        (root / pkg).mkdir(parents=True)
+        (root / pkg / "__init__.py").write_text("")
+    for mod in ("errors", "registry", "validation", "config"):
+        (root / f"{mod}.py").write_text("")
+    (root / "__init__.py").write_text("")
+    (root / "models" / "m.py").write_text(
+        "from ..errors import X\n"
+        "def f():\n    from ..engine.checkpoint import LAST\n    return LAST\n")
+    (root / "engine" / "e.py").write_text("import backmix_vlm.ood.scores\nfrom ..models import m\nfrom . import t\n")
+    (root / "ood" / "o.py").write_text("from backmix_vlm.engine import e\nfrom backmix_vlm import config\n")
+    (root / "registry.py").write_text("from .validation import check\nfrom . import errors\n")
+    found = _upward_imports(root)
+    assert [f.split(" (")[0] for f in found] == [
+        "engine/e.py -> backmix_vlm.ood.scores", "models/m.py -> backmix_vlm.engine.checkpoint",
+        "models/m.py -> backmix_vlm.engine.checkpoint.LAST", "registry.py -> backmix_vlm.validation",
+        "registry.py -> backmix_vlm.validation.check"], found
+
+
+def test_every_import_goes_down_the_layers():
+    """No module imports a module of its own rank (another layer) or of a higher rank: the data flow
+    of ``docs/architecture.md`` is the import order (``EXCEPTIONS`` lists the deliberate ones: none)."""
+    found = _upward_imports()
+    assert not found, "imports against the layer order (see LAYERS in tests/test_layers.py):\n" + "\n".join(found)

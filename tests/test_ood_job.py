@@ -23,11 +23,12 @@ from torch import nn
 from backmix_vlm import cli
 from backmix_vlm.config import DataSource, EvalConfig
 from backmix_vlm.data import build_dataset, build_transform
-from backmix_vlm.engine.evaluation import SCORES_FILE, OpenSetEvaluator, load_scores
 from backmix_vlm.errors import ConfigError, ModelError
+from backmix_vlm.jobs.ood import load_run_classifier
 from backmix_vlm.models.classifier import FeatureClassifier, load_classifier
-from backmix_vlm.ood import Evaluator, LinearHead, find_linear_head
-from backmix_vlm.ood.heads import check_head
+from backmix_vlm.models.heads import LinearHead, check_head, find_linear_head
+from backmix_vlm.ood import Evaluator
+from backmix_vlm.ood.open_set import SCORES_FILE, OpenSetEvaluator, load_scores
 
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
@@ -289,7 +290,7 @@ def test_train_run_directory_and_openset_evaluator_head_scores(tmp_path, data_ro
     run = tmp_path / "train_run"
     record_run(run, cfg, "train")
     save_checkpoint(run / LAST, {"model": model_state_dict(net), "epoch": 3, "meta": {"classes": ["r", "g", "b"]}})
-    loaded = load_classifier("run", str(run))
+    loaded = load_run_classifier(str(run))
     assert loaded.image_size == 32 and loaded.model.head_name == "head.conv" and loaded.classes == ["r", "g", "b"]
     head = find_linear_head(net)
     assert isinstance(head, LinearHead) and head.name == "head.conv"

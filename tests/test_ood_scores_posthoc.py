@@ -16,7 +16,7 @@ import torch
 from scipy.special import logsumexp as np_logsumexp
 
 from backmix_vlm.errors import ConfigError
-from backmix_vlm.ood.heads import LinearHead
+from backmix_vlm.models.heads import LinearHead
 from backmix_vlm.ood.scores import ash, get_score, knn_distance, vim_dim
 
 
@@ -223,7 +223,7 @@ def test_head_scores_need_features():
 def test_linear_probe_head_reproduces_sklearn_on_raw_features():
     from sklearn.linear_model import LogisticRegression
 
-    from backmix_vlm.ood.heads import fit_linear_probe
+    from backmix_vlm.models.heads import fit_linear_probe
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(150, 6, generator=g) * torch.tensor([10.0, 1, 1, 0.1, 3, 1]) + 5  # badly scaled, off-centre

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from backmix_vlm.errors import ConfigError, ModelError
-from backmix_vlm.models.clip import TINY_CLIP, encode_image_global_local
-from backmix_vlm.saliency.local import LocalSimilarity, local_similarity_maps, patch_text_cosine
+from backmix_vlm.models.clip import TINY_CLIP, LocalSimilarity, encode_image_global_local
+from backmix_vlm.saliency.local import local_similarity_maps, patch_text_cosine
 
 
 def loop_maps(local: torch.Tensor, text: torch.Tensor, targets: torch.Tensor, mode: str, scale: float) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 
 from backmix_vlm.config import DataSource
 from backmix_vlm.data import open_set_sources
-from backmix_vlm.engine.evaluation import SCORES_FILE, load_scores
 from backmix_vlm.errors import ConfigError
+from backmix_vlm.ood.open_set import SCORES_FILE, load_scores
 from backmix_vlm.report.finish import finish_evaluation
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from backmix_vlm.cli import main as cli
 from backmix_vlm.engine.checkpoint import load_checkpoint
-from backmix_vlm.engine.evaluation import load_scores
 from backmix_vlm.errors import ConfigError
+from backmix_vlm.ood.open_set import load_scores
 from backmix_vlm.runners.train import load_train_config, resolve_sources, variant_configs
 
 COLORS = {"red": 0, "green": 1, "blue": 2}

@@ -7,7 +7,7 @@ from PIL import Image
 
 from backmix_vlm.cli import main as cli
 from backmix_vlm.engine.checkpoint import load_checkpoint
-from backmix_vlm.engine.evaluation import load_scores, save_scores
+from backmix_vlm.ood.open_set import load_scores, save_scores
 from backmix_vlm.report.plots import denormalize, score_histograms
 from backmix_vlm.runners.visualize import grid_samples, load_run_config
 from test_train import write_config

@@ -1,6 +1,7 @@
 """The training engine: the Accelerate loop with BackMix (:mod:`.trainer`), train tasks per model
-family (:mod:`.tasks`), atomic checkpoints + exact resume (:mod:`.checkpoint`) and open-set
-evaluation during training (:mod:`.evaluation`).
+family (:mod:`.tasks`) and atomic checkpoints + exact resume (:mod:`.checkpoint`).  The
+open-set evaluation a Trainer calls every ``eval.every`` epochs is a callback
+(``evaluate(model, epoch) -> {metric: value}``): :class:`backmix_vlm.ood.OpenSetEvaluator`.
 
 Names are imported lazily (``from backmix_vlm.engine import Trainer``) so that importing the
 light modules (checkpoint) does not pull in Accelerate.
@@ -14,7 +15,6 @@ _EXPORTS = {
     "Trainer": "trainer", "TrainTask": "tasks", "StepPlan": "tasks", "build_accelerator": "trainer", "build_optimizer": "trainer",
     "build_scheduler": "trainer", "lr_factor": "trainer",
     "ClassifierTask": "tasks",
-    "OpenSetEvaluator": "evaluation", "save_scores": "evaluation", "load_scores": "evaluation",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "capture_rng_state": "checkpoint",
     "restore_rng_state": "checkpoint", "model_state_dict": "checkpoint", "load_model_state_dict": "checkpoint",
 }

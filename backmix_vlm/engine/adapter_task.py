@@ -168,7 +168,7 @@ class AdapterTask:
         try:
             with self._autocast():
                 if self.cfg.source == "local":
-                    from ..saliency.local import LocalSimilarity
+                    from ..models.clip import LocalSimilarity
 
                     with torch.no_grad():
                         text = model.encode_text()

@@ -149,8 +149,8 @@ def preflight(cfg: FewShotConfig) -> None:
     """Check the backbone's name / tag / weights file and every data source before a run folder
     is created or a backbone is loaded."""
     from ..data import check_dataset
-    from ..engine.evaluation import build_scores
     from ..models.backbone import check_backbone
+    from ..ood.open_set import build_scores
 
     build_scores(cfg.eval, None)  # unknown score names / score_params fail now
     check_backbone(cfg.backbone)

@@ -1,15 +1,26 @@
 """``ood`` job: its config (any pretrained classifier, the ID test / training sets, OOD sets,
-scores, the linear probe), loader, preflight and model loading."""
+scores, the linear probe), loader, preflight and model loading.
+
+``model.source`` is one of :data:`MODEL_SOURCES`: the sources of
+:func:`backmix_vlm.models.classifier.load_classifier` (timm, torchvision, module) plus ``run``,
+a ``backmix-vlm train`` run directory (its ``config.yaml`` + ``last.pt``), loaded here by
+:func:`load_run_classifier` since reading the engine's checkpoint is above the models layer.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, from_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
+from ..models.classifier import SOURCES as CLASSIFIER_SOURCES
+from ..validation import check_choice
 from .data import check_distinct_sets
 
 JOB = "ood"
+MODEL_SOURCES = (*CLASSIFIER_SOURCES, "run")  # load_classifier's sources + a train run directory
 DEFAULT_SCORES = ["msp", "maxlogit", "energy", "gen", "mahalanobis", "knn", "vim", "react", "ash_s"]
 
 
@@ -74,11 +85,14 @@ def preflight(cfg: OodConfig) -> None:
     """Check the model source / name / weights file, the scores and every data source before a run
     folder is created or a model is loaded."""
     from ..data import check_dataset
-    from ..engine.evaluation import build_scores
     from ..models.classifier import check_classifier
+    from ..ood.open_set import build_scores
 
     m = cfg.model
-    check_classifier(m.source, m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, options=m.options)
+    if _check_model_source(m):
+        check_run_classifier(Path(m.name))
+    else:
+        check_classifier(m.source, m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, options=m.options)
     build_scores(cfg.eval, None)  # unknown score names / score_params fail now
     check_dataset(cfg.data, "data")
     if cfg.train is not None:
@@ -88,13 +102,17 @@ def preflight(cfg: OodConfig) -> None:
 
 
 def load_model(cfg: OodConfig) -> Any:
-    """The configured classifier (:func:`backmix_vlm.models.classifier.load_classifier`) with the
-    config's normalisation, if given."""
+    """The configured classifier (:func:`backmix_vlm.models.classifier.load_classifier`, or
+    :func:`load_run_classifier` for ``model.source: run``) with the config's normalisation, if given."""
     from ..models.classifier import load_classifier
 
     m = cfg.model
-    loaded = load_classifier(m.source, m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, options=m.options,
-                             image_size=m.image_size, head_layer=m.head_layer, feature_layer=m.feature_layer)
+    if _check_model_source(m):
+        loaded = load_run_classifier(Path(m.name), head_layer=m.head_layer, feature_layer=m.feature_layer)
+    else:
+        loaded = load_classifier(m.source, m.name, pretrained=m.pretrained, checkpoint=m.checkpoint,
+                                 options=m.options, image_size=m.image_size, head_layer=m.head_layer,
+                                 feature_layer=m.feature_layer)
     if m.image_size is not None and m.source == "run" and m.image_size != loaded.image_size:
         raise ConfigError(f"model.image_size: the run was trained at {loaded.image_size} px; remove the key")
     if (m.mean is None) != (m.std is None):
@@ -102,3 +120,82 @@ def load_model(cfg: OodConfig) -> Any:
     if m.mean is not None:
         loaded.mean, loaded.std = list(m.mean), list(m.std)  # type: ignore[arg-type]
     return loaded
+
+
+# ----------------------------------------------------------------------------- model.source=run
+def _check_model_source(m: OodModelConfig) -> bool:
+    """Check ``model.source`` (and, for a run, that no weights keys are given); True for ``run``."""
+    check_choice(m.source, MODEL_SOURCES, "model.source")
+    if m.source != "run":
+        return False
+    if not m.name:
+        raise ConfigError("model.name: give the run model (a run directory written by backmix-vlm train)")
+    if m.options or m.checkpoint or m.pretrained:
+        raise ConfigError("model.options / checkpoint / pretrained do not apply to model.source=run "
+                          "(the run's config.yaml and last.pt define the model)")
+    return True
+
+
+def load_run_classifier(run_dir: str | Path, *, head_layer: str | None = None,
+                        feature_layer: str | None = None) -> Any:
+    """A ``backmix-vlm train`` run's CNN (its ``config.yaml`` + ``last.pt``) as a
+    :class:`~backmix_vlm.models.classifier.LoadedClassifier`, in eval mode."""
+    from ..engine.checkpoint import LAST, load_checkpoint, load_model_state_dict
+    from ..models.classifier import FeatureClassifier, LoadedClassifier
+    from ..models.cnn import create_cnn
+
+    run_dir = Path(run_dir)
+    check_run_classifier(run_dir)
+    cfg = _run_model_config(run_dir)
+    state = load_checkpoint(run_dir / LAST)
+    classes = state.get("meta", {}).get("classes")
+    net = create_cnn(cfg["name"], len(classes) if classes else _num_classes(state), **cfg["options"])
+    load_model_state_dict(net, state["model"], trainable_only=state.get("trainable_only", False),
+                          source=run_dir / LAST)
+    net.eval()
+    model = FeatureClassifier(net, head_layer=head_layer, feature_layer=feature_layer).eval()
+    ident = {"source": "run", "run": str(run_dir.resolve()), "epoch": int(state.get("epoch", 0)),
+             "model": cfg["name"]}
+    return LoadedClassifier(model, cfg["image_size"], cfg["mean"], cfg["std"], ident,
+                            net.num_classes, list(classes) if classes else None)
+
+
+def check_run_classifier(run_dir: str | Path) -> None:
+    """What :func:`load_run_classifier` refuses, checked without loading: no ``config.yaml``, a run
+    of another job, no ``last.pt``."""
+    from ..engine.checkpoint import LAST
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"model.name: {run_dir} has no config.yaml; give a run directory written by "
+                          f"backmix-vlm train (for a comparison run, one variant's folder, e.g. {run_dir}/backmix)")
+    info = run_dir / "run_info.json"
+    if info.is_file() and json.loads(info.read_text()).get("job") not in (None, "train"):
+        raise ConfigError(f"model.name: {run_dir} is a '{json.loads(info.read_text()).get('job')}' run; "
+                          f"model.source=run takes train runs (re-evaluate few-shot runs with backmix-vlm eval)")
+    if not (run_dir / LAST).is_file():
+        raise ConfigError(f"model.name: {run_dir} has no {LAST} (a comparison run keeps one per variant folder)")
+
+
+def _run_model_config(run_dir: Path) -> dict[str, Any]:
+    """Model and input settings from a train run's resolved ``config.yaml``, read as data (a run
+    written by an older version, whose config the current ``TrainConfig`` might refuse, still loads)."""
+    from ..config import load_yaml
+
+    path = run_dir / "config.yaml"
+    saved = load_yaml(path)
+    try:
+        model, data = saved["model"], saved["data"]
+        return {"name": str(model["name"]), "options": dict(model.get("options") or {}),
+                "image_size": int(data["image_size"]), "mean": [float(v) for v in data["mean"]],
+                "std": [float(v) for v in data["std"]]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model.name: {path} is not a train run's resolved config (missing or bad {e}); "
+                          "give a run directory written by backmix-vlm train") from None
+
+
+def _num_classes(state: Mapping[str, Any]) -> int:
+    w = state["model"].get("head.conv.weight")
+    if w is None:
+        raise ModelError("run checkpoint: cannot tell the number of classes (no meta.classes, no head.conv.weight)")
+    return int(w.shape[0])

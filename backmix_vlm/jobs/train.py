@@ -138,8 +138,8 @@ def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) 
     """Check, for every variant, the model name and options and every data source (found, filters
     valid, known classes consistent) before a run folder is created or a step is trained."""
     from ..data import check_dataset
-    from ..engine.evaluation import build_scores
     from ..models.cnn import check_cnn
+    from ..ood.open_set import build_scores
 
     seen: dict[str, Any] = {}
     for label, c in (variants or {"": cfg}).items():

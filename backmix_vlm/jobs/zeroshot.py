@@ -80,7 +80,7 @@ def preflight(cfg: ZeroShotConfig) -> None:
 
 def build_scores(cfg: EvalConfig, std: tuple[float, ...]) -> list[Any]:
     """Score objects from ``eval.scores`` / ``eval.score_params``; zero-shot has no training data."""
-    from ..engine.evaluation import build_scores as build_eval_scores, needs_fit
+    from ..ood.open_set import build_scores as build_eval_scores, needs_fit
 
     scores = build_eval_scores(cfg, std)  # ODIN gets the pixel-space epsilon, as the reference code
     for score in scores:

@@ -8,7 +8,7 @@ The OOD scores read two things from a model: its **logits** and its **penultimat
   ``(logits, features)`` tuple or a dict with ``"logits"`` (and optionally ``"features"``).
 * **features**: returned by the model (ModelOutput / tuple / dict), else captured with a
   forward hook: the **input** of ``head_layer`` (default: the final linear layer found by
-  :func:`~backmix_vlm.ood.heads.find_head_layer` — timm's ``get_classifier()``, a CAM head's
+  :func:`~backmix_vlm.models.heads.find_head_layer` — timm's ``get_classifier()``, a CAM head's
   1x1 conv, else the last ``nn.Linear``), or the **output** of ``feature_layer`` when that is
   given.  Captured ``(B, C, H, W)`` maps are global-average-pooled (a CAM head: GAP then a 1x1
   conv = the conv then GAP); token tensors ``(B, T, D)`` are refused with a hint.
@@ -16,7 +16,9 @@ The OOD scores read two things from a model: its **logits** and its **penultimat
   its features; then ``logits`` is None and the OOD job fits a linear probe on them.
 
 :func:`load_classifier` builds one from a source name (``timm`` / ``torchvision`` /
-``module`` / ``run``) and says which input size and normalisation the model expects.
+``module``) and says which input size and normalisation the model expects.  A ``backmix-vlm
+train`` run as a classifier (the ood job's ``model.source: run``) is read above the engine that
+wrote its checkpoint: :func:`backmix_vlm.jobs.ood.load_run_classifier`.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelError
+from ..validation import check_choice
+from .heads import find_head_layer, linear_head_of
 from .output import ModelOutput
 
-SOURCES = ("timm", "torchvision", "module", "run")
+SOURCES = ("timm", "torchvision", "module")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,13 +55,11 @@ def _pool(t: Tensor, where: str) -> Tensor:
 class FeatureClassifier(nn.Module):
     """Wrap ``net`` so that ``forward`` returns ``ModelOutput(logits, features)`` (see module doc).
 
-    ``linear_head()`` is the final layer as a :class:`~backmix_vlm.ood.heads.LinearHead`
+    ``linear_head()`` is the final layer as a :class:`~backmix_vlm.models.heads.LinearHead`
     (None for a headless model), for ViM / ReAct / ASH.
     """
 
     def __init__(self, net: nn.Module, *, head_layer: str | None = None, feature_layer: str | None = None) -> None:
-        from ..ood.heads import find_head_layer
-
         super().__init__()
         self.net = net
         found = find_head_layer(net, head_layer)
@@ -80,8 +82,6 @@ class FeatureClassifier(nn.Module):
         self._captured = args[0]
 
     def linear_head(self) -> Any:
-        from ..ood.heads import linear_head_of
-
         if self.head_name is None:
             return None
         return linear_head_of(self.net, dict(self.net.named_modules())[self.head_name], self.head_name)
@@ -136,7 +136,7 @@ class LoadedClassifier:
 def load_classifier(source: str, name: str, *, pretrained: bool = False, checkpoint: str | None = None,
                     options: Mapping[str, Any] | None = None, image_size: int | None = None,
                     head_layer: str | None = None, feature_layer: str | None = None) -> LoadedClassifier:
-    """Build the classifier ``name`` from ``source`` (timm | torchvision | module | run), in eval mode.
+    """Build the classifier ``name`` from ``source`` (timm | torchvision | module), in eval mode.
 
     * ``timm``: ``timm.create_model(name, **options)``; ``checkpoint`` = a local weights file
       loaded through ``pretrained_cfg_overlay=dict(file=...)`` (the hub is never contacted),
@@ -146,13 +146,9 @@ def load_classifier(source: str, name: str, *, pretrained: bool = False, checkpo
       state-dict file, ``pretrained: true`` = its DEFAULT weights (torch-hub cache / download).
     * ``module``: ``"package.module:attr"``, an ``nn.Module`` or a callable returning one
       (called with ``options``); ``checkpoint`` = an optional state dict loaded strictly.
-    * ``run``: a ``backmix-vlm train`` run directory (its config.yaml + last.pt).
     """
     _check_source(source, name)
     options = dict(options or {})
-    if source == "run":
-        _check_run_args(options, checkpoint, pretrained)
-        return _load_run(Path(name), head_layer, feature_layer)
     if source == "timm":
         net, size, mean, std = _load_timm(name, pretrained, checkpoint, options, image_size)
     elif source == "torchvision":
@@ -170,13 +166,9 @@ def load_classifier(source: str, name: str, *, pretrained: bool = False, checkpo
 def check_classifier(source: str, name: str, *, pretrained: bool = False, checkpoint: str | None = None,
                      options: Mapping[str, Any] | None = None) -> None:
     """What :func:`load_classifier` would refuse, checked without building the model: the source,
-    the name (a timm / torchvision model, an importable ``package.module:attr``, a train run
-    folder with its checkpoint) and the weights file."""
+    the name (a timm / torchvision model, an importable ``package.module:attr``) and the weights
+    file."""
     _check_source(source, name)
-    if source == "run":
-        _check_run_args(dict(options or {}), checkpoint, pretrained)
-        _check_run_dir(Path(name))
-        return
     if source == "timm":
         _check_timm_name(name)
     elif source == "torchvision":
@@ -190,16 +182,9 @@ def check_classifier(source: str, name: str, *, pretrained: bool = False, checkp
 
 
 def _check_source(source: str, name: str) -> None:
-    if source not in SOURCES:
-        raise ConfigError(f"model.source: {source!r} is not accepted; choose one of {', '.join(SOURCES)}")
+    check_choice(source, SOURCES, "model.source")
     if not name:
         raise ConfigError(f"model.name: give the {source} model ({_NAME_HELP[source]})")
-
-
-def _check_run_args(options: Mapping[str, Any], checkpoint: str | None, pretrained: bool) -> None:
-    if options or checkpoint or pretrained:
-        raise ConfigError("model.options / checkpoint / pretrained do not apply to model.source=run "
-                          "(the run's config.yaml and last.pt define the model)")
 
 
 def _check_timm_name(name: str) -> None:
@@ -229,7 +214,6 @@ _NAME_HELP = {
     "timm": "a timm model name, e.g. resnet18 or vit_small_patch14_dinov2",
     "torchvision": "a torchvision.models name, e.g. resnet18",
     "module": "'package.module:attr' naming an nn.Module or a function returning one",
-    "run": "a run directory written by backmix-vlm train",
 }
 
 
@@ -336,62 +320,3 @@ def _load_state(net: nn.Module, path: str, what: str) -> None:
     if missing or unexpected:
         raise ModelError(f"{what}: {p} does not fit the model (missing {list(missing)[:5]}, "
                          f"unexpected {list(unexpected)[:5]})")
-
-
-def _load_run(run_dir: Path, head_layer: str | None, feature_layer: str | None) -> LoadedClassifier:
-    from ..engine.checkpoint import LAST, load_checkpoint, load_model_state_dict
-    from .cnn import create_cnn
-
-    _check_run_dir(run_dir)
-    cfg = _run_model_config(run_dir)
-    state = load_checkpoint(run_dir / LAST)
-    classes = state.get("meta", {}).get("classes")
-    net = create_cnn(cfg["name"], len(classes) if classes else _num_classes(state), **cfg["options"])
-    load_model_state_dict(net, state["model"], trainable_only=state.get("trainable_only", False),
-                          source=run_dir / LAST)
-    net.eval()
-    model = FeatureClassifier(net, head_layer=head_layer, feature_layer=feature_layer).eval()
-    ident = {"source": "run", "run": str(run_dir.resolve()), "epoch": int(state.get("epoch", 0)),
-             "model": cfg["name"]}
-    return LoadedClassifier(model, cfg["image_size"], cfg["mean"], cfg["std"], ident,
-                            net.num_classes, list(classes) if classes else None)
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    import json
-
-    from ..engine.checkpoint import LAST
-
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"model.name: {run_dir} has no config.yaml; give a run directory written by "
-                          f"backmix-vlm train (for a comparison run, one variant's folder, e.g. {run_dir}/backmix)")
-    info = run_dir / "run_info.json"
-    if info.is_file() and json.loads(info.read_text()).get("job") not in (None, "train"):
-        raise ConfigError(f"model.name: {run_dir} is a '{json.loads(info.read_text()).get('job')}' run; "
-                          f"model.source=run takes train runs (re-evaluate few-shot runs with backmix-vlm eval)")
-    if not (run_dir / LAST).is_file():
-        raise ConfigError(f"model.name: {run_dir} has no {LAST} (a comparison run keeps one per variant folder)")
-
-
-def _run_model_config(run_dir: Path) -> dict[str, Any]:
-    """Model and input settings from a train run's resolved ``config.yaml`` (read as data: the
-    models layer does not import the train job's config classes)."""
-    from ..config import load_yaml
-
-    path = run_dir / "config.yaml"
-    saved = load_yaml(path)
-    try:
-        model, data = saved["model"], saved["data"]
-        return {"name": str(model["name"]), "options": dict(model.get("options") or {}),
-                "image_size": int(data["image_size"]), "mean": [float(v) for v in data["mean"]],
-                "std": [float(v) for v in data["std"]]}
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"model.name: {path} is not a train run's resolved config (missing or bad {e}); "
-                          "give a run directory written by backmix-vlm train") from None
-
-
-def _num_classes(state: Mapping[str, Any]) -> int:
-    w = state["model"].get("head.conv.weight")
-    if w is None:
-        raise ModelError("run checkpoint: cannot tell the number of classes (no meta.classes, no head.conv.weight)")
-    return int(w.shape[0])

@@ -11,7 +11,8 @@
 * ``backmix-tiny-clip`` (``model_configs/backmix-tiny-clip.json``) is registered with open_clip
   at import: a randomly initialised 32 px CLIP that runs in milliseconds on a CPU.
 * :func:`encode_image_global_local` gives the global embedding *and* LoCoOp-style per-patch
-  embeddings from one forward; LoCoOp, GL-MCM and :class:`ClipZeroShotClassifier` use it.
+  embeddings from one forward; LoCoOp, GL-MCM and :class:`ClipZeroShotClassifier` use it, and
+  :class:`LocalSimilarity` turns it into gradient-free foreground maps for the mask bank.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from ..compat import add_open_clip_config_dir
 from ..errors import ModelError, load_error_summary
 from ..registry import Registry
 from ..runtime import OFFLINE_ENV, WEIGHT_PRECISIONS, hub_reachable, resolve_device  # noqa: F401 (OFFLINE_ENV)
+from ..saliency.local import LOCAL_MODES, local_similarity_maps, patch_text_cosine
+from ..validation import check_choice
 from .hf_clip import convert_state_dict as convert_hf_state_dict
 from .hf_clip import find_hf_clip, is_hf_name, is_hf_state_dict, load_hf_clip
 from .output import ModelOutput
@@ -425,6 +428,47 @@ def _local_value_path(visual: VisionTransformer, block: ResidualAttentionBlock, 
     v = v + block.ls_2(block.mlp(block.ln_2(v)))
     v = visual.ln_post(v)
     return v @ visual.proj if visual.proj is not None else v
+
+
+# ----------------------------------------------------------------------------- local similarity maps
+class LocalSimilarity:
+    """Gradient-free map source: one ``no_grad`` CLIP forward → (B, gh, gw) maps in [0, 1].
+
+    The maps are :func:`backmix_vlm.saliency.local.local_similarity_maps` of the patch-text
+    cosines.  ``model``: an open_clip CLIP (or anything :func:`encode_image_global_local` accepts);
+    ``text_features`` (K, D): class text embeddings (e.g. CoOp's current prompts, detached);
+    ``logit_scale`` defaults to ``model.logit_scale.exp()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        text_features: torch.Tensor,
+        mode: str = "softmax",
+        logit_scale: float | torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> None:
+        check_choice(mode, LOCAL_MODES, "local similarity mode")
+        self.model = model
+        self.text_features = text_features.detach()
+        self.mode = mode
+        if logit_scale is None:
+            scale = getattr(model, "logit_scale", None)
+            logit_scale = scale.detach().exp() if isinstance(scale, torch.Tensor) else 100.0
+        self.logit_scale = logit_scale
+        self.grid = grid
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        _, local = encode_image_global_local(self.model, images)
+        grid = self.grid
+        if grid is None:
+            visual = getattr(self.model, "visual", self.model)
+            ph, pw = getattr(visual, "patch_size", (None, None))
+            if ph and pw:
+                grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+        cosine = patch_text_cosine(local, self.text_features.to(local.device))
+        return local_similarity_maps(cosine, targets, grid, self.mode, self.logit_scale)
 
 
 # ----------------------------------------------------------------------------- zero-shot head

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
+from ..models.heads import LinearHead, check_head, find_linear_head, fit_linear_probe, head_info, head_tolerance
 from ..models.output import ModelOutput
 from .evaluate import evaluate_open_set
 from .features import cache_file, extract_outputs, model_fingerprint, score_images_loader
-from .heads import LinearHead, check_head, fit_linear_probe, head_info, head_tolerance
+from .open_set import needs_fit, per_sample_scores
 from .scores import Score, get_score
 
 Outputs = dict[str, Tensor]
@@ -150,8 +151,6 @@ class Evaluator:
     def run(self, scores: Sequence[str | Score] = ("msp", "maxlogit", "energy"),
             score_params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
         """Every metric for every (OOD set, score); also fills ``per_sample``, ``head`` and ``scores``."""
-        from ..engine.evaluation import needs_fit, per_sample_scores
-
         torch.manual_seed(self.seed)
         self.scores = self.build_scores(scores, score_params)
         known = dict(self.outputs("known", self.id_data))  # copies: a probe's logits never enter the cache
@@ -182,8 +181,6 @@ class Evaluator:
             find = getattr(self.model, "linear_head", None)
             self.head = find() if callable(find) else None
             if self.head is None:
-                from .heads import find_linear_head
-
                 self.head = find_linear_head(self.model)
             if self.head is None:
                 raise ConfigError(", ".join(s.name for s in self.scores if s.needs_head) + " re-run the model's "

@@ -6,7 +6,7 @@ to one number per sample, **higher = more likely known**.  Scores read cached ou
 one forward pass over each dataset serves every score; only ODIN needs the model itself
 (``needs_model = True``, :meth:`ODIN.score_images`).  ViM, ReAct and ASH re-run the final
 linear layer on modified features (``needs_head = True``): the caller hands it over with
-:meth:`Score.set_head` (a :class:`~backmix_vlm.ood.heads.LinearHead`) before ``fit`` / ``score``.
+:meth:`Score.set_head` (a :class:`~backmix_vlm.models.heads.LinearHead`) before ``fit`` / ``score``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from .heads import LinearHead
+    from ..models.heads import LinearHead
 
 SCORES: Registry[type["Score"]] = Registry("score")
 

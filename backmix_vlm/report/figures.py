@@ -28,7 +28,7 @@ def slug(name: str) -> str:
 
 def score_plots(run_dir: str | Path, out: str | Path) -> list[Path]:
     """``score_hist_<set>.png`` per unknown set from ``run_dir``'s saved per-sample scores."""
-    from ..engine.evaluation import SCORES_FILE, load_scores
+    from ..ood.open_set import SCORES_FILE, load_scores
     from .plots import score_histograms
 
     run_dir, out = Path(run_dir), Path(out)

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 
 class ScoredEvaluation(Protocol):
-    """What :func:`finish_evaluation` reads from an evaluator (``engine.OpenSetEvaluator``,
+    """What :func:`finish_evaluation` reads from an evaluator (``ood.OpenSetEvaluator``,
     ``ood.Evaluator``) to save per-sample scores."""
 
     per_sample: Mapping[str, Any]
@@ -38,7 +38,7 @@ def finish_evaluation(out_dir: str | Path, results: Mapping[str, Any], *, title:
     ``plots``: score histograms into ``out_dir/plots`` (needs the per-sample scores).
     Returns ``results`` as a plain dict.
     """
-    from ..engine.evaluation import SCORES_FILE, save_scores
+    from ..ood.open_set import SCORES_FILE, save_scores
     from ..runs import atomic_write_text
     from .figures import PLOTS, score_plots
     from .tables import ood_summary_table, write_results

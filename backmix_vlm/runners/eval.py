@@ -43,9 +43,9 @@ def warn_if_unfinished(run_dir: Path, checkpoint: Path, epoch: int, epochs: int)
 def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | None = None) -> dict[str, Any]:
     """Load ``checkpoint`` into the configured model, evaluate, write results into ``out_dir``."""
     from ..engine.checkpoint import load_checkpoint, load_model_state_dict
-    from ..engine.evaluation import OpenSetEvaluator
     from ..jobs.train import build_datasets
     from ..models.cnn import create_cnn
+    from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
     from ..runs import record_run
 
@@ -78,9 +78,9 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path,
     """Re-evaluate every seed of a ``fewshot`` run (adapter weights from ``seed<k>/last.pt``)."""
     from ..adapters import create_adapter
     from ..engine.checkpoint import LAST, load_checkpoint
-    from ..engine.evaluation import OpenSetEvaluator
     from ..jobs.fewshot import adapter_config, build_backbone, build_datasets, load_fewshot_config
     from ..models.frozen import trainable_in_fp32
+    from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
     from ..report.tables import aggregate_seeds, write_results
     from ..runs import record_run

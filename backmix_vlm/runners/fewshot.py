@@ -36,9 +36,9 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
     from ..data import IndexedSubset
     from ..engine.adapter_task import AdapterTask
     from ..engine.checkpoint import LAST
-    from ..engine.evaluation import OpenSetEvaluator
     from ..engine.trainer import Trainer
     from ..models.frozen import trainable_in_fp32
+    from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
 
     seed_dir.mkdir(parents=True, exist_ok=True)

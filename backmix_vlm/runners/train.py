@@ -31,10 +31,10 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     from accelerate.utils import set_seed
 
     from ..engine.checkpoint import LAST
-    from ..engine.evaluation import OpenSetEvaluator
     from ..engine.tasks import ClassifierTask
     from ..engine.trainer import Trainer, build_accelerator
     from ..models.cnn import create_cnn
+    from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
 
     run_dir = Path(run_dir)

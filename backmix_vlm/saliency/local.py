@@ -18,7 +18,8 @@ mask bank sees the same range whichever source fills it.
 
 When the training forward already returns ``ModelOutput.local_cosine`` (CoOp / LoCoOp heads
 built on :func:`encode_image_global_local`), :func:`local_similarity_maps` turns it into maps
-for free; :class:`LocalSimilarity` runs its own ``no_grad`` pass otherwise.
+for free; :class:`backmix_vlm.models.clip.LocalSimilarity` runs its own ``no_grad`` CLIP pass
+otherwise (it lives with the CLIP forward it runs: this module only computes maps from tensors).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ModelError
 from ..validation import check_choice
@@ -80,44 +81,3 @@ def local_similarity_maps(
     index = targets.view(batch, 1, 1).expand(batch, patches, 1)
     score = cos.gather(2, index).squeeze(2)
     return minmax_normalize(score.view(batch, gh, gw))
-
-
-class LocalSimilarity:
-    """Gradient-free map source: one ``no_grad`` CLIP forward → (B, gh, gw) maps in [0, 1].
-
-    ``model``: an open_clip CLIP (or anything :func:`encode_image_global_local` accepts);
-    ``text_features`` (K, D): class text embeddings (e.g. CoOp's current prompts, detached);
-    ``logit_scale`` defaults to ``model.logit_scale.exp()``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        text_features: Tensor,
-        mode: str = "softmax",
-        logit_scale: float | Tensor | None = None,
-        grid: tuple[int, int] | None = None,
-    ) -> None:
-        check_choice(mode, LOCAL_MODES, "local similarity mode")
-        self.model = model
-        self.text_features = text_features.detach()
-        self.mode = mode
-        if logit_scale is None:
-            scale = getattr(model, "logit_scale", None)
-            logit_scale = scale.detach().exp() if isinstance(scale, Tensor) else 100.0
-        self.logit_scale = logit_scale
-        self.grid = grid
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor, targets: Tensor) -> Tensor:
-        from ..models.clip import encode_image_global_local
-
-        _, local = encode_image_global_local(self.model, images)
-        grid = self.grid
-        if grid is None:
-            visual = getattr(self.model, "visual", self.model)
-            ph, pw = getattr(visual, "patch_size", (None, None))
-            if ph and pw:
-                grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-        cosine = patch_text_cosine(local, self.text_features.to(local.device))
-        return local_similarity_maps(cosine, targets, grid, self.mode, self.logit_scale)

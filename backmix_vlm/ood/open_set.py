@@ -1,7 +1,9 @@
 """Open-set evaluation of a model under training: known test set vs unknown sets.
 
 :class:`OpenSetEvaluator` is the ``evaluate(model, epoch)`` callable the
-:class:`~backmix_vlm.engine.trainer.Trainer` runs every ``eval.every`` epochs and at the end.
+:class:`~backmix_vlm.engine.trainer.Trainer` runs every ``eval.every`` epochs and at the end
+(the trainer knows only that callback's signature, ``engine.trainer.Evaluator``; it never
+imports this module).  ``eval`` re-runs it on a saved checkpoint.
 It extracts outputs once per dataset (:func:`backmix_vlm.ood.features.extract_outputs`),
 scores them with every configured score (fitting the ones that need training statistics,
 and running ODIN with the model), and keeps the full result (for ``results.json``) and the
@@ -20,11 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import EvalConfig
-from ..ood.evaluate import accuracy, evaluate_open_set, predictions
-from ..ood.features import extract_outputs, score_images_loader
-from ..ood.scores import Score, get_score
+from ..errors import ConfigError
+from ..models.heads import check_head, find_linear_head, head_tolerance
 from ..runs import atomic_write_bytes
 from ..validation import check_choice
+from .evaluate import accuracy, evaluate_open_set, predictions
+from .features import extract_outputs, score_images_loader
+from .scores import Score, get_score
 
 SCORES_FILE = "scores.safetensors"
 LOG_METRICS = ("auroc", "fpr95", "oscr")   # per (unknown set, score) in log.csv
@@ -34,8 +38,6 @@ def build_scores(cfg: EvalConfig, std: tuple[float, ...] | list[float] | None = 
     """The configured scores with their ``eval.score_params`` (ODIN steps in pixel space via ``std``)."""
     unknown = sorted(set(cfg.score_params) - set(cfg.scores))
     if unknown:
-        from ..errors import ConfigError
-
         raise ConfigError(f"eval.score_params: {', '.join(unknown)} not in eval.scores ({', '.join(cfg.scores)})")
     scores = []
     for name in cfg.scores:
@@ -70,8 +72,6 @@ class OpenSetEvaluator:
         self.scores = build_scores(cfg, std)
         fitted = [s.name for s in self.scores if needs_fit(s)]
         if fitted and fit_set is None:
-            from ..errors import ConfigError
-
             raise ConfigError(f"eval.scores {', '.join(fitted)} must be fit on the training set, which was not given")
         # what the scores read (CLIP adapters add cosine / local_cosine for MCM / GL-MCM)
         self.keep = tuple(dict.fromkeys(("logits", "features", *(k for s in self.scores for k in s.requires))))
@@ -99,9 +99,6 @@ class OpenSetEvaluator:
         """ViM / ReAct / ASH re-run the final layer: hand it over, checked against the known logits."""
         if not any(s.needs_head for s in self.scores):
             return
-        from ..errors import ConfigError
-        from ..ood.heads import check_head, find_linear_head, head_tolerance
-
         while isinstance(getattr(model, "module", None), nn.Module):  # DDP / accelerate wrappers
             model = model.module  # type: ignore[assignment]
         head = find_linear_head(model)

@@ -36,10 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {"small_cnn": (REPO / "configs" / "bgshift" / "small_cnn.yaml", "train"),
           "vpt_vits14": (REPO / "configs" / "bgshift" / "vpt_vits14.yaml", "fewshot")}
 CONFIG = MODELS["small_cnn"][0]
-#: the fewshot job has no Cutout / CutMix (it trains with BackMix or plain), so VPT runs the BackMix ablations
+#: the same variants as configs/bgshift/small_cnn.yaml, as overrides of the fewshot job's config
 VPT_VARIANTS = {"plain": ["backmix.enabled=false"], "backmix": [], "backmix_mixed_only": ["backmix.mode=mixed_only"],
                 "backmix_k0": ["backmix.mask_ratio=0.0"], "backmix_random_mask": ["backmix.mask_source=random"],
-                "backmix_oracle_mask": ["backmix.mask_source=oracle"], "backmix_v01_frame": ["data.views.name=loader"]}
+                "backmix_oracle_mask": ["backmix.mask_source=oracle"], "backmix_v01_frame": ["data.views.name=loader"],
+                "cutout": ["augment.name=cutout"], "cutmix": ["augment.name=cutmix"]}
 ROWS = ["plain", "backmix", "backmix_mixed_only", "backmix_k0", "backmix_random_mask", "backmix_oracle_mask",
         "backmix_v01_frame", "cutout", "cutmix"]
 UNKNOWN = {"unknown-knownbg": "unknown on known bg", "unknown-unseenbg": "unknown on unseen bg"}

@@ -274,12 +274,18 @@ def part_coop(args: argparse.Namespace) -> dict[str, Any]:
     labels = torch.randint(0, len(CLASSES), (2 * b,), generator=g)
     indices = torch.arange(2 * b)
     run_dir = tempfile.mkdtemp(prefix="bench_speed_")
+    views = None
+    if args.views != "none":  # the fewshot job's device views (RandomResizedCrop + flip), frame-consistent bank
+        from backmix_vlm.augment.geometry import train_pipeline
+        from backmix_vlm.config import ViewsConfig
+
+        _, views = train_pipeline(ViewsConfig(name=args.views), size, bundle.mean, bundle.std)
     trainers = {}
     for name, augment in (("plain", "none"), ("plain2x", "none"), ("backmix", "backmix")):
         task = AdapterTask(adapter, size, SaliencyConfig(start_layer=-1, reuse_forward=True), "bf16")
         trainers[name] = Trainer(task, _Sized(2 * b), optim=OptimConfig(lr=0.002, batch_size=b, epochs=1),
                                  run=RunConfig(device="cpu", precision="bf16", seed=args.seed), run_dir=run_dir,
-                                 num_classes=len(CLASSES), augment=augment, backmix=BackMixConfig())
+                                 num_classes=len(CLASSES), augment=augment, backmix=BackMixConfig(), views=views)
 
     def step(name: str, n: int) -> None:
         if name == "official":
@@ -298,7 +304,7 @@ def part_coop(args: argparse.Namespace) -> dict[str, Any]:
         if r:
             log(f"[coop] round {r}: " + ", ".join(f"{k} {v[-1]['cpu']:.2f} cpu-s / {v[-1]['wall']:.2f} s"
                                                   for k, v in times.items()))
-    out: dict[str, Any] = {"batch": b, "times": times, "summary": {}, "ratios": {}}
+    out: dict[str, Any] = {"batch": b, "views": args.views, "times": times, "summary": {}, "ratios": {}}
     for clock in CLOCKS:
         for name, ts in times.items():
             med = statistics.median(t[clock] for t in ts)
@@ -434,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc as is (the CLI's keep_freed_memory() is applied otherwise)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--views", default="auto", choices=["auto", "none"],
+                   help="coop: the trainer's device views (auto: RandomResizedCrop + flip with the frame-consistent "
+                        "bank, as the fewshot job; none: images as given, the measurement before issue 7)")
     p.add_argument("--compile", action="store_true", help="eval: also time the held tower under torch.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)

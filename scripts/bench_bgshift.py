@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-#: model -> (config, job); the fewshot job (VPT) runs one method per call, so its variants are listed here
-MODELS = {"small_cnn": (REPO / "configs" / "bgshift" / "small_cnn.yaml", "train"),
-          "vpt_vits14": (REPO / "configs" / "bgshift" / "vpt_vits14.yaml", "fewshot")}
-CONFIG = MODELS["small_cnn"][0]
+CONFIG = REPO / "configs" / "bgshift" / "small_cnn.yaml"          # train job; its variants are in the config
+VPT_CONFIG = REPO / "configs" / "bgshift" / "vpt_vits14.yaml"     # fewshot job: one method per call
+MODELS = ("small_cnn", "vpt_vits14")
 #: the same variants as configs/bgshift/small_cnn.yaml, as overrides of the fewshot job's config
 VPT_VARIANTS = {"plain": ["backmix.enabled=false"], "backmix": [], "backmix_mixed_only": ["backmix.mode=mixed_only"],
                 "backmix_k0": ["backmix.mask_ratio=0.0"], "backmix_random_mask": ["backmix.mask_source=random"],
@@ -80,7 +79,6 @@ def run_one_fewshot(out: Path, data: Path, rho: float, seed: int, smoke: bool, e
                     variants: list[str] | None = None) -> Path:
     """One fewshot run per variant into ``<out>/rho-seed/<variant>``, then a ``results.json`` holding
     every variant's results in the layout of the train job's comparison runs."""
-    config, _ = MODELS["vpt_vits14"]
     run_dir = out / f"rho{rho}-seed{seed}"
     results = {}
     for name in variants or list(VPT_VARIANTS):
@@ -90,11 +88,7 @@ def run_one_fewshot(out: Path, data: Path, rho: float, seed: int, smoke: bool, e
                          f"data.split_dir={out / 'splits'}", *VPT_VARIANTS[name], *extra]
             if smoke:
                 overrides += ["optim.epochs=2", "optim.warmup_epochs=0", "eval.every=1", "data.shots=4"]
-            cmd = [sys.executable, "-m", "backmix_vlm.cli", "fewshot", str(config), *overrides]
-            if (run_dir / name).is_dir():
-                cmd.append("--resume")
-            print("$", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True, cwd=REPO)
+            run_job("fewshot", VPT_CONFIG, overrides, resume=(run_dir / name).is_dir())
         results[name] = json.loads((seed_dir / "results.json").read_text())
     (run_dir / "results.json").write_text(json.dumps({"variants": results}, indent=1))
     return run_dir
@@ -121,12 +115,15 @@ def run_one(out: Path, data: Path, rho: float, seed: int, smoke: bool, extra: li
         defined = yaml.safe_load(CONFIG.read_text())["variants"]
         chosen = {v: defined[v] for v in variants}
         overrides.append("variants=" + json.dumps(chosen))
-    cmd = [sys.executable, "-m", "backmix_vlm.cli", "train", str(CONFIG), *overrides]
-    if run_dir.is_dir():
-        cmd.append("--resume")
+    run_job("train", CONFIG, overrides, resume=run_dir.is_dir())
+    return run_dir
+
+
+def run_job(job: str, config: Path, overrides: list[str], resume: bool) -> None:
+    """``backmix-vlm <job> <config> <overrides>`` in a subprocess; ``--resume`` continues an interrupted run."""
+    cmd = [sys.executable, "-m", "backmix_vlm.cli", job, str(config), *overrides, *(["--resume"] if resume else [])]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
-    return run_dir
 
 
 # ----------------------------------------------------------------------------- table
@@ -256,7 +253,7 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="every variant on every seed and correlation")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="where the generated datasets are (default <out>/data; share one between models)")
-    p.add_argument("--model", choices=sorted(MODELS), default="small_cnn",
+    p.add_argument("--model", choices=MODELS, default="small_cnn",
                    help="small_cnn (train job, from scratch) or vpt_vits14 (fewshot job over the real ViT-S/14; "
                         "pass backbone.checkpoint=<weights file> as an override)")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")

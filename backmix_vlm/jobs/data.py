@@ -50,15 +50,15 @@ def build_open_set_data(sources: OpenSetSources, *, image_size: int, mean: Seque
         from ..data.memory import InMemoryDataset
 
         train = InMemoryDataset.decode(train, num_workers=num_workers)
-    known = build_dataset(sources.test, eval_tf(sources.test))
-    if len(known.classes) != len(train.classes):
-        raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}; "
-                          "the known test set must use the training classes")
-    shifted = {src.display_name: build_dataset(src, eval_tf(src)) for src in extra_known}
-    for name, ds in shifted.items():
+    def same_classes(ds: Any, what: str) -> Any:
         if len(ds.classes) != len(train.classes):
-            raise ConfigError(f"eval.extra_known {name!r} has {len(ds.classes)} classes but data.train has "
-                              f"{len(train.classes)}; extra known sets hold the training classes")
+            raise ConfigError(f"{what} has {len(ds.classes)} classes but data.train has {len(train.classes)}; "
+                              "known sets must use the training classes")
+        return ds
+
+    known = same_classes(build_dataset(sources.test, eval_tf(sources.test)), "data.test")
+    shifted = {src.display_name: same_classes(build_dataset(src, eval_tf(src)), f"eval.extra_known {src.display_name!r}")
+               for src in extra_known}
     return OpenSetData(
         train=train, views=device_views, train_src=sources.train, known=known,
         unknowns={src.display_name: build_dataset(src, eval_tf(src)) for src in sources.unknowns},

@@ -137,11 +137,6 @@ def load_clip(
         raise ModelError(f"precision {precision!r} is not accepted; choose one of {', '.join(WEIGHT_PRECISIONS)}")
     if pretrained is not None and checkpoint is None and os.path.isfile(pretrained):
         pretrained, checkpoint = None, pretrained  # open_clip also accepts a file as `pretrained`
-    from .hf_clip import PREPROCESS_MODES
-
-    if preprocess not in PREPROCESS_MODES:
-        raise ModelError(f"{config_section}.preprocess: {preprocess!r} is not accepted; choose one of "
-                         f"{', '.join(PREPROCESS_MODES)}")
     hf = find_hf_clip(name, checkpoint, cache_dir)  # transformers CLIP (hf:<repo>, save_pretrained folder / file)
     if hf is not None:
         return load_hf_clip(hf, device=resolve_device(device, "device"), precision=precision,
@@ -219,6 +214,11 @@ def check_clip_source(name: str, pretrained: str | None = None, checkpoint: str 
 
     Returns the canonical model name and the tag's open_clip config (``{}`` without a tag).
     """
+    from .hf_clip import PREPROCESS_MODES
+
+    if preprocess not in PREPROCESS_MODES:
+        raise ModelError(f"{config_section}.preprocess: {preprocess!r} is not accepted; choose one of "
+                         f"{', '.join(PREPROCESS_MODES)}")
     if is_hf_name(name) or find_hf_clip(None, checkpoint) is not None:
         find_hf_clip(name, checkpoint)  # transformers CLIP: fails fast when the folder / cached snapshot is missing
         return name, {}

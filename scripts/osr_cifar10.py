@@ -74,14 +74,32 @@ def recipe_overrides(recipe: str, device: str, epochs: int | None) -> list[str]:
     return out
 
 
-def run_variants(out: Path, recipe: str, split: int, seed: int, variants: list[str], extra: list[str]) -> Path:
+def run_variants(out: Path, recipe: str, split: int, seed: int, variants: list[str], extra: list[str]) -> list[Path]:
+    """Run folders holding every asked-for variant of (recipe, split, seed).
+
+    The first folder is ``<recipe>-split<S>-seed<K>``; variants missing from a finished one (e.g. the
+    ablations asked for after Plain / + BackMix) run in ``<name>-<variant>+...`` with the same seed,
+    data order and schedule, so finished runs are never redone or touched.
+    """
     from backmix_vlm.cli import main as cli
 
-    name = f"{recipe}-split{split}-seed{seed}"
+    base = f"{recipe}-split{split}-seed{seed}"
+    done: list[Path] = []
+    have: set[str] = set()
+    for run_dir in sorted(out.glob(base + "*")):
+        if run_dir.name.startswith(base) and run_dir.name[len(base):][:1] in ("", "-") \
+                and (run_dir / "results.json").is_file():
+            names = set(json.loads((run_dir / "results.json").read_text())["variants"])
+            if names & set(variants):
+                done.append(run_dir)
+                have |= names
+    missing = [v for v in variants if v not in have]
+    if not missing:
+        return done
+    # an unfinished base folder resumes; once it has finished, new variants get a folder of their own
+    name = base if not (out / base / "results.json").is_file() else base + "-" + "+".join(missing)
     run_dir = out / name
-    if (run_dir / "results.json").is_file():
-        return run_dir
-    spec = {v: VARIANTS[v] for v in variants}
+    spec = {v: VARIANTS[v] for v in missing}
     args = ["train", str(RECIPES[recipe]), f"run.output_dir={out}", f"run.name={name}", f"run.seed={seed}",
             f"data.protocol_split={split}", "variants=" + json.dumps(spec), *extra]
     if run_dir.is_dir():
@@ -91,7 +109,7 @@ def run_variants(out: Path, recipe: str, split: int, seed: int, variants: list[s
     if cli(args) != 0:
         raise SystemExit(f"run {name} failed")
     (run_dir / "wall_time_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-    return run_dir
+    return done + [run_dir]
 
 
 def collect(run_dir: Path, split: int) -> dict[str, dict[str, float]]:
@@ -201,12 +219,13 @@ def main() -> int:
     report: dict[str, dict[str, list[dict]]] = json.loads(report_path.read_text()) if report_path.is_file() else {}
     for split in a.splits:
         for seed in a.seeds:
-            run_dir = run_variants(a.out, a.recipe, split, seed, a.variants, extra)
-            rows = collect(run_dir, split)
-            for name, row in rows.items():
-                row["run"] = run_dir.name
-                bucket = report.setdefault(a.recipe, {}).setdefault(name, [])
-                bucket[:] = [r for r in bucket if r.get("run") != run_dir.name] + [row]
+            for run_dir in run_variants(a.out, a.recipe, split, seed, a.variants, extra):
+                for name, row in collect(run_dir, split).items():
+                    if name not in a.variants:
+                        continue
+                    row["run"] = f"{a.recipe}-split{split}-seed{seed}"
+                    bucket = report.setdefault(a.recipe, {}).setdefault(name, [])
+                    bucket[:] = [r for r in bucket if r.get("run") != row["run"]] + [row]
             report_path.write_text(json.dumps(report, indent=1))
             md = "# CIFAR-10 6/4 open-set comparison\n\nValues in %; mean ± std over runs.\n\n" + table(report)
             (a.out / "table.md").write_text(md)

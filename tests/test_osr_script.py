@@ -37,3 +37,12 @@ def test_osr_script_smoke_writes_the_table(tmp_path):
     assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["auroc_maxlogit"] <= 1.0 and row["run"] == "fast-split0-seed0"
     md = (out / "table.md").read_text()
     assert "| published | + BackMix (BackMix paper, Table IV) |" in md and "| fast | plain | 1 |" in md
+    # asking for an ablation later runs only that variant, in a folder of its own; the finished run is untouched
+    before = (out / "fast-split0-seed0" / "results.json").read_bytes()
+    subprocess.run(cmd + ["--variants", "plain", "cutout"], check=True, cwd=REPO, capture_output=True, timeout=300)
+    assert (out / "fast-split0-seed0" / "results.json").read_bytes() == before
+    extra = json.loads((out / "fast-split0-seed0-cutout" / "results.json").read_text())["variants"]
+    assert set(extra) == {"cutout"}
+    report = json.loads((out / "table.json").read_text())
+    assert set(report["fast"]) == {"plain", "backmix", "cutout"}
+    assert [r["run"] for r in report["fast"]["plain"]] == ["fast-split0-seed0"]

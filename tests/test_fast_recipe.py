@@ -13,7 +13,8 @@ from backmix_vlm.augment.base import MixResult
 from backmix_vlm.augment.geometry import RandomCropFlip, ViewGeometry, build_views
 from backmix_vlm.config import OptimConfig, ViewsConfig
 from backmix_vlm.engine.tasks import ClassifierTask
-from backmix_vlm.engine.trainer import build_optimizer, lr_factor, norm_parameters
+from backmix_vlm.engine.lookahead import Lookahead
+from backmix_vlm.engine.trainer import build_optimizer, build_scheduler, frozen_after, lr_factor, norm_parameters
 from backmix_vlm.errors import ConfigError, ModelError
 from backmix_vlm.models.cnn import create_cnn
 
@@ -166,3 +167,79 @@ def test_ood_linear_head_of_a_scaled_cam_head_reproduces_the_logits() -> None:
         out = wrapped(torch.randn(4, 3, 16, 16))
     for head in (find_linear_head(net), wrapped.linear_head()):
         assert torch.allclose(head(out.features), out.logits, atol=1e-5)
+
+
+def test_lookahead_hand_computed() -> None:
+    """airbench's schedule: every 5 steps slow <- slow + (1 - d) (fast - slow), fast <- slow, with
+    d = 0.95^5 (step / total)^3; after the last step the model is the slow copy.  BatchNorm statistics
+    are averaged too; frozen parameters are not copied."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    model[1].weight.requires_grad_(False)
+    look = Lookahead(model, total_steps=10)
+    assert set(look.slow) == {"0.weight", "1.bias", "1.running_mean", "1.running_var"}
+    w = model[0].weight
+    with torch.no_grad():
+        w.fill_(1.0)
+        look.slow["0.weight"].fill_(1.0)
+        for step in range(1, 11):
+            w.add_(1.0)  # "the optimizer step": +1 per step
+            before = float(w)
+            look.step(model, step)
+            if step == 5:  # d = 0.95^5 / 8: slow = 1 + (1 - d) * (6 - 1)
+                d = 0.95 ** 5 * 0.5 ** 3
+                assert float(w) == pytest.approx(1 + (1 - d) * 5)
+                slow5 = float(w)
+            elif step == 10:  # d = 0.95^5, then the final copy
+                d = 0.95 ** 5
+                assert float(w) == pytest.approx(slow5 + (1 - d) * (slow5 + 5 - slow5))
+            else:
+                assert float(w) == before  # no sync between the every-5 steps
+        model[1].running_mean.fill_(2.0)
+        look.step(model, 15)  # a later sync moves the buffers as well
+        assert 0.0 < float(model[1].running_mean) < 2.0
+
+
+def test_freeze_after_stops_a_parameter_group_and_checks_patterns() -> None:
+    model = create_cnn("airbench", 3, widths=[8, 8, 8])
+    params = [p for p in model.parameters() if p.requires_grad]
+    stop = frozen_after(model, {"*whiten.bias": 3})
+    assert stop == {id(model.backbone.whiten.bias): 3}
+    opt = build_optimizer(params, OptimConfig(lr=1.0, norm_lr_scale=64), norm_parameters(model), stop)
+    frozen = [g for g in opt.param_groups if "train_epochs" in g]
+    assert len(frozen) == 1 and frozen[0]["params"] == [model.backbone.whiten.bias]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+    sched = build_scheduler(opt, OptimConfig(lr=1.0, epochs=5, schedule="constant", norm_lr_scale=64), 2)
+    lrs = []
+    for _ in range(8):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    i = opt.param_groups.index(frozen[0])
+    assert [row[i] for row in lrs] == [1.0] * 6 + [0.0] * 2  # 3 epochs of 2 steps, then 0
+    assert all(row[j] > 0 for row in lrs for j in range(len(row)) if j != i)
+    with pytest.raises(ConfigError, match=r"freeze_after: '\*nothing' matches no trainable parameter"):
+        frozen_after(model, {"*nothing": 1})
+    with pytest.raises(ConfigError, match="freeze_after"):
+        OptimConfig(freeze_after={"*whiten.bias": -1}).validate()
+
+
+def test_alternating_flip_flips_every_image_every_other_epoch() -> None:
+    from backmix_vlm.augment.geometry import alternating_flips
+
+    idx = torch.arange(4000)
+    e0, e1, e2 = (alternating_flips(idx, e, seed=3) for e in (0, 1, 2))
+    assert torch.equal(e0, ~e1) and torch.equal(e0, e2)       # seen both ways in any two epochs
+    assert abs(e0.float().mean().item() - 0.5) < 0.03          # a fair coin per image
+    assert (e0 != alternating_flips(idx, 0, seed=4)).float().mean() > 0.4  # another run seed, other bits
+    views = build_views("crop_flip", {"padding": 2, "pad_mode": "reflect", "flip": "alternate"})
+    random_views = build_views("crop_flip", {"padding": 2, "pad_mode": "reflect"})
+    x = torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8)
+    rows = torch.tensor([5, 9, 0, 3, 7, 1, 2, 11])
+    _, g = views(x, torch.Generator().manual_seed(0), indices=rows, epoch=1, seed=3)
+    _, g_random = random_views(x, torch.Generator().manual_seed(0))
+    assert torch.equal(g.shift, g_random.shift)                 # same crops: only the flips differ
+    assert torch.equal(g.flip, alternating_flips(rows, 1, seed=3))
+    with pytest.raises(ConfigError, match="alternate"):
+        views(x, torch.Generator())
+    with pytest.raises(ConfigError, match="flip="):
+        build_views("crop_flip", {"flip": "sometimes"})

@@ -189,6 +189,20 @@ def _flips(n: int, p: float, generator: torch.Generator | None, device: torch.de
     return rand((n,), generator, device) < p
 
 
+def alternating_flips(indices: Tensor, epoch: int, seed: int = 0) -> Tensor:
+    """airbench's alternating flip: each image gets a fixed random flip bit (a hash of its dataset
+    index and ``seed``) in even epochs and the opposite one in odd epochs, so every image is seen both
+    ways in any two consecutive epochs (instead of an independent coin per epoch)."""
+    x = indices.long() * 0x9E3779B1 + int(seed) * 0x85EBCA77          # a multiplicative hash
+    x = (x ^ (x >> 15)) * 0x2C1B3C6D
+    x = x ^ (x >> 12)
+    return ((x >> 7) & 1).bool() ^ bool(epoch % 2)
+
+
+#: ``crop_flip``'s flip modes: an independent coin per sample and epoch, or airbench's alternating flip
+FLIP_MODES = ("random", "alternate")
+
+
 @VIEW_SAMPLERS.register("crop_flip")
 class RandomCropFlip:
     """CIFAR-style augmentation: pad by ``padding`` px (``pad_mode`` zeros = black, as
@@ -196,17 +210,24 @@ class RandomCropFlip:
     airbench's translate), random crop back to the image size, horizontal flip with probability ``flip_p``.  Shifts are whole pixels, so the
     warped views are exact pixel copies (as torchvision's ``RandomCrop`` + flip)."""
 
-    def __init__(self, padding: int = 4, flip_p: float = 0.5, pad_mode: str = "zeros") -> None:
+    def __init__(self, padding: int = 4, flip_p: float = 0.5, pad_mode: str = "zeros",
+                 flip: str = "random") -> None:
         if int(padding) < 0:
             raise ConfigError(f"views: padding={padding!r}; expected an integer >= 0")
         if not 0.0 <= float(flip_p) <= 1.0:
             raise ConfigError(f"views: flip_p={flip_p!r}; expected a number in [0, 1]")
         if pad_mode not in PAD_MODES:
             raise ConfigError(f"views: pad_mode={pad_mode!r}; choose {', '.join(PAD_MODES)}")
-        self.padding, self.flip_p, self.pad_mode = int(padding), float(flip_p), pad_mode
+        if flip not in FLIP_MODES:
+            raise ConfigError(f"views: flip={flip!r}; choose {', '.join(FLIP_MODES)}")
+        if flip == "alternate" and float(flip_p) != 0.5:
+            raise ConfigError(f"views: flip='alternate' flips every image in every other epoch; flip_p={flip_p!r} "
+                              "does not apply (leave it at 0.5)")
+        self.padding, self.flip_p, self.pad_mode, self.flip = int(padding), float(flip_p), pad_mode, flip
 
     def __repr__(self) -> str:
-        return f"RandomCropFlip(padding={self.padding}, flip_p={self.flip_p}, pad_mode={self.pad_mode!r})"
+        return (f"RandomCropFlip(padding={self.padding}, flip_p={self.flip_p}, pad_mode={self.pad_mode!r}, "
+                f"flip={self.flip!r})")
 
     def __call__(self, n: int, size: tuple[int, int], generator: torch.Generator | None,
                  device: torch.device) -> ViewGeometry:
@@ -308,8 +329,16 @@ class DeviceViews:
     def __repr__(self) -> str:
         return f"DeviceViews({self.sampler!r})"
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, ViewGeometry]:
+    def __call__(self, images: Tensor, generator: torch.Generator | None, indices: Tensor | None = None,
+                 epoch: int | None = None, seed: int = 0) -> tuple[Tensor, ViewGeometry]:
+        """``indices`` / ``epoch`` / ``seed`` (dataset rows, epoch number, run seed) are used by
+        ``flip: alternate`` only."""
         geometry = self.sampler(images.shape[0], tuple(images.shape[-2:]), generator, images.device)
+        if getattr(self.sampler, "flip", "random") == "alternate":  # the random draw is kept: crops unchanged
+            if indices is None or epoch is None:
+                raise ConfigError("views: flip 'alternate' needs each sample's dataset index and the epoch")
+            geometry = ViewGeometry(geometry.boxes, alternating_flips(indices.to(images.device), epoch, seed),
+                                    geometry.shift)
         fast = geometry.shift is not None  # whole-pixel crops: one gather (also on uint8)
         if images.dtype == torch.uint8:
             if fast:

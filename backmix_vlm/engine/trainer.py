@@ -70,6 +70,7 @@ from ..models.output import ModelOutput
 from ..runs import atomic_write_text
 from ..runtime import check_autocast_precision, resolve_device
 from ..validation import check_choice
+from .lookahead import Lookahead
 from .tasks import StepPlan, TrainTask
 from .checkpoint import (
     BEST,
@@ -103,11 +104,14 @@ def norm_parameters(model: nn.Module) -> set[int]:
 
 
 def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig,
-                    norm_ids: set[int] | None = None) -> torch.optim.Optimizer:
+                    norm_ids: set[int] | None = None,
+                    train_epochs: dict[int, int] | None = None) -> torch.optim.Optimizer:
     """SGD (Nesterov momentum, the paper's recipe) or AdamW over ``params``.
 
     ``cfg.norm_lr_scale != 1``: the parameters in ``norm_ids`` get ``lr * scale`` and a weight
     decay divided by the scale, so their decay per step is unchanged (airbench's 64x BN biases).
+    ``train_epochs`` (parameter ``id`` -> epochs, from ``optim.freeze_after``) puts those parameters
+    in groups of their own whose ``train_epochs`` key makes :func:`build_scheduler` stop them.
     """
     check_choice(cfg.name, OPTIMIZERS, "optim.name")
     params = list(params)
@@ -117,13 +121,20 @@ def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig,
         raise ConfigError(f"optim.lr: {cfg.lr!r} is not accepted; expected a positive number")
     if cfg.norm_lr_scale <= 0:
         raise ConfigError(f"optim.norm_lr_scale: {cfg.norm_lr_scale!r} is not accepted; expected a positive number")
-    groups: list[dict[str, Any]] = [{"params": params}]
-    if cfg.norm_lr_scale != 1.0 and norm_ids:
-        scale = cfg.norm_lr_scale
-        groups = [{"params": [p for p in params if id(p) not in norm_ids]},
-                  {"params": [p for p in params if id(p) in norm_ids], "lr": cfg.lr * scale,
-                   "weight_decay": cfg.weight_decay / scale}]
-        groups = [g for g in groups if g["params"]]
+    scale = cfg.norm_lr_scale
+    norm_ids = norm_ids if scale != 1.0 and norm_ids else set()
+    train_epochs = train_epochs or {}
+    keyed: dict[tuple[bool, int | None], list[nn.Parameter]] = {}
+    for p in params:  # groups in first-seen order: (normalisation layer?, epochs it trains)
+        keyed.setdefault((id(p) in norm_ids, train_epochs.get(id(p))), []).append(p)
+    groups: list[dict[str, Any]] = []
+    for (is_norm, epochs), members in keyed.items():
+        group: dict[str, Any] = {"params": members}
+        if is_norm:
+            group.update(lr=cfg.lr * scale, weight_decay=cfg.weight_decay / scale)
+        if epochs is not None:
+            group["train_epochs"] = epochs
+        groups.append(group)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -147,14 +158,38 @@ def lr_factor(step: int, *, steps_per_epoch: int, cfg: OptimConfig) -> float:
     return 1.0
 
 
+def frozen_after(model: nn.Module, patterns: dict[str, int]) -> dict[int, int]:
+    """``optim.freeze_after`` resolved: trainable parameter ``id`` -> epochs it trains.
+
+    A pattern is an ``fnmatch`` glob over ``model.named_parameters()`` names (e.g. ``"*whiten.bias"``);
+    one that matches no trainable parameter is an error naming the key.
+    """
+    import fnmatch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out: dict[int, int] = {}
+    for pattern, epochs in patterns.items():
+        hits = [p for n, p in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            sample = ", ".join(n for n, _ in named[:6])
+            raise ConfigError(f"optim.freeze_after: {pattern!r} matches no trainable parameter; names look like: "
+                              f"{sample}{', ...' if len(named) > 6 else ''}")
+        out.update({id(p): int(epochs) for p in hits})
+    return out
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     check_choice(cfg.schedule, SCHEDULES, "optim.schedule")
     if cfg.epochs < 1 or not 0 <= cfg.warmup_epochs < max(cfg.epochs, 1) + (cfg.warmup_epochs == 0):
         raise ConfigError(f"optim: epochs={cfg.epochs}, warmup_epochs={cfg.warmup_epochs}; "
                           "expected epochs >= 1 and 0 <= warmup_epochs < epochs")
+
+    def factor(stop: float) -> Callable[[int], float]:  # a group frozen after ``stop`` steps gets LR 0
+        return lambda s: lr_factor(s, steps_per_epoch=steps_per_epoch, cfg=cfg) if s < stop else 0.0
+
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps_per_epoch=steps_per_epoch, cfg=cfg))
+        optimizer, [factor(g.get("train_epochs", math.inf) * steps_per_epoch) for g in optimizer.param_groups])
 
 
 def build_accelerator(run: RunConfig) -> Any:
@@ -262,7 +297,8 @@ class Trainer:
         self.true_masks = getattr(train_set, "foreground_masks", None)  # datasets with known foregrounds
 
         self.bank, self.mixer = self._build_mixer()
-        optimizer = build_optimizer(task.trainable_parameters(), optim, norm_parameters(task.model))
+        optimizer = build_optimizer(task.trainable_parameters(), optim, norm_parameters(task.model),
+                                    frozen_after(task.model, optim.freeze_after))
         self.channels_last = bool(getattr(run, "channels_last", False))
         if self.channels_last:
             task.model.to(memory_format=torch.channels_last)
@@ -271,6 +307,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.scheduler = build_scheduler(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                          else self.optimizer, optim, self.steps_per_epoch)
+        self.lookahead = Lookahead(task.model, optim.epochs * self.steps_per_epoch) if optim.lookahead else None
         self.epoch = 0            # epochs completed
         self.global_step = 0
         self.best: float | None = None
@@ -318,7 +355,8 @@ class Trainer:
         b = images.shape[0]
         geometry = None
         if self.views is not None:  # each sample's random view of its canonical image
-            images, geometry = self.views(images, self.view_generator)
+            images, geometry = self.views(images, self.view_generator, indices=indices, epoch=self.epoch,
+                                          seed=self.run_cfg.seed)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         plan: StepPlan | None = None
@@ -356,6 +394,8 @@ class Trainer:
                 # the bank refuses maps with non-finite values (e.g. an fp16 overflow) and counts them
                 self.bank.update(indices, maps, geometry=geometry)  # a collective in multi-process runs
         self.global_step += 1
+        if self.lookahead is not None:
+            self.lookahead.step(self.task.model, self.global_step)
         with torch.no_grad():
             correct = (out.logits[rows].argmax(-1) == row_labels).sum()
         return {"loss": loss.detach(), "correct": correct, "n": b}
@@ -489,6 +529,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "bank": self.bank.state_dict() if self.bank is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "rng": rngs,
             "data": {"seed": self.run_cfg.seed, "world_size": self.world, "batch_size": self.optim_cfg.batch_size,
                      "num_samples": len(self.train_set), "steps_per_epoch": self.steps_per_epoch,
@@ -532,6 +573,10 @@ class Trainer:
             if state.get("bank") is None:
                 raise ModelError(f"{path}: the checkpoint has no mask bank but augment is backmix")
             self.bank.load_state_dict(state["bank"])
+        if self.lookahead is not None:
+            if state.get("lookahead") is None:
+                raise ModelError(f"{path}: the checkpoint has no lookahead state but optim.lookahead is true")
+            self.lookahead.load_state_dict(state["lookahead"])
         restore_rng_state(state["rng"][self.rank], self._generators())
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history, self.best = list(state.get("history", [])), state.get("best")

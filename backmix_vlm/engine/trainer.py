@@ -38,6 +38,10 @@ Design choices (documented because they change numbers):
   ``task.plan_step`` before the batch is mixed (the CAM of the output; a recording of the
   forward; a kept block input + tail pass; or a separate pass — CoOp / LoCoOp's costly ones
   only every ``backmix.bank_update_every`` steps) and read by ``task.bank_maps`` after the step.
+* **Optional airbench pieces.**  ``optim.lookahead`` resets the weights to a scheduled slow copy
+  every 5 steps (:mod:`.lookahead`; the model *is* the slow copy after the last step, before the
+  final evaluation); ``optim.freeze_after`` stops parameters (by name glob) after N epochs with an
+  LR group at 0; both are in the checkpoint / scheduler state, so resume stays exact.
 * **Only finite maps enter the bank.**  A map with a NaN / inf (e.g. fp16 overflow) is skipped;
   the epoch's count is logged as ``bank_skipped`` (column present only when non-zero).  With a
   GradScaler (fp16) the task gets the loss scale of the step, so maps read from the training

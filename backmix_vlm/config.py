@@ -149,7 +149,7 @@ class OptimConfig:
     label_smoothing: float = 0.0      # cross-entropy label smoothing (train job; airbench: 0.2)
     norm_lr_scale: float = 1.0        # LR multiplier of normalisation-layer parameters, weight decay kept (airbench: 64)
     lookahead: bool = False           # airbench's scheduled Lookahead (weights + BN statistics, every 5 steps)
-    freeze_after: dict[str, int] = field(default_factory=dict)  # parameter-name glob -> epochs it trains (airbench: whitening bias 3)
+    freeze_after: dict[str, int | None] = field(default_factory=dict)  # parameter-name glob -> epochs it trains (airbench: whitening bias 3); null: all
 
     def validate(self, where: str = "optim") -> None:
         check_choice(self.name, OPTIMIZERS, join(where, "name"))
@@ -164,9 +164,9 @@ class OptimConfig:
         check_range(self.batch_size, join(where, "batch_size"), low=1)
         check_positive(self.grad_clip, join(where, "grad_clip"), allow_none=True)
         for pattern, epochs in self.freeze_after.items():
-            if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+            if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0):
                 raise ConfigError(f"{join(where, 'freeze_after')}: {pattern!r}: {epochs!r} is not accepted; "
-                                  "expected a whole number of epochs >= 0")
+                                  "expected a whole number of epochs >= 0, or null (trains throughout)")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"{join(where, 'warmup_epochs')}: {self.warmup_epochs!r} is not accepted with "
                               f"epochs={self.epochs}; expected 0 <= warmup_epochs < epochs")

@@ -221,6 +221,8 @@ def test_freeze_after_stops_a_parameter_group_and_checks_patterns() -> None:
         frozen_after(model, {"*nothing": 1})
     with pytest.raises(ConfigError, match="freeze_after"):
         OptimConfig(freeze_after={"*whiten.bias": -1}).validate()
+    assert frozen_after(model, {"*whiten.bias": None}) == {}  # null: trains throughout (undoes a _base_)
+    OptimConfig(freeze_after={"*whiten.bias": None}).validate()
 
 
 def test_alternating_flip_flips_every_image_every_other_epoch() -> None:

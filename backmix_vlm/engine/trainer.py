@@ -162,17 +162,20 @@ def lr_factor(step: int, *, steps_per_epoch: int, cfg: OptimConfig) -> float:
     return 1.0
 
 
-def frozen_after(model: nn.Module, patterns: dict[str, int]) -> dict[int, int]:
+def frozen_after(model: nn.Module, patterns: dict[str, int | None]) -> dict[int, int]:
     """``optim.freeze_after`` resolved: trainable parameter ``id`` -> epochs it trains.
 
     A pattern is an ``fnmatch`` glob over ``model.named_parameters()`` names (e.g. ``"*whiten.bias"``);
-    one that matches no trainable parameter is an error naming the key.
+    one that matches no trainable parameter is an error naming the key.  ``None`` (YAML ``null``)
+    switches a pattern off, so a config can undo the freeze its ``_base_`` sets.
     """
     import fnmatch
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     out: dict[int, int] = {}
     for pattern, epochs in patterns.items():
+        if epochs is None:
+            continue
         hits = [p for n, p in named if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             sample = ", ".join(n for n, _ in named[:6])

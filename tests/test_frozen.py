@@ -304,6 +304,15 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation(monkeypatch):
     faults = [forward_like() for _ in range(5)]
     assert faults[-1] < 0.1 * 12 * 2048  # re-used from the heap; glibc's default re-faults all 24k pages each time
 
+    def cnn_step_like() -> int:  # 64 MiB blocks (a batch-1024 CNN's activations): above any mmap threshold
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        xs = [torch.ones(16 << 20) for _ in range(3)]
+        del xs
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults = [cnn_step_like() for _ in range(5)]
+    assert faults[-1] < 0.1 * 3 * 16384  # M_MMAP_MAX = 0: served from the kept heap too
+
 
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
 def test_class_token_only_last_block_gives_the_same_pooled_features(tiny, layout):

@@ -411,10 +411,8 @@ class Trainer:
         """One pass over the training set; returns mean loss / accuracy over all processes."""
         self.model.train()
         start = time.perf_counter()
-        # the logged LR is the base group's (not a 64x norm group or one frozen by optim.freeze_after)
-        groups = self.optimizer.param_groups
-        lr = next((g["lr"] for g in groups if "train_epochs" not in g and g.get("initial_lr") == self.optim_cfg.lr),
-                  groups[0]["lr"])
+        # the schedule's base LR (not a 64x norm group's or one frozen by optim.freeze_after)
+        lr = self.optim_cfg.lr * lr_factor(self.global_step, steps_per_epoch=self.steps_per_epoch, cfg=self.optim_cfg)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
         seen = torch.zeros((), device=self.device, dtype=torch.float64)

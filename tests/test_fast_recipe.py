@@ -45,6 +45,22 @@ def test_airbench_shapes_cam_and_frozen_bn_scale() -> None:
         create_cnn("airbench", 6, tta="rotate")
 
 
+def test_max_pool_head_is_airbench_linear_on_pooled_features() -> None:
+    torch.manual_seed(0)
+    model = create_cnn("airbench", 6, widths=[8, 8, 8], head_pool="max")
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    fmap = model.backbone(x)
+    pooled = fmap.amax(dim=(2, 3))                                  # global max-pool, then the 1x1 weights
+    w = model.head.conv.weight.flatten(1)
+    assert torch.allclose(out.logits, pooled @ w.T / 9, atol=1e-6)  # airbench: no bias, 1/9 scale
+    assert torch.allclose(out.cam, torch.einsum("kc,bchw->bkhw", w, fmap) / 9, atol=1e-6)
+    assert torch.allclose(out.features, pooled)
+    assert not torch.allclose(out.logits, out.cam.mean(dim=(2, 3)))  # not the CAM's mean any more
+    with pytest.raises(ModelError, match="head_pool"):
+        create_cnn("airbench", 6, head_pool="median")
+
+
 def test_tta_averages_the_views_as_airbench() -> None:
     torch.manual_seed(0)
     model = create_cnn("small_cnn", 4, width=4, tta="flip_translate").eval()

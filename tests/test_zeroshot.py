@@ -129,6 +129,7 @@ def test_odin_gets_clip_std_for_pixel_space_step():
     (["model.precision=fp64"], "model.precision"),
     (["eval.score_params={energy: {temperature: 2}}", "eval.scores=[msp]"], "not in eval.scores"),
     (["eval.ood=[{name: demo, split: ood-cifar100, label: demo}]"], "distinct `label`"),
+    (["run.eval_workers=-2"], "run.eval_workers"),
 ])
 def test_config_errors_are_clear(tmp_path, overrides, match):
     from backmix_vlm.runners.zeroshot import run_zeroshot
@@ -184,3 +185,53 @@ def test_compile_frozen_tower_keeps_names_and_outputs():
         compiled = bundle.model.encode_image(images).float()
     assert list(bundle.model.state_dict()) == keys  # checkpoints and feature-cache fingerprints unchanged
     assert float(torch.nn.functional.cosine_similarity(eager, compiled).min()) > 0.999
+
+
+def test_sharded_batches_equal_the_whole_batch_and_run_in_parallel_threads():
+    # run.eval_workers: each shard of the batch runs the whole classifier (global + the hooked
+    # local path) in a worker thread with one intra-op thread; outputs are joined along the batch
+    import threading
+
+    from backmix_vlm.models.frozen import ShardedForward, hold_frozen_in, shard_batches
+
+    torch.manual_seed(0)
+    bundle = load_clip(TINY_CLIP, pretrained=None)
+    hold_frozen_in(bundle.model, torch.bfloat16)
+    clf = ClipZeroShotClassifier(bundle, ["cat", "dog", "car"], "simple")
+    images = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = clf(images)
+    seen: set[str] = set()
+    barrier: list[threading.Barrier] = []  # set for the parallel call: all 3 shards must be in flight at once
+
+    def hook(*_):
+        seen.add(threading.current_thread().name)
+        if barrier:
+            barrier[0].wait()
+
+    handle = bundle.model.visual.transformer.resblocks[0].register_forward_pre_hook(hook)
+    threads = torch.get_num_threads()
+    try:
+        assert shard_batches(clf, 3) is clf and isinstance(clf.forward, ShardedForward)
+        shard_batches(clf, 3)  # a second call does not wrap twice
+        assert clf.forward.forward.__self__ is clf
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for call in range(2):  # the first call runs its shards one after the other, the second in parallel
+                if call == 1:
+                    barrier.append(threading.Barrier(3, timeout=30))
+                sharded = clf(images)
+                for field in ("logits", "features", "cosine", "local_cosine", "local_logits"):
+                    a, b = getattr(whole, field), getattr(sharded, field)
+                    assert a.shape == b.shape and a.dtype == b.dtype, field
+                    torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)  # bf16: other blockings for other batch sizes
+                assert sharded.cam is None
+        barrier.clear()
+        assert len(seen) == 3 and all(n.startswith("backmix-shard") for n in seen)
+        assert torch.get_num_threads() == threads  # restored
+        seen.clear()
+        clf(images[:4])  # graph recorded (grad mode): the wrapped forward, in this thread
+        assert seen == {threading.current_thread().name}
+    finally:
+        handle.remove()
+    with pytest.raises(ConfigError, match="eval_workers"):
+        shard_batches(clf, -1)

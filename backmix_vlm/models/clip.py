@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -405,7 +406,9 @@ def encode_image_global_local(model: nn.Module, images: torch.Tensor) -> tuple[t
     from .frozen import class_token_only
 
     captured: list[torch.Tensor] = []
-    handle = block.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    me = threading.get_ident()  # only this call's forward: the tower may run in other threads at once (frozen.ShardedForward)
+    handle = block.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0]) if threading.get_ident() == me else None)
     try:  # a tower held by hold_frozen_in runs its last block for the class token only
         with class_token_only(visual):
             global_feats = model.encode_image(images) if hasattr(model, "encode_image") else model(images)

@@ -35,22 +35,40 @@ from .output import ModelOutput
 CNN_MODELS: Registry[Callable[..., tuple[nn.Module, int, int]]] = Registry("cnn model")
 
 
+HEAD_POOLS = ("avg", "max")
+
+
 class CamHead(nn.Module):
     """Conv1x1 -> GAP: logits are the spatial mean of the class activation maps.
 
     ``scale`` multiplies the maps (airbench's fixed 1/9 output scale); ``bias`` as a linear layer's.
+    ``pool="max"`` is airbench's head instead (global max-pool of the features, then the same
+    1x1 weights as a linear layer): the logits are no longer the CAM's mean, but the CAM is
+    still the 1x1 conv of the feature map with the classifier's weights, so BackMix keeps
+    getting it from the training forward.
     """
 
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True, scale: float = 1.0) -> None:
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, scale: float = 1.0,
+                 pool: str = "avg") -> None:
         super().__init__()
+        if pool not in HEAD_POOLS:
+            raise ModelError(f"model option head_pool={pool!r} is not accepted; choose {', '.join(HEAD_POOLS)}")
         self.conv = nn.Conv2d(in_features, num_classes, kernel_size=1, bias=bias)
         self.scale = float(scale)
+        self.pool = pool
 
     def forward(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
         cam = self.conv(fmap)
         if self.scale != 1.0:
             cam = cam * self.scale
-        return cam.mean(dim=(2, 3)), cam
+        if self.pool == "avg":
+            return cam.mean(dim=(2, 3)), cam
+        pooled = fmap.amax(dim=(2, 3), keepdim=True)
+        return self.conv(pooled).flatten(1) * self.scale, cam
+
+    def pool_features(self, fmap: Tensor) -> Tensor:
+        """The pooled feature vector the logits are a linear function of."""
+        return fmap.mean(dim=(2, 3)) if self.pool == "avg" else fmap.amax(dim=(2, 3))
 
 
 TTA_MODES = ("none", "flip", "flip_translate")
@@ -62,16 +80,17 @@ class CamClassifier(nn.Module):
     ``tta`` (evaluation only): ``flip`` averages the outputs of the image and its mirror;
     ``flip_translate`` also averages over 1 px shifts up-left and down-right (reflect-padded),
     weighted 1/2 : 1/4 : 1/4 as in airbench's level-2 test-time augmentation.  Training
-    forwards and the CAM are never augmented.
+    forwards and the CAM are never augmented.  ``head_pool``: see :class:`CamHead`.
     """
 
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, stride: int,
-                 tta: str = "none", head_bias: bool = True, head_scale: float = 1.0) -> None:
+                 tta: str = "none", head_bias: bool = True, head_scale: float = 1.0,
+                 head_pool: str = "avg") -> None:
         super().__init__()
         if tta not in TTA_MODES:
             raise ModelError(f"model option tta={tta!r} is not accepted; choose {', '.join(TTA_MODES)}")
         self.backbone = backbone
-        self.head = CamHead(num_features, num_classes, bias=head_bias, scale=head_scale)
+        self.head = CamHead(num_features, num_classes, bias=head_bias, scale=head_scale, pool=head_pool)
         self.num_features = num_features
         self.num_classes = num_classes
         self.stride = stride
@@ -90,7 +109,7 @@ class CamClassifier(nn.Module):
     def _forward(self, x: Tensor) -> ModelOutput:
         fmap = self.backbone(x)
         logits, cam = self.head(fmap)
-        return ModelOutput(logits=logits, features=fmap.mean(dim=(2, 3)), cam=cam)
+        return ModelOutput(logits=logits, features=self.head.pool_features(fmap), cam=cam)
 
     def forward(self, x: Tensor) -> ModelOutput:
         if self.training or self.tta == "none":
@@ -113,28 +132,35 @@ class CamClassifier(nn.Module):
 
 def check_cnn(name: str, options: dict | None = None) -> Callable[..., tuple[nn.Module, int, int]]:
     """The builder of a registered CNN; an unknown name or option is a ModelError listing the valid ones
-    (``tta`` is the classifier's own option, see :class:`CamClassifier`)."""
+    (``tta`` and ``head_pool`` are the classifier's own options, see :class:`CamClassifier`)."""
     builder = CNN_MODELS.get(name)
-    accepted = list(inspect.signature(builder).parameters)
-    unknown = [k for k in (options or {}) if k not in accepted and k != "tta"]
+    accepted = list(inspect.signature(builder).parameters) + list(CLASSIFIER_OPTIONS)
+    unknown = [k for k in (options or {}) if k not in accepted]
     if unknown:
         raise ModelError(f"model '{name}': unknown option(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(accepted + ['tta'])}")
+                         f"accepted: {', '.join(accepted)}")
     return builder
 
 
-def create_cnn(name: str, num_classes: int, tta: str = "none", **kw) -> CamClassifier:
+CLASSIFIER_OPTIONS = ("tta", "head_pool")  # options of CamClassifier, not of the backbone builder
+
+
+def create_cnn(name: str, num_classes: int, tta: str = "none", head_pool: str | None = None,
+               **kw) -> CamClassifier:
     """Build a registered CNN (``CNN_MODELS``) with a CAM head for ``num_classes`` classes.
 
     ``kw`` goes to the backbone builder (e.g. ``drop_rate``, ``in_chans``); unknown options
     raise a ModelError listing the accepted ones.  ``tta``: see :class:`CamClassifier`.
-    A backbone may carry ``head_options`` (``head_bias`` / ``head_scale`` of the CamHead).
+    A backbone may carry ``head_options`` (``head_bias`` / ``head_scale`` of the CamHead);
+    ``head_pool`` (``avg`` / ``max``) overrides the pooling, default ``avg`` (the paper's head).
     """
     builder = check_cnn(name, kw)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"model '{name}': num_classes={num_classes!r}; expected a positive integer")
     backbone, num_features, stride = builder(**kw)
-    head = getattr(backbone, "head_options", {})
+    head = dict(getattr(backbone, "head_options", {}))
+    if head_pool is not None:
+        head["head_pool"] = head_pool
     return CamClassifier(backbone, num_features, num_classes, stride, tta=tta, **head)
 
 

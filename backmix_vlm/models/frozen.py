@@ -32,6 +32,8 @@ the evaluator do), so fp32 trainable parts mix with the low-precision frozen one
 """
 from __future__ import annotations
 
+import dataclasses
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -229,6 +231,9 @@ def class_query_attention(mod: nn.MultiheadAttention, x: Tensor) -> Tensor:
     return mod.out_proj(out)
 
 
+_CLASS_TOKEN_ONLY_LOCK = threading.Lock()
+
+
 @contextmanager
 def class_token_only(model: nn.Module) -> Iterator[bool]:
     """While active, the last block of ``model``'s open_clip image tower (held by :func:`hold_frozen_in`)
@@ -242,11 +247,18 @@ def class_token_only(model: nn.Module) -> Iterator[bool]:
     if not eligible:
         yield False
         return
-    block.class_token_only = True  # type: ignore[union-attr]
+    with _CLASS_TOKEN_ONLY_LOCK:  # counted: shards of one batch enter it from several threads at once
+        depth = block.__dict__.get("_class_token_only_depth", 0)
+        block._class_token_only_depth = depth + 1  # type: ignore[union-attr]
+        block.class_token_only = True  # type: ignore[union-attr]
     try:
         yield True
     finally:
-        del block.class_token_only  # type: ignore[union-attr]
+        with _CLASS_TOKEN_ONLY_LOCK:
+            block._class_token_only_depth -= 1  # type: ignore[union-attr]
+            if not block._class_token_only_depth:  # type: ignore[union-attr]
+                del block.class_token_only  # type: ignore[union-attr]
+                del block._class_token_only_depth  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------- the cast
@@ -349,3 +361,94 @@ def compile_frozen_tower(model: nn.Module) -> nn.Module:
         tower.forward = torch.compile(tower.forward)
         tower._backmix_compiled = True
     return model
+
+
+class ShardedForward:
+    """A module's ``forward`` run as ``workers`` single-threaded shards of the batch in parallel.
+
+    On a CPU, torch parallelises each op over its intra-op threads; the memory-bound ops between
+    the matmuls (layer norms, activations, residual adds, the flash-attention kernel at ViT sizes)
+    barely gain from the second thread.  Splitting the *batch* over worker threads that each run
+    with one intra-op thread keeps every core on its own whole forward (data parallelism inside
+    one process; the ops release the GIL).  Applies only where no graph is recorded
+    (``torch.no_grad`` / ``inference_mode``), on CPU tensors, with at least two samples per
+    shard; otherwise it is the wrapped forward.  Worker threads inherit the caller's autocast,
+    grad and inference mode (torch keeps them per thread).  The first call runs its shards one
+    after the other, so a ``torch.compile``-d forward compiles once, for one thread.  Outputs
+    (tensors, tuples, dicts or :class:`~backmix_vlm.models.output.ModelOutput`) are joined
+    along the batch.  The wrapped forward must be safe to run from two threads at once (hooks
+    that collect tensors must check their thread, as ``encode_image_global_local`` does).
+    """
+
+    def __init__(self, forward: Any, workers: int) -> None:
+        self.forward = forward
+        self.workers = int(workers)
+        self._pool: Any = None
+        self._warm = False
+
+    def _applies(self, x: Any, args: tuple, kwargs: dict) -> bool:
+        return (self.workers > 1 and not args and not kwargs and isinstance(x, Tensor) and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and x.shape[0] >= 2 * self.workers)
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._applies(x, args, kwargs):
+            return self.forward(x, *args, **kwargs)
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backmix-shard")
+        inference = torch.is_inference_mode_enabled()
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu")
+
+        def run(shard: Tensor) -> Any:
+            with torch.inference_mode(inference), torch.no_grad(), \
+                    torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                return self.forward(shard)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            shards = x.chunk(self.workers)
+            if self._warm:
+                outs = list(self._pool.map(run, shards))
+            else:
+                outs = [self._pool.submit(run, shard).result() for shard in shards]
+                self._warm = True
+        finally:
+            torch.set_num_threads(threads)
+        return join_batches(outs)
+
+
+def join_batches(outs: list[Any]) -> Any:
+    """Concatenate per-shard outputs along the batch: tensors, tuples / lists, dicts and dataclasses
+    of them (``None`` fields stay ``None``)."""
+    first = outs[0]
+    if isinstance(first, Tensor):
+        return torch.cat(outs)
+    if first is None:
+        return None
+    if isinstance(first, (tuple, list)):
+        return type(first)(join_batches([o[i] for o in outs]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: join_batches([o[k] for o in outs]) for k in first}
+    if dataclasses.is_dataclass(first):
+        return dataclasses.replace(first, **{f.name: join_batches([getattr(o, f.name) for o in outs])
+                                             for f in dataclasses.fields(first)})
+    raise TypeError(f"cannot join per-shard outputs of type {type(first).__name__} along the batch")
+
+
+def shard_batches(module: nn.Module, workers: int) -> nn.Module:
+    """Run ``module``'s inference batches as ``workers`` parallel single-threaded shards
+    (:class:`ShardedForward`), in place; ``workers`` 0 or 1 leaves it as it is.
+
+    Like :func:`compile_frozen_tower` the bound ``forward`` is replaced, not the module (names,
+    state dicts and feature-cache fingerprints unchanged); shard after compiling, so each worker
+    runs the compiled forward.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"run.eval_workers: {workers!r} is not accepted; expected 0 or 1 (off) "
+                          "or a number of worker threads >= 2")
+    if workers >= 2 and not isinstance(module.forward, ShardedForward):
+        module.forward = ShardedForward(module.forward, workers)
+    return module

@@ -38,7 +38,7 @@ def _loader(ds: Any, cfg: EvalConfig, device: torch.device) -> DataLoader:
 def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg`` and write results.md / results.json into ``run_dir``; return the results."""
     from ..data import build_dataset
-    from ..models.frozen import compile_frozen_tower, frozen_compute_dtype, hold_frozen_in
+    from ..models.frozen import compile_frozen_tower, frozen_compute_dtype, hold_frozen_in, shard_batches
     from ..runtime import low_precision_dtype
     from ..ood.evaluate import evaluate_open_set
     from ..ood.features import cache_file, extract_outputs, model_fingerprint, score_images_loader
@@ -68,6 +68,8 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     hold_frozen_in(bundle.model, low_precision_dtype(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
     if cfg.run.compile:  # fuses the memory-bound work between the matmuls; pays the compile time once
         compile_frozen_tower(bundle.model)
+    # each core runs whole forwards of its share of the batch (the ops between the matmuls scale badly over threads)
+    shard_batches(clf, cfg.run.eval_workers)
 
     cache_dir = Path(cfg.run.output_dir) / ".cache" / "features"
     # image tower weights + the exact class embeddings + logit scale = everything outputs depend on

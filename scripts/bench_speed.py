@@ -12,7 +12,8 @@ Parts (``--parts``, each in a fresh subprocess so Accelerate state and RSS start
   (:func:`backmix_vlm.models.frozen.hold_frozen_in`), interleaved rounds; images/s and % of the
   peak (FLOPs of one image counted from the architecture, ``bench_coop.vit_image_flops``).
   Also the fast path's accuracy against the fp32 forward (per-sample cosine, zero-shot argmax
-  agreement against random class embeddings).
+  agreement against random class embeddings).  ``--workers N``: also the batch split over N
+  single-threaded worker threads (``run.eval_workers``), with ``--compile`` also compiled so.
 * ``coop``  one training step at batch ``--batch`` (bf16), interleaved rounds, same weights and
   images:
     official     a faithful re-implementation of the official CoOp step (KaiyangZhou/CoOp
@@ -183,6 +184,23 @@ def load_model(name: str, seed: int) -> Any:
     return load_clip(name, None if name == TINY_CLIP else "openai", load_weights=False)
 
 
+class _ShardedEncode(nn.Module):
+    """``model.encode_image`` with its batches split over single-threaded workers (``run.eval_workers``)."""
+
+    def __init__(self, model: nn.Module, workers: int) -> None:
+        from backmix_vlm.models.frozen import shard_batches
+
+        super().__init__()
+        self.model = model
+        shard_batches(self, workers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)
+
+
 def part_eval(args: argparse.Namespace) -> dict[str, Any]:
     from backmix_vlm.models.clip import load_clip
     from backmix_vlm.models.frozen import class_token_only, hold_frozen_in
@@ -211,6 +229,20 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
         log(f"[eval] compile {compile_s:.0f} s")
         variants[compiled_name] = compiled
         work_per_image[compiled_name] = flops
+    if args.workers >= 2:  # run.eval_workers: the batch split over single-threaded worker threads
+        shard_names = [f"held, {args.workers} single-threaded shards (run.eval_workers)"]
+        variants[shard_names[0]] = _ShardedEncode(held, args.workers)
+        if args.compile:
+            from backmix_vlm.models.frozen import compile_frozen_tower
+
+            shard_names.append(f"held, torch.compile, {args.workers} single-threaded shards")
+            variants[shard_names[1]] = _ShardedEncode(compile_frozen_tower(copy.deepcopy(held)), args.workers)
+        for name in shard_names:
+            work_per_image[name] = flops
+            start = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+                variants[name].encode_image(images)  # first call: shards one after the other (a compile: 1 thread)
+            log(f"[eval] warm-up {name} {time.perf_counter() - start:.0f} s")
     times: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     peaks = [matmul_bf16()]
     with torch.inference_mode():
@@ -218,7 +250,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
             names = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for name in names:
                 with torch.autocast("cpu", dtype=BF16), class_token_only(held) if name == cls_only else nullcontext():
-                    warm = images if name.endswith("run.compile)") else images[:2]  # no second compile
+                    warm = images if name.endswith("run.compile)") or "shards" in name else images[:2]  # no second compile
                     t = measure(lambda: variants[name].encode_image(warm if r == 0 else images))
                 if r:
                     times[name].append(t)
@@ -444,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="coop: the trainer's device views (auto: RandomResizedCrop + flip with the frame-consistent "
                         "bank, as the fewshot job; none: images as given, the measurement before issue 7)")
     p.add_argument("--compile", action="store_true", help="eval: also time the held tower under torch.compile")
+    p.add_argument("--workers", type=int, default=0,
+                   help="eval: also time the held tower with each batch split over this many single-threaded "
+                        "worker threads (run.eval_workers; with --compile also the compiled tower so)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--part-worker", default=None, help=argparse.SUPPRESS)

@@ -351,7 +351,7 @@ def compile_frozen_tower(model: nn.Module) -> nn.Module:
     For evaluation of a frozen tower (zero-shot: ``run.compile: true``).  Inductor fuses the
     memory-bound work between the matmuls (layer norms, QuickGELU, residual adds, casts), which
     on a 2-core CPU does not scale with the second core in eager mode (``docs/benchmarks_speed.md``:
-    ViT-B/16 ``encode_image`` 73 % -> 81 % of the bf16 matmul peak on 2 threads).  The bound
+    ViT-B/16 ``encode_image`` 70 % -> 73 % of the bf16 matmul peak on 2 threads, 71 % -> 81 % on 1).  The bound
     ``forward`` is replaced, not the module, so parameter names, state dicts and feature-cache
     fingerprints are unchanged.  The first batches pay the compile time (about 20-100 s for a
     ViT-B/16 on 2 cores; a new batch size or the class-token-only switch compiles once more).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -134,21 +135,62 @@ def fmt(values: list[float | None], scale: float = 100) -> str:
     return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
 
 
+RUN_LABEL = re.compile(r"split(\d+)-seed(\d+)$")
+
+
+def _split_seed(row: dict) -> tuple[int, int]:
+    m = RUN_LABEL.search(row.get("run", ""))
+    return (int(m[1]), int(m[2])) if m else (-1, -1)
+
+
+def _ranges(values: list[int]) -> str:
+    v = sorted(set(values))
+    return f"{v[0]}–{v[-1]}" if len(v) > 2 and v == list(range(v[0], v[-1] + 1)) else ", ".join(map(str, v))
+
+
 def table(report: dict[str, dict[str, list[dict]]]) -> str:
+    """Table IV format: each method over the splits (seed 0), then over the seeds of split 0
+    (where it has more than one), then each method's paired difference to Plain on the same runs."""
     cols = [("acc", "Acc"), ("auroc_msp", "AUROC MSP"), ("auroc_maxlogit", "AUROC MaxLogit"),
             ("oscr_msp", "OSCR MSP"), ("oscr_maxlogit", "OSCR MaxLogit"), ("f1_msp", "Macro-F1")]
     cols += [(f"auroc_maxlogit/{o}", f"AUROC MaxLogit {o}") for o in EXTRA]
-    lines = ["| Recipe | Method | runs | " + " | ".join(c for _, c in cols) + " | train s / run |",
-             "|---|---|---:|" + "---:|" * (len(cols) + 1)]
+    head = "| Recipe | Method | runs | n | " + " | ".join(c for _, c in cols) + " | train s / run |"
+    rule = "|---|---|---|---:|" + "---:|" * (len(cols) + 1)
+    lines = [head, rule]
     for label, auroc in PUBLISHED:
-        lines.append(f"| published | {label} | – | – | {auroc if 'Vaze' not in label else '–'} | "
+        lines.append(f"| published | {label} | – | – | – | {auroc if 'Vaze' not in label else '–'} | "
                      f"{auroc if 'Vaze' in label else '–'} |" + " – |" * (len(cols) - 3) + " – |")
+
+    def row(recipe: str, name: str, runs: list[dict], where: str) -> str:
+        cells = [fmt([r.get(k) for r in runs]) for k, _ in cols]
+        secs = fmt([r.get("train_time_s") for r in runs], scale=1)
+        return f"| {recipe} | {name} | {where} | {len(runs)} | " + " | ".join(cells) + f" | {secs} |"
+
     for recipe, per_variant in report.items():
         for name, runs in per_variant.items():
-            cells = [fmt([r.get(k) for r in runs]) for k, _ in cols]
-            secs = fmt([r.get("train_time_s") for r in runs], scale=1)
-            lines.append(f"| {recipe} | {name} | {len(runs)} | " + " | ".join(cells) + f" | {secs} |")
-    return "\n".join(lines) + "\n"
+            seed0 = [r for r in runs if _split_seed(r)[1] == 0]
+            if seed0:
+                splits = [_split_seed(r)[0] for r in seed0]
+                lines.append(row(recipe, name, seed0, f"split{'s' * (len(set(splits)) > 1)} {_ranges(splits)}, seed 0"))
+            split0 = [r for r in runs if _split_seed(r)[0] == 0]
+            if len(split0) > 1:
+                lines.append(row(recipe, name, split0, f"split 0, seeds {_ranges([_split_seed(r)[1] for r in split0])}"))
+    diff: list[str] = []
+    for recipe, per_variant in report.items():
+        plain = {r.get("run"): r for r in per_variant.get("plain", [])}
+        for name, runs in per_variant.items():
+            pairs = [(r, plain[r.get("run")]) for r in runs if name != "plain" and r.get("run") in plain]
+            if not pairs:
+                continue
+            cells = [fmt([None if r.get(k) is None or p.get(k) is None else r[k] - p[k] for r, p in pairs])
+                     for k, _ in cols]
+            where = ", ".join(sorted(r.get("run", "").replace(f"{recipe}-", "") for r, _ in pairs))
+            diff.append(f"| {recipe} | {name} − plain | {where} | {len(pairs)} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    if diff:
+        md += ("\nPaired differences to Plain on the same runs (same split, seed, data order and schedule), "
+               "mean ± std in points:\n\n" + "\n".join([head.replace(" train s / run |", ""), rule[:-5], *diff]) + "\n")
+    return md
 
 
 # ----------------------------------------------------------------------------- CUDA check

@@ -36,7 +36,8 @@ def test_osr_script_smoke_writes_the_table(tmp_path):
     row = report["fast"]["backmix"][0]
     assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["auroc_maxlogit"] <= 1.0 and row["run"] == "fast-split0-seed0"
     md = (out / "table.md").read_text()
-    assert "| published | + BackMix (BackMix paper, Table IV) |" in md and "| fast | plain | 1 |" in md
+    assert "| published | + BackMix (BackMix paper, Table IV) |" in md and "| fast | plain | split 0, seed 0 | 1 |" in md
+    assert "| fast | backmix − plain | split0-seed0 | 1 |" in md  # the paired difference on the same run
     # asking for an ablation later runs only that variant, in a folder of its own; the finished run is untouched
     before = (out / "fast-split0-seed0" / "results.json").read_bytes()
     subprocess.run(cmd + ["--variants", "plain", "cutout"], check=True, cwd=REPO, capture_output=True, timeout=300)

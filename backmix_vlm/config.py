@@ -55,16 +55,17 @@ class RunConfig:
     precision: str = "no"             # no | bf16 | fp16  (autocast; bf16 is ~4x faster on modern CPUs)
     channels_last: bool = False       # CNNs: NHWC memory format (faster convolutions with bf16 on CPU and GPU)
     compile: bool = False             # torch.compile the model for training, the frozen image tower for zero-shot evaluation (first batches pay the compile time)
-    eval_workers: int = 0             # zero-shot on CPU: split each batch over N threads of one intra-op thread each (0/1: off); docs/benchmarks_speed.md
+    eval_workers: int | str = "auto"  # zero-shot on CPU: split each batch over N threads of one intra-op thread each (auto: one per torch thread; 0/1: off); docs/benchmarks_speed.md
 
     def validate(self, where: str = "run") -> None:
         from .runtime import check_autocast_precision, check_device_name
 
         check_device_name(self.device, join(where, "device"))
         check_autocast_precision(self.precision, join(where, "precision"))
-        if isinstance(self.eval_workers, bool) or not isinstance(self.eval_workers, int) or self.eval_workers < 0:
-            raise ConfigError(f"{join(where, 'eval_workers')}: {self.eval_workers!r} is not accepted; "
-                              "expected 0 or 1 (off) or a number of worker threads >= 2")
+        if self.eval_workers != "auto" and (isinstance(self.eval_workers, bool) or not isinstance(self.eval_workers, int)
+                                            or self.eval_workers < 0):
+            raise ConfigError(f"{join(where, 'eval_workers')}: {self.eval_workers!r} is not accepted; expected "
+                              "'auto' (one per torch thread on CPU), 0 or 1 (off) or a number of worker threads >= 2")
         if self.name is not None and (not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\")):
             raise ConfigError(f"{join(where, 'name')}: {self.name!r} is not a usable folder name")
 

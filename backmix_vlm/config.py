@@ -62,10 +62,9 @@ class RunConfig:
 
         check_device_name(self.device, join(where, "device"))
         check_autocast_precision(self.precision, join(where, "precision"))
-        if self.eval_workers != "auto" and (isinstance(self.eval_workers, bool) or not isinstance(self.eval_workers, int)
-                                            or self.eval_workers < 0):
-            raise ConfigError(f"{join(where, 'eval_workers')}: {self.eval_workers!r} is not accepted; expected "
-                              "'auto' (one per torch thread on CPU), 0 or 1 (off) or a number of worker threads >= 2")
+        from .models.frozen import check_eval_workers
+
+        check_eval_workers(self.eval_workers, join(where, "eval_workers"))
         if self.name is not None and (not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\")):
             raise ConfigError(f"{join(where, 'name')}: {self.name!r} is not a usable folder name")
 

@@ -63,8 +63,7 @@ class CamHead(nn.Module):
             cam = cam * self.scale
         if self.pool == "avg":
             return cam.mean(dim=(2, 3)), cam
-        pooled = fmap.amax(dim=(2, 3), keepdim=True)
-        return self.conv(pooled).flatten(1) * self.scale, cam
+        return self.conv(self.pool_features(fmap)[..., None, None]).flatten(1) * self.scale, cam
 
     def pool_features(self, fmap: Tensor) -> Tensor:
         """The pooled feature vector the logits are a linear function of."""

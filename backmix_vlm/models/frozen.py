@@ -438,17 +438,25 @@ def join_batches(outs: list[Any]) -> Any:
     raise TypeError(f"cannot join per-shard outputs of type {type(first).__name__} along the batch")
 
 
-def shard_batches(module: nn.Module, workers: int) -> nn.Module:
+def check_eval_workers(workers: Any, where: str = "run.eval_workers") -> None:
+    """``workers`` must be ``"auto"`` or a non-negative int; a ConfigError naming ``where`` otherwise."""
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"{where}: {workers!r} is not accepted; expected 'auto' (one per torch thread on CPU), "
+                          "0 or 1 (off) or a number of worker threads >= 2")
+
+
+def shard_batches(module: nn.Module, workers: int | str) -> nn.Module:
     """Run ``module``'s inference batches as ``workers`` parallel single-threaded shards
-    (:class:`ShardedForward`), in place; ``workers`` 0 or 1 leaves it as it is.
+    (:class:`ShardedForward`), in place; ``workers`` 0 or 1 leaves it as it is, ``"auto"`` is
+    one worker per torch thread.
 
     Like :func:`compile_frozen_tower` the bound ``forward`` is replaced, not the module (names,
     state dicts and feature-cache fingerprints unchanged); shard after compiling, so each worker
     runs the compiled forward.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"run.eval_workers: {workers!r} is not accepted; expected 0 or 1 (off) "
-                          "or a number of worker threads >= 2")
+    check_eval_workers(workers)
+    if workers == "auto":  # one per intra-op thread; a no-op off the CPU (ShardedForward applies to CPU tensors)
+        workers = torch.get_num_threads()
     if workers >= 2 and not isinstance(module.forward, ShardedForward):
         module.forward = ShardedForward(module.forward, workers)
     return module

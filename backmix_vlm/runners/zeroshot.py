@@ -69,8 +69,7 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.run.compile:  # fuses the memory-bound work between the matmuls; pays the compile time once
         compile_frozen_tower(bundle.model)
     # each core runs whole forwards of its share of the batch (the ops between the matmuls scale badly over threads)
-    workers = cfg.run.eval_workers
-    shard_batches(clf, (torch.get_num_threads() if device.type == "cpu" else 0) if workers == "auto" else workers)
+    shard_batches(clf, cfg.run.eval_workers)
 
     cache_dir = Path(cfg.run.output_dir) / ".cache" / "features"
     # image tower weights + the exact class embeddings + logit scale = everything outputs depend on

@@ -58,12 +58,10 @@ class RunConfig:
     eval_workers: int | str = "auto"  # zero-shot on CPU: split each batch over N threads of one intra-op thread each (auto: one per torch thread; 0/1: off); docs/benchmarks_speed.md
 
     def validate(self, where: str = "run") -> None:
-        from .runtime import check_autocast_precision, check_device_name
+        from .runtime import check_autocast_precision, check_device_name, check_eval_workers
 
         check_device_name(self.device, join(where, "device"))
         check_autocast_precision(self.precision, join(where, "precision"))
-        from .models.frozen import check_eval_workers
-
         check_eval_workers(self.eval_workers, join(where, "eval_workers"))
         if self.name is not None and (not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\")):
             raise ConfigError(f"{join(where, 'name')}: {self.name!r} is not a usable folder name")

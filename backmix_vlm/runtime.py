@@ -131,3 +131,10 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     switch it to cache-only mode and fail in seconds instead.
     """
     return host_reachable(*HUB_HOST, timeout=timeout)[0]
+
+
+def check_eval_workers(workers: Any, where: str = "run.eval_workers") -> None:
+    """``workers`` must be ``"auto"`` or a non-negative int; a ConfigError naming ``where`` otherwise."""
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"{where}: {workers!r} is not accepted; expected 'auto' (one per torch thread on CPU), "
+                          "0 or 1 (off) or a number of worker threads >= 2")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..runtime import low_precision_dtype
+from ..runtime import check_eval_workers, low_precision_dtype
 
 LOW_DTYPES = (torch.bfloat16, torch.float16)  # what frozen weights may be held in
 KEEP_FP32 = ("logit_scale", "logit_bias")  # parameter names (CLIP / SigLIP temperature and bias)
@@ -436,13 +436,6 @@ def join_batches(outs: list[Any]) -> Any:
         return dataclasses.replace(first, **{f.name: join_batches([getattr(o, f.name) for o in outs])
                                              for f in dataclasses.fields(first)})
     raise TypeError(f"cannot join per-shard outputs of type {type(first).__name__} along the batch")
-
-
-def check_eval_workers(workers: Any, where: str = "run.eval_workers") -> None:
-    """``workers`` must be ``"auto"`` or a non-negative int; a ConfigError naming ``where`` otherwise."""
-    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise ConfigError(f"{where}: {workers!r} is not accepted; expected 'auto' (one per torch thread on CPU), "
-                          "0 or 1 (off) or a number of worker threads >= 2")
 
 
 def shard_batches(module: nn.Module, workers: int | str) -> nn.Module:

@@ -130,6 +130,24 @@ def test_reflect_padding_is_symmetric_at_the_border() -> None:
         RandomCropFlip(pad_mode="wrap")
 
 
+def test_reflect_101_crops_equal_airbench_translate() -> None:
+    # airbench's translate: F.pad(..., "reflect") by 2 px, then a 32 px crop at the drawn offset
+    images = (torch.rand(256, 3, 8, 8) * 255).to(torch.uint8)
+    g = RandomCropFlip(padding=2, pad_mode="reflect_101", flip_p=0.0)(256, (8, 8), torch.Generator().manual_seed(1),
+                                                                       torch.device("cpu"))
+    padded = F.pad(images.float(), (2, 2, 2, 2), mode="reflect")
+    want = torch.stack([padded[i, :, 2 + dy:10 + dy, 2 + dx:10 + dx] for i, (dy, dx) in enumerate(g.shift.tolist())])
+    assert {tuple(s) for s in g.shift.tolist()} == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert torch.equal(g.shift_images(images, "reflect_101").float(), want)
+    # ... and differs from "reflect" (edge pixel repeated) exactly where a crop reaches outside the image
+    assert not torch.equal(g.shift_images(images, "reflect"), g.shift_images(images, "reflect_101"))
+    with pytest.raises(ConfigError, match="reflect_101"):
+        g.warp_images(images.float(), pad_mode="reflect_101")
+    with pytest.raises(ConfigError, match="padding < the image size"):
+        ViewGeometry(torch.tensor([[1.0, 0.0, 2.0, 1.0]]), torch.tensor([False]), torch.tensor([[8, 0]])).shift_images(
+            images[:1], "reflect_101")
+
+
 def test_memory_cache_refuses_loader_views() -> None:
     from backmix_vlm.augment.geometry import train_pipeline
 

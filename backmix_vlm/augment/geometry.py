@@ -40,7 +40,10 @@ from .base import rand
 
 #: samplers by name (``data.views`` in the configs)
 VIEW_SAMPLERS: Registry = Registry("view sampler")
-PAD_MODES = ("zeros", "reflect")
+#: padding of views that reach outside the image: black; mirrored with the edge pixel repeated
+#: (OpenCV's BORDER_REFLECT, grid_sample's "reflection"); mirrored about the edge pixel (OpenCV's
+#: BORDER_REFLECT_101, numpy's and ``F.pad``'s "reflect": airbench's translate, whole-pixel shifts only)
+PAD_MODES = ("zeros", "reflect", "reflect_101")
 
 
 @dataclass
@@ -71,20 +74,22 @@ class ViewGeometry:
     def shift_images(self, images: Tensor, pad_mode: str = "zeros") -> Tensor:
         """The views of whole-pixel shifts (``shift``), by one gather on a padded copy: the same
         pixels as :meth:`warp_images` (zeros or reflect padding), several times faster, and it
-        works on uint8."""
+        works on uint8; ``reflect_101`` (airbench's padding) exists on this path only."""
         b, c, h, w = images.shape
         p = int(self.shift.abs().max()) if self.shift.numel() else 0
         if p:
-            mode = "constant" if pad_mode == "zeros" else "replicate"
-            padded = F.pad(images if images.is_floating_point() or mode == "constant" else images.float(),
-                           (p, p, p, p), mode=mode)
-            if pad_mode == "reflect":  # mirror about the border, edge pixel repeated (grid_sample's reflection)
+            if pad_mode == "zeros":
+                padded = F.pad(images, (p, p, p, p))
+            else:  # a mirrored index per padded row / column: exact on uint8, no float round trip
+                edge = 1 if pad_mode == "reflect" else 0  # reflect repeats the edge pixel, reflect_101 does not
+                if pad_mode == "reflect_101" and p >= min(h, w):
+                    raise ConfigError(f"views: pad_mode='reflect_101' needs padding < the image size; got {p} px "
+                                      f"for {h}x{w} images")
                 ar_h = torch.arange(-p, h + p, device=images.device)
                 ar_w = torch.arange(-p, w + p, device=images.device)
-                rows = torch.where(ar_h < 0, -ar_h - 1, torch.where(ar_h >= h, 2 * h - 1 - ar_h, ar_h))
-                cols = torch.where(ar_w < 0, -ar_w - 1, torch.where(ar_w >= w, 2 * w - 1 - ar_w, ar_w))
+                rows = torch.where(ar_h < 0, -ar_h - edge, torch.where(ar_h >= h, 2 * h - 2 + edge - ar_h, ar_h))
+                cols = torch.where(ar_w < 0, -ar_w - edge, torch.where(ar_w >= w, 2 * w - 2 + edge - ar_w, ar_w))
                 padded = images[:, :, rows][:, :, :, cols]
-            padded = padded.to(images.dtype)
         else:
             padded = images
         hp, wp = h + 2 * p, w + 2 * p
@@ -124,6 +129,9 @@ class ViewGeometry:
         grid = torch.stack([2 * x - 1, 2 * y - 1], dim=-1)  # grid_sample: (x, y) in [-1, 1], align_corners=False
         fill_t = torch.as_tensor(fill, dtype=dtype, device=images.device).reshape(1, -1, 1, 1)
         src = images.to(dtype) - fill_t  # zero padding of (image - fill) == padding with fill
+        if pad_mode == "reflect_101":
+            raise ConfigError("views: pad_mode='reflect_101' applies to whole-pixel crops (crop_flip) only; "
+                              "use 'reflect' or 'zeros' for resampled views")
         padding = "reflection" if pad_mode == "reflect" else "zeros"
         out = F.grid_sample(src, grid.to(dtype), mode=mode, padding_mode=padding, align_corners=False)
         return out + fill_t
@@ -206,8 +214,8 @@ FLIP_MODES = ("random", "alternate")
 @VIEW_SAMPLERS.register("crop_flip")
 class RandomCropFlip:
     """CIFAR-style augmentation: pad by ``padding`` px (``pad_mode`` zeros = black, as
-    torchvision's RandomCrop; or ``reflect``: mirrored at the border, edge pixel repeated, as
-    airbench's translate), random crop back to the image size, horizontal flip with probability ``flip_p``.  Shifts are whole pixels, so the
+    torchvision's RandomCrop; ``reflect``: mirrored at the border, edge pixel repeated; or
+    ``reflect_101``: mirrored about the edge pixel, as airbench's translate), random crop back to the image size, horizontal flip with probability ``flip_p``.  Shifts are whole pixels, so the
     warped views are exact pixel copies (as torchvision's ``RandomCrop`` + flip)."""
 
     def __init__(self, padding: int = 4, flip_p: float = 0.5, pad_mode: str = "zeros",

@@ -217,6 +217,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
     work_per_image = {name: flops for name in variants}
     work_per_image[cls_only] = flops - skipped_by_class_token_only(fp32.visual)
     compile_s = None
+    full_warmup: set[str] = set()  # variants compiled / sharded for the full batch shape: round 0 uses it too
     if args.compile:  # zero-shot with run.compile: the held tower's forward under torch.compile
         from backmix_vlm.models.frozen import compile_frozen_tower
 
@@ -229,6 +230,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
         log(f"[eval] compile {compile_s:.0f} s")
         variants[compiled_name] = compiled
         work_per_image[compiled_name] = flops
+        full_warmup.add(compiled_name)
     if args.workers >= 2:  # run.eval_workers: the batch split over single-threaded worker threads
         shard_names = [f"held, {args.workers} single-threaded shards (run.eval_workers)"]
         variants[shard_names[0]] = _ShardedEncode(held, args.workers)
@@ -237,6 +239,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
 
             shard_names.append(f"held, torch.compile, {args.workers} single-threaded shards")
             variants[shard_names[1]] = _ShardedEncode(compile_frozen_tower(copy.deepcopy(held)), args.workers)
+        full_warmup.update(shard_names)
         for name in shard_names:
             work_per_image[name] = flops
             start = time.perf_counter()
@@ -250,7 +253,7 @@ def part_eval(args: argparse.Namespace) -> dict[str, Any]:
             names = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for name in names:
                 with torch.autocast("cpu", dtype=BF16), class_token_only(held) if name == cls_only else nullcontext():
-                    warm = images if name.endswith("run.compile)") or "shards" in name else images[:2]  # no second compile
+                    warm = images if name in full_warmup else images[:2]  # no second compile
                     t = measure(lambda: variants[name].encode_image(warm if r == 0 else images))
                 if r:
                     times[name].append(t)

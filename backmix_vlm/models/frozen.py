@@ -197,7 +197,7 @@ class _ClassTokenOnly:
     patched (explicit, relevance) attention, cross-attention or a mask takes the normal path.
     """
 
-    class_token_only = False
+    class_token_only = 0  # how many active class_token_only() contexts hold this block (0: off)
 
     def forward(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
                 attn_mask: Tensor | None = None) -> Tensor:
@@ -248,17 +248,14 @@ def class_token_only(model: nn.Module) -> Iterator[bool]:
         yield False
         return
     with _CLASS_TOKEN_ONLY_LOCK:  # counted: shards of one batch enter it from several threads at once
-        depth = block.__dict__.get("_class_token_only_depth", 0)
-        block._class_token_only_depth = depth + 1  # type: ignore[union-attr]
-        block.class_token_only = True  # type: ignore[union-attr]
+        block.class_token_only += 1  # type: ignore[union-attr]
     try:
         yield True
     finally:
         with _CLASS_TOKEN_ONLY_LOCK:
-            block._class_token_only_depth -= 1  # type: ignore[union-attr]
-            if not block._class_token_only_depth:  # type: ignore[union-attr]
-                del block.class_token_only  # type: ignore[union-attr]
-                del block._class_token_only_depth  # type: ignore[union-attr]
+            block.class_token_only -= 1  # type: ignore[union-attr]
+            if not block.class_token_only:  # type: ignore[union-attr]
+                del block.class_token_only  # type: ignore[union-attr]  # back to the class default
 
 
 # ----------------------------------------------------------------------------- the cast

@@ -7,7 +7,8 @@ accuracy, AUROC (MSP, MaxLogit), OSCR and open-set macro-F1 on the CIFAR-10 unkn
 AUROC against CIFAR-100 and Tiny-ImageNet (resize, crop), mean ± std over splits x seeds,
 beside the paper's Plain / + BackMix rows (Table IV) and Vaze et al.'s MaxLogit baseline.
 
-Recipes: ``fast`` = ``configs/cnn/cifar10_osr_airbench.yaml`` (airbench-class net, 10 epochs);
+Recipes: ``fast`` = ``configs/cnn/cifar10_osr_airbench.yaml`` (airbench-class net, recipe v1, 10 epochs);
+``fast_v3`` = ``configs/cnn/cifar10_osr_airbench_v3.yaml`` (recipe v3: + lookahead, max-pool head, ...);
 ``paper`` = ``configs/cnn/cifar10_osr_wrn40_4.yaml`` (WRN-40-4, SGD 0.1, cosine, 100 epochs) run
 with the training set decoded once into memory and crop / flip on the device.
 
@@ -33,7 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-RECIPES = {"fast": REPO / "configs" / "cnn" / "cifar10_osr_airbench.yaml",
+RECIPES = {"fast": REPO / "configs" / "cnn" / "cifar10_osr_airbench.yaml",        # recipe v1 (the committed table)
+           "fast_v3": REPO / "configs" / "cnn" / "cifar10_osr_airbench_v3.yaml",  # v3: lookahead, max-pool head, ...
            "paper": REPO / "configs" / "cnn" / "cifar10_osr_wrn40_4.yaml"}
 #: variant -> overrides (the ablations of issue 8; "official_box": the official code's 8 px box,
 #: s = (8/32)^2, pasted from an independent source location)

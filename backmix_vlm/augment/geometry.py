@@ -120,6 +120,9 @@ class ViewGeometry:
                     pad_mode: str = "zeros") -> Tensor:
         """Each image's view at ``size`` (default: the input size); pixels outside the canonical
         image take ``fill`` (per channel).  Integer-pixel crops at the same size are exact copies."""
+        if pad_mode == "reflect_101":
+            raise ConfigError("views: pad_mode='reflect_101' applies to whole-pixel crops (crop_flip) only; "
+                              "use 'reflect' or 'zeros' for resampled views")
         b, c, h, w = images.shape
         oh, ow = size or (h, w)
         dtype = images.dtype if images.is_floating_point() else torch.float32
@@ -129,9 +132,6 @@ class ViewGeometry:
         grid = torch.stack([2 * x - 1, 2 * y - 1], dim=-1)  # grid_sample: (x, y) in [-1, 1], align_corners=False
         fill_t = torch.as_tensor(fill, dtype=dtype, device=images.device).reshape(1, -1, 1, 1)
         src = images.to(dtype) - fill_t  # zero padding of (image - fill) == padding with fill
-        if pad_mode == "reflect_101":
-            raise ConfigError("views: pad_mode='reflect_101' applies to whole-pixel crops (crop_flip) only; "
-                              "use 'reflect' or 'zeros' for resampled views")
         padding = "reflection" if pad_mode == "reflect" else "zeros"
         out = F.grid_sample(src, grid.to(dtype), mode=mode, padding_mode=padding, align_corners=False)
         return out + fill_t

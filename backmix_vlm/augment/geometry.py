@@ -54,6 +54,7 @@ class ViewGeometry:
     boxes: Tensor
     flip: Tensor
     shift: Tensor | None = None   # (B, 2) whole-pixel (dy, dx) when every box is a same-size integer shift
+    frame_kept: Tensor | None = None  # (B,) bool: False where an auto-augment op moved pixels (no bank update)
 
 
     @classmethod
@@ -65,11 +66,13 @@ class ViewGeometry:
         return self.boxes.shape[0]
 
     def __getitem__(self, idx: Tensor | slice) -> "ViewGeometry":
-        return ViewGeometry(self.boxes[idx], self.flip[idx], None if self.shift is None else self.shift[idx])
+        return ViewGeometry(self.boxes[idx], self.flip[idx], None if self.shift is None else self.shift[idx],
+                            None if self.frame_kept is None else self.frame_kept[idx])
 
     def to(self, device: torch.device | str) -> "ViewGeometry":
         shift = None if self.shift is None else self.shift.to(device)
-        return ViewGeometry(self.boxes.to(device), self.flip.to(device), shift)
+        kept = None if self.frame_kept is None else self.frame_kept.to(device)
+        return ViewGeometry(self.boxes.to(device), self.flip.to(device), shift, kept)
 
     def shift_images(self, images: Tensor, pad_mode: str = "zeros") -> Tensor:
         """The views of whole-pixel shifts (``shift``), by one gather on a padded copy: the same
@@ -160,7 +163,8 @@ class ViewGeometry:
 
         Returns ``(maps, coverage)``, both (B, h, w): a canonical cell's value is the mean of
         the view cells over the part of it the view saw, ``coverage`` the fraction it saw
-        (0 where the view did not reach: those cells carry no information).
+        (0 where the view did not reach: those cells carry no information; 0 everywhere for views
+        whose frame an auto-augment op moved).
         """
         b, vh, vw = maps.shape
         h, w = size or (vh, vw)
@@ -168,6 +172,8 @@ class ViewGeometry:
         u, v = self.canonical_to_view(y.expand(b, -1), x.expand(b, -1))
         rows, cols = _axis_weights(u, vh, supersample), _axis_weights(v, vw, supersample)  # (B, h, vh), (B, w, vw)
         covered = rows.sum(-1)[:, :, None] * cols.sum(-1)[:, None, :]
+        if self.frame_kept is not None:
+            covered = covered * self.frame_kept.to(covered.dtype)[:, None, None]
         total = rows @ maps.float() @ cols.transpose(1, 2)
         return torch.where(covered > 0, total / covered.clamp_min(1e-12), torch.zeros_like(total)), covered
 
@@ -329,13 +335,16 @@ class DeviceViews:
     """
 
     def __init__(self, sampler, fill: Sequence[float] | float = 0.0, mode: str = "bilinear",
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 auto_augment: Any = None) -> None:
         self.sampler, self.fill, self.mode = sampler, fill, mode
         self.mean, self.std = mean, std
         self.pad_mode = getattr(sampler, "pad_mode", "zeros")
+        self.auto_augment = auto_augment  # a BatchAutoAugment on the uint8 views, or None
 
     def __repr__(self) -> str:
-        return f"DeviceViews({self.sampler!r})"
+        extra = f", {self.auto_augment!r}" if self.auto_augment is not None else ""
+        return f"DeviceViews({self.sampler!r}{extra})"
 
     def __call__(self, images: Tensor, generator: torch.Generator | None, indices: Tensor | None = None,
                  epoch: int | None = None, seed: int = 0) -> tuple[Tensor, ViewGeometry]:
@@ -350,14 +359,23 @@ class DeviceViews:
         fast = geometry.shift is not None  # whole-pixel crops: one gather (also on uint8)
         if images.dtype == torch.uint8:
             if fast:
-                views = geometry.shift_images(images, self.pad_mode).float().div_(255)
+                views = geometry.shift_images(images, self.pad_mode)
             else:
                 views = geometry.warp_images(images.float().div_(255), mode=self.mode, pad_mode=self.pad_mode)
+            if self.auto_augment is not None:  # on the uint8 view, after crop + flip (torchvision's order)
+                if views.dtype != torch.uint8:
+                    views = views.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+                views, kept = self.auto_augment(views, generator)
+                geometry = ViewGeometry(geometry.boxes, geometry.flip, geometry.shift, kept)
+            if views.dtype == torch.uint8:
+                views = views.float().div_(255)
             if self.mean is not None:
                 mean = torch.as_tensor(self.mean, device=views.device).view(1, -1, 1, 1)
                 std = torch.as_tensor(self.std, device=views.device).view(1, -1, 1, 1)
                 views = (views - mean) / std
             return views, geometry
+        if self.auto_augment is not None:
+            raise ConfigError("data.views.options.auto_augment needs uint8 batches: set data.cache: memory")
         if fast:
             fill = torch.as_tensor(self.fill, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
             return geometry.shift_images(images - fill, self.pad_mode) + fill, geometry
@@ -380,11 +398,20 @@ def build_views(name: str, options: dict | None = None, mean: Sequence[float] | 
     space: ``-mean / std`` for a normalised batch."""
     if name == "none":
         return None
-    sampler = VIEW_SAMPLERS.get(name)(**dict(options or {}))
+    options = dict(options or {})
+    auto_augment = options.pop("auto_augment", None)
+    if auto_augment is not None:
+        from .autoaugment import BatchAutoAugment
+
+        if not isinstance(auto_augment, dict):
+            raise ConfigError(f"data.views.options.auto_augment: {auto_augment!r}; expected a mapping such as "
+                              "{policy: randaugment, num_ops: 1, magnitude: 6} or {policy: trivialaugment}")
+        auto_augment = BatchAutoAugment(**auto_augment)
+    sampler = VIEW_SAMPLERS.get(name)(**options)
     fill: Sequence[float] | float = 0.0
     if mean is not None and std is not None:
         fill = [-m / s for m, s in zip(mean, std)]
-    return DeviceViews(sampler, fill, mean=mean, std=std)
+    return DeviceViews(sampler, fill, mean=mean, std=std, auto_augment=auto_augment)
 
 
 VIEW_CHOICES = ("auto", "crop_flip", "resized_crop_flip", "flip", "none", "loader")

@@ -88,11 +88,11 @@ def protocol_overrides(protocol: str, split: int, root: str | None) -> tuple[lis
 
 
 def train(out: Path, recipe: str, protocol: str, split: int, seed: int, variants: list[str],
-          extra: list[str], root: str | None) -> Path:
+          extra: list[str], root: str | None, label: str | None = None) -> Path:
     """The run folder of (recipe, protocol, split, seed) with every asked-for variant finished."""
     from backmix_vlm.cli import main as cli
 
-    name = f"{recipe}-{protocol}-split{split}-seed{seed}"
+    name = f"{label or recipe}-{protocol}-split{split}-seed{seed}"
     run_dir = out / name
     if (run_dir / "results.json").is_file():
         have = set(json.loads((run_dir / "results.json").read_text())["variants"])
@@ -243,6 +243,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "field_baseline")
     p.add_argument("--results", type=Path, default=REPO / "docs" / "results" / "field_baseline" / "runs.jsonl")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="field")
+    p.add_argument("--name", default=None, help="the recipe's name in records and run folders when --set "
+                   "changes it (a lever: e.g. v3_ls0); default: --recipe")
     p.add_argument("--protocol", choices=PROTOCOLS, default="cifar10_6_4")
     p.add_argument("--splits", type=int, nargs="+", default=[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -267,14 +269,18 @@ def main() -> int:
         for split in a.splits:
             for seed in a.seeds:
                 start = time.perf_counter()
-                run_dir = train(a.out, a.recipe, a.protocol, split, seed, a.variants, extra, a.data_root)
+                run_dir = train(a.out, a.recipe, a.protocol, split, seed, a.variants, extra, a.data_root, a.name)
                 _, unknown = protocol_overrides(a.protocol, split, a.data_root)
-                append(a.results, records(run_dir, a.recipe, a.protocol, split, seed, unknown, a.smoke))
+                recs = records(run_dir, a.name or a.recipe, a.protocol, split, seed, unknown, a.smoke)
+                for r in recs:
+                    r["overrides"] = a.overrides
+                append(a.results, recs)
                 print(f"{run_dir.name}: {time.perf_counter() - start:.0f} s", flush=True)
     rows = [json.loads(line) for line in a.results.read_text().splitlines() if line.strip()] if a.results.is_file() else []
     md = table(rows)
-    (a.results.parent / "table.md").write_text("# Field baseline: Plain vs + BackMix\n\nFrom runs.jsonl "
-                                               "(percent; mean ± std over models).\n\n" + md)
+    if rows:  # runs.jsonl -> runs.md
+        a.results.with_suffix(".md").write_text(f"# Plain vs + BackMix, from {a.results.name}\n\n"
+                                                "Percent; mean ± std over models.\n\n" + md)
     print(md, flush=True)
     return 0
 

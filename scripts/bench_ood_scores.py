@@ -23,7 +23,7 @@ import time
 import torch
 
 from backmix_vlm.models.heads import LinearHead
-from backmix_vlm.ood.scores import get_score, knn_distance
+from backmix_vlm.ood.scores import ScoreSetup, get_score, knn_distance
 
 SCORES = ["msp", "maxlogit", "energy", "gen", "featnorm", "mahalanobis", "knn", "vim", "react",
           "ash_p", "ash_b", "ash_s"]
@@ -72,13 +72,13 @@ def bench_table(args: argparse.Namespace, device: torch.device) -> None:
     for name in SCORES:
         params = {"device": str(device)} if name == "knn" else {}
         s = get_score(name, **params)
-        if s.needs_head:
-            s.set_head(head)
+        if set(s.uses) - {"train", "head"}:  # runs the model (odin) / the CLIP text encoder (neglabel)
+            continue
         t0, c0 = time.perf_counter(), time.process_time()
-        s.fit(train)
+        s.setup(ScoreSetup(train=train, head=head))
         t1, c1 = time.perf_counter(), time.process_time()
-        s.score(known)
-        s.score(ood)
+        s.postprocess(known)
+        s.postprocess(ood)
         _sync(device)
         t2, c2 = time.perf_counter(), time.process_time()
         total, total_cpu = total + t2 - t0, total_cpu + c2 - c0

@@ -87,7 +87,7 @@ def test_agrees_with_the_authors_algorithm_on_a_random_tiny_clip():
     s = get_score("neglabel", ngroup=4)
     s.set_negatives(neg, words)
     out = {"cosine": img @ pos.T, "features": img * 3.0}  # the score normalises the image embedding
-    assert torch.allclose(s.score(out), theirs, atol=1e-5)
+    assert torch.allclose(s.postprocess(out), theirs, atol=1e-5)
 
 
 def test_selection_keeps_the_farthest_words_and_errors(tmp_path):
@@ -102,7 +102,7 @@ def test_selection_keeps_the_farthest_words_and_errors(tmp_path):
     f.write_text("# comment\napple\n\npear\napple\n")
     assert load_words(f) == ["apple", "pear"]
     with pytest.raises(ConfigError, match="no negative labels"):
-        get_score("neglabel").score({"cosine": torch.zeros(1, 2), "features": torch.ones(1, 3)})
+        get_score("neglabel").postprocess({"cosine": torch.zeros(1, 2), "features": torch.ones(1, 3)})
 
 
 def test_zeroshot_job_with_neglabel(tmp_path):

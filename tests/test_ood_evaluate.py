@@ -34,7 +34,7 @@ def test_matches_direct_metrics_for_every_set_and_score():
     for name, unk in unknowns.items():
         assert list(res["results"][name]) == ["msp", "energy", "featnorm"]
         for s in scores:
-            expected = ood_metrics(s.score(known), s.score(unk), known_preds=preds, known_labels=known["labels"],
+            expected = ood_metrics(s.postprocess(known), s.postprocess(unk), known_preds=preds, known_labels=known["labels"],
                                    unknown_preds=unk["logits"].argmax(1))
             assert res["results"][name][s.name] == expected
             assert {"acc", "oscr", "macro_f1"} <= set(expected)
@@ -49,7 +49,7 @@ def test_positive_unknown_is_passed_through():
     res = evaluate_open_set(known, unk, [get_score("msp")], positive="unknown")
     s = get_score("msp")
     assert res["positive"] == "unknown"
-    assert res["results"]["u"]["msp"]["fpr95"] == ood_metrics(s.score(known), s.score(unk["u"]),
+    assert res["results"]["u"]["msp"]["fpr95"] == ood_metrics(s.postprocess(known), s.postprocess(unk["u"]),
                                                                 positive="unknown")["fpr95"]
 
 
@@ -59,27 +59,25 @@ def test_no_labels_means_no_closed_set_metrics():
     assert set(res["results"]["u"]["maxlogit"]) == {"auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "dtacc"}
 
 
-def test_extra_scores_for_model_scores():
+def test_image_score_values_flow_through_postprocess():
+    """A score that runs the model (ODIN) reads its per-batch values as the output named after it."""
     known, unknowns = outputs(20, 3.0, 0), {"a": outputs(10, 0.0, 1), "b": outputs(12, 0.0, 2)}
     g = torch.Generator().manual_seed(3)
     k_odin = torch.rand(20, generator=g) + 0.5
     u_odin = {"a": torch.rand(10, generator=g), "b": torch.rand(12, generator=g)}
-    res = evaluate_open_set(known, unknowns, [get_score("msp"), get_score("odin")], extra_scores={"odin": (k_odin, u_odin)})
+    with_odin = lambda out, v: {**out, "odin": v}  # noqa: E731
+    res = evaluate_open_set(with_odin(known, k_odin), {n: with_odin(u, u_odin[n]) for n, u in unknowns.items()},
+                            [get_score("msp"), get_score("odin")])
     preds = known["logits"].argmax(1)
     for name in ("a", "b"):
         assert list(res["results"][name]) == ["msp", "odin"]
         assert res["results"][name]["odin"] == ood_metrics(
             k_odin, u_odin[name], known_preds=preds, known_labels=known["labels"],
             unknown_preds=unknowns[name]["logits"].argmax(1))
-    # an extra score not in the list adds a row; a listed ODIN without extra scores fails clearly
-    res2 = evaluate_open_set(known, unknowns, [get_score("msp")], extra_scores={"odin": (k_odin, u_odin)})
-    assert list(res2["results"]["a"]) == ["msp", "odin"]
     with pytest.raises(ConfigError, match="cannot run on cached outputs"):
         evaluate_open_set(known, unknowns, [get_score("odin")])
-    with pytest.raises(MetricInputError, match="no scores for OOD set 'b'"):
-        evaluate_open_set(known, unknowns, [], extra_scores={"odin": (k_odin, {"a": u_odin["a"]})})
-    with pytest.raises(MetricInputError, match="5 known scores for 20 known samples"):
-        evaluate_open_set(known, unknowns, [], extra_scores={"odin": (k_odin[:5], u_odin)})
+    with pytest.raises(MetricInputError, match="5 scores for the 20 samples of 'known'"):
+        evaluate_open_set(with_odin(known, k_odin[:5]), unknowns, [get_score("odin")])
 
 
 def test_errors_from_scores_and_duplicates():

@@ -12,9 +12,9 @@ from backmix_vlm.ood.features import (
     cache_key,
     extract_outputs,
     model_fingerprint,
-    score_images_loader,
+    image_scores_loader,
 )
-from backmix_vlm.ood.scores import get_score
+from backmix_vlm.ood.scores import ScoreSetup, get_score
 
 
 class TinyNet(torch.nn.Module):
@@ -119,11 +119,12 @@ def test_bad_inputs():
         extract_outputs(net, [], device="cpu", desc="empty set")
 
 
-def test_score_images_loader_matches_per_batch_odin():
+def test_image_scores_loader_matches_per_batch_odin():
     torch.manual_seed(0)
     net, loader = TinyNet().eval(), make_loader()
     odin = get_score("odin", temperature=5.0, epsilon=0.01)
-    got = score_images_loader(odin, net, loader, device="cpu")
+    odin.setup(ScoreSetup(forward=net))
+    got = image_scores_loader(odin, loader, device="cpu")
     expected = torch.cat([odin.score_images(net, x) for x, _, _ in loader])
     torch.testing.assert_close(got, expected)
     assert got.shape == (10,)

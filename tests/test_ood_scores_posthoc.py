@@ -17,13 +17,21 @@ from scipy.special import logsumexp as np_logsumexp
 
 from backmix_vlm.errors import ConfigError
 from backmix_vlm.models.heads import LinearHead
-from backmix_vlm.ood.scores import ash, get_score, knn_distance, vim_dim
+from backmix_vlm.ood.scores import ScoreSetup, ash, get_score, knn_distance, vim_dim
 
 
 def _with_head(name: str, weight, bias, **params):
+    """A score given the final layer (W, b); set up at once unless it also needs training outputs."""
     s = get_score(name, **params)
-    s.set_head(LinearHead(torch.as_tensor(weight, dtype=torch.float64), torch.as_tensor(bias, dtype=torch.float64)))
+    s._test_head = LinearHead(torch.as_tensor(weight, dtype=torch.float64), torch.as_tensor(bias, dtype=torch.float64))
+    if "train" not in s.uses:
+        s.setup(ScoreSetup(head=s._test_head))
     return s
+
+
+def fit(score, train):
+    """The score's one setup step, with training outputs (and the head _with_head gave it)."""
+    score.setup(ScoreSetup(train=train, head=getattr(score, "_test_head", None)))
 
 
 # ----------------------------------------------------------------------------- KNN
@@ -40,14 +48,14 @@ def test_knn_hand_computed():
     out = {"features": torch.tensor([[3.0, 0.0], [0.0, 0.5]])}
     for k, expected in ((1, [0.0, 0.0]), (2, [-math.sqrt(2), -math.sqrt(2)]), (3, [-2.0, -math.sqrt(2)])):
         s = get_score("knn", k=k)
-        s.fit(train)
-        assert torch.allclose(s.score(out), torch.tensor(expected), atol=1e-6), k
+        fit(s, train)
+        assert torch.allclose(s.postprocess(out), torch.tensor(expected), atol=1e-6), k
     with pytest.raises(ConfigError, match="k = 4 neighbours asked from 3 training features"):
         s = get_score("knn", k=4)
-        s.fit(train)
-        s.score(out)
-    with pytest.raises(ConfigError, match="must be fit"):
-        get_score("knn").score(out)
+        fit(s, train)
+        s.postprocess(out)
+    with pytest.raises(ConfigError, match="must be set up"):
+        get_score("knn").postprocess(out)
 
 
 def test_knn_matches_reference_formula_and_is_exact_when_chunked():
@@ -55,11 +63,11 @@ def test_knn_matches_reference_formula_and_is_exact_when_chunked():
     train, test = torch.randn(300, 16, generator=g), torch.randn(70, 16, generator=g) * 2
     ref = _knn_reference(train.numpy(), test.numpy(), 7)
     sq = get_score("knn", k=7, squared=True)
-    sq.fit({"features": train})
-    assert np.allclose(sq.score({"features": test}).numpy(), ref, atol=1e-5)
+    fit(sq, {"features": train})
+    assert np.allclose(sq.postprocess({"features": test}).numpy(), ref, atol=1e-5)
     plain = get_score("knn", k=7)
-    plain.fit({"features": train})
-    assert np.allclose(plain.score({"features": test}).numpy(), -np.sqrt(-ref), atol=1e-5)
+    fit(plain, {"features": train})
+    assert np.allclose(plain.postprocess({"features": test}).numpy(), -np.sqrt(-ref), atol=1e-5)
     # blocks of 64 query x bank entries: several query blocks AND a running top-k over bank blocks
     a = torch.nn.functional.normalize(test, dim=-1)
     b = torch.nn.functional.normalize(train, dim=-1)
@@ -92,11 +100,11 @@ def test_vim_hand_computed():
     w, b = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [0.0, 0.0]
     train = torch.tensor([[2.0, 0, 0], [-2, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 0.5], [0, 0, -0.5]])
     s = _with_head("vim", w, b, dim=2)
-    s.fit({"features": train})
+    fit(s, {"features": train})
     # alpha = mean max-logit / mean |z| = (3 / 6) / (1 / 6) = 3
     out = {"features": torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])}
     expected = torch.tensor([math.log(math.e + 1) - 3.0, math.log(2.0)])
-    assert torch.allclose(s.score(out), expected, atol=1e-6)
+    assert torch.allclose(s.postprocess(out), expected, atol=1e-6)
 
 
 def test_vim_matches_reference_formula():
@@ -106,50 +114,50 @@ def test_vim_matches_reference_formula():
     train = torch.randn(400, 16, generator=g) * scales + 0.5
     test = torch.randn(50, 16, generator=g) * 1.5
     s = _with_head("vim", w, b, dim=8)
-    s.fit({"features": train})
+    fit(s, {"features": train})
     ref = _vim_reference(w.double().numpy(), b.double().numpy(), train.double().numpy(), test.double().numpy(), 8)
-    assert np.allclose(s.score({"features": test}).numpy(), ref, atol=1e-4)
+    assert np.allclose(s.postprocess({"features": test}).numpy(), ref, atol=1e-4)
     # the fit sums float64 statistics over row blocks: any block size gives the same score
     from backmix_vlm.ood.scores import ViM
 
     ViM.CHUNK, chunk = 37, ViM.CHUNK
     try:
         s2 = _with_head("vim", w, b, dim=8)
-        s2.fit({"features": train})
+        fit(s2, {"features": train})
     finally:
         ViM.CHUNK = chunk
-    assert np.allclose(s2.score({"features": test}).numpy(), ref, atol=1e-4)
+    assert np.allclose(s2.postprocess({"features": test}).numpy(), ref, atol=1e-4)
 
 
 def test_vim_dim_rule_and_errors():
     assert (vim_dim(2048), vim_dim(768), vim_dim(384), vim_dim(512)) == (1000, 512, 192, 256)
     s = _with_head("vim", torch.eye(2, 4), torch.zeros(2), dim=4)
     with pytest.raises(ConfigError, match=r"vim dim = 4 must be in \[1, 3\]"):
-        s.fit({"features": torch.randn(10, 4)})
-    with pytest.raises(ConfigError, match="final linear layer, which was not given"):
-        get_score("vim").fit({"features": torch.randn(10, 4)})
+        fit(s, {"features": torch.randn(10, 4)})
+    with pytest.raises(ConfigError, match=r"final linear layer.*\(head\)"):
+        fit(get_score("vim"), {"features": torch.randn(10, 4)})
 
 
 # ----------------------------------------------------------------------------- ReAct
 def test_react_hand_computed_and_reference():
     train = {"features": torch.arange(11.0).reshape(11, 1).repeat(1, 2)}  # activations 0..10 (twice)
     s = _with_head("react", torch.eye(2), torch.zeros(2))
-    s.fit(train)
+    fit(s, train)
     assert s._c == pytest.approx(9.0)  # np.percentile(0..10, 90)
     out = {"features": torch.tensor([[10.0, 2.0], [1.0, 1.0]])}
     expected = torch.tensor([np.logaddexp(9.0, 2.0), 1.0 + math.log(2.0)], dtype=torch.float32)
-    assert torch.allclose(s.score(out), expected, atol=1e-5)
+    assert torch.allclose(s.postprocess(out), expected, atol=1e-5)
     # reference: threshold = np.percentile(train.flatten(), p); energy of fc(clip(x, max=threshold))
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(4, 12, generator=g), torch.randn(4, generator=g)
     tr, te = torch.rand(200, 12, generator=g) * 3, torch.rand(30, 12, generator=g) * 4
     s = _with_head("react", w, b, percentile=85)
-    s.fit({"features": tr})
+    fit(s, {"features": tr})
     c = np.percentile(tr.numpy().flatten(), 85)
     ref = np_logsumexp(np.clip(te.double().numpy(), None, c) @ w.double().numpy().T + b.double().numpy(), axis=-1)
-    assert np.allclose(s.score({"features": te}).numpy(), ref, atol=1e-4)
+    assert np.allclose(s.postprocess({"features": te}).numpy(), ref, atol=1e-4)
     fixed = _with_head("react", w, b, threshold=1.0)  # a given threshold needs no fit
-    assert torch.isfinite(fixed.score({"features": te})).all()
+    assert torch.isfinite(fixed.postprocess({"features": te})).all()
 
 
 # ----------------------------------------------------------------------------- ASH
@@ -177,7 +185,7 @@ def test_ash_hand_computed():
     expect = {"ash_p": 19.0, "ash_b": 55.0, "ash_s": 19.0 * math.exp(55.0 / 19.0)}
     for name, value in expect.items():
         s = _with_head(name, ones, torch.zeros(1), percentile=80)
-        assert s.score({"features": x}).item() == pytest.approx(value, rel=1e-6), name
+        assert s.postprocess({"features": x}).item() == pytest.approx(value, rel=1e-6), name
     assert torch.equal(ash(x, 80, "p"), torch.tensor([[0.0] * 8 + [9.0, 10.0]]))
     assert torch.equal(ash(x, 80, "b"), torch.tensor([[0.0] * 8 + [27.5, 27.5]]))
     # D = 10, p = 65: round(6.5) = 6 (half to even, as np.round) -> k = 4
@@ -195,14 +203,14 @@ def test_ash_matches_authors_functions(variant, percentile):
     w, b = torch.randn(7, 64, generator=g), torch.randn(7, generator=g)
     s = _with_head(f"ash_{variant}", w, b, percentile=percentile)
     ref = torch.logsumexp(_ash_reference(x, percentile, variant) @ w.T + b, dim=-1)
-    assert torch.allclose(s.score({"features": x}), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(s.postprocess({"features": x}), ref, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- GEN
 def test_gen_hand_computed_and_reference():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
-    assert get_score("gen", gamma=1.0).score({"logits": logits}).item() == pytest.approx(-(0.25 + 2 * 0.1875))
-    assert get_score("gen", gamma=1.0, M=2).score({"logits": logits}).item() == pytest.approx(-(0.25 + 0.1875))
+    assert get_score("gen", gamma=1.0).postprocess({"logits": logits}).item() == pytest.approx(-(0.25 + 2 * 0.1875))
+    assert get_score("gen", gamma=1.0, M=2).postprocess({"logits": logits}).item() == pytest.approx(-(0.25 + 0.1875))
     # reference (OpenOOD): sort ascending, take the last M, -sum p^g (1-p)^g; M > K is capped
     g = torch.Generator().manual_seed(4)
     z = torch.randn(40, 10, generator=g) * 3
@@ -210,13 +218,13 @@ def test_gen_hand_computed_and_reference():
         p = torch.softmax(z.double(), dim=1)
         top = torch.sort(p, dim=1)[0][:, -m:]
         ref = -torch.sum(top ** gamma * (1 - top) ** gamma, dim=1)
-        assert torch.allclose(get_score("gen", gamma=gamma, M=m).score({"logits": z}).double(), ref, atol=1e-6)
+        assert torch.allclose(get_score("gen", gamma=gamma, M=m).postprocess({"logits": z}).double(), ref, atol=1e-6)
 
 
 def test_head_scores_need_features():
     s = _with_head("react", torch.eye(2), torch.zeros(2), threshold=1.0)
     with pytest.raises(ConfigError, match="needs the model output 'features'"):
-        s.score({"logits": torch.zeros(1, 2)})
+        s.postprocess({"logits": torch.zeros(1, 2)})
 
 
 # ----------------------------------------------------------------------------- linear probe

@@ -74,7 +74,12 @@ class OodConfig:
         fill_data_roots(self, self.data_root)
 
     def validate(self) -> None:
+        from ..ood.open_set import build_scores
+
         check_distinct_sets(self.data, self.eval.ood, reserved=("train",))
+        # names from the score registry, parameters; scores fit on training features need `train:`
+        offers = ("train", "head", "forward") if self.train is not None else ("head", "forward")
+        build_scores(self.eval, None, offers=offers, job="this run (no `train:` ID training data given)")
 
 
 def build_ood_config(data: dict[str, Any]) -> OodConfig:
@@ -86,14 +91,12 @@ def preflight(cfg: OodConfig) -> None:
     folder is created or a model is loaded."""
     from ..data import check_dataset
     from ..models.classifier import check_classifier
-    from ..ood.open_set import build_scores
 
     m = cfg.model
     if _check_model_source(m):
         check_run_classifier(Path(m.name))
     else:
         check_classifier(m.source, m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, options=m.options)
-    build_scores(cfg.eval, None)  # unknown score names / score_params fail now
     check_dataset(cfg.data, "data")
     if cfg.train is not None:
         check_dataset(cfg.train, "train")

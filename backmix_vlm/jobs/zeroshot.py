@@ -59,6 +59,7 @@ class ZeroShotConfig:
 
     def validate(self) -> None:
         check_distinct_sets(self.data, self.eval.ood)
+        build_scores(self.eval, None)  # names from the score registry, parameters, what a zero-shot run offers
 
 
 def build_zeroshot_config(data: dict[str, Any]) -> ZeroShotConfig:
@@ -72,19 +73,19 @@ def preflight(cfg: ZeroShotConfig) -> None:
     from ..models.clip import check_clip_source
 
     check_clip_source(cfg.model.name, cfg.model.pretrained, cfg.model.checkpoint, "model", cfg.model.preprocess)
-    build_scores(cfg.eval, (1.0, 1.0, 1.0))
     check_dataset(cfg.data, "data")
     for i, src in enumerate(cfg.eval.ood):
         check_dataset(src, f"eval.ood[{i}] ({src.display_name})")
 
 
-def build_scores(cfg: EvalConfig, std: tuple[float, ...]) -> list[Any]:
-    """Score objects from ``eval.scores`` / ``eval.score_params``; zero-shot has no training data."""
-    from ..ood.open_set import build_scores as build_eval_scores, needs_fit
+#: what a zero-shot run offers the scores' setup: the CLIP itself and its text encoder (no training
+#: data, no linear head)
+OFFERS = ("forward", "text")
 
-    scores = build_eval_scores(cfg, std)  # ODIN gets the pixel-space epsilon, as the reference code
-    for score in scores:
-        if needs_fit(score):
-            raise ConfigError(f"eval.scores: '{score.name}' must be fit on training features, which a zero-shot "
-                              f"run does not have; use it with backmix-vlm fewshot / train")
-    return scores
+
+def build_scores(cfg: EvalConfig, std: tuple[float, ...] | None) -> list[Any]:
+    """Score objects from ``eval.scores`` / ``eval.score_params`` (ODIN gets the pixel-space epsilon via
+    ``std``, as the reference code); a score needing training data or a head is refused."""
+    from ..ood.open_set import build_scores as build_eval_scores
+
+    return build_eval_scores(cfg, std, offers=OFFERS, job="a zero-shot run (use it with backmix-vlm fewshot / train)")

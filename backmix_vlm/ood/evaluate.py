@@ -1,14 +1,16 @@
-"""Known set vs unknown sets -> one results dict (the input of ``report.tables``).
+"""Per-sample scores of every (set, score), computed once, and everything derived from them.
 
-Everything here works on cached outputs (:func:`~backmix_vlm.ood.features.extract_outputs`),
-so each dataset is encoded once and every score and OOD set reuses it.  Scores that need
-the model (ODIN) are computed by the runner and handed in as ``extra_scores``; they then
-go through exactly the same metric and table path.
+:func:`score_outputs` runs each set-up score's ``postprocess`` once per set and returns a
+:class:`Scored`; its :meth:`Scored.results` is the metric table (the input of
+``report.tables``) and :meth:`Scored.per_sample` the arrays of ``scores.safetensors`` (which
+the plots read), so the table, the saved scores and the plots come from one computation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ from .metrics import MetricInputError, ood_metrics
 from .scores import Score
 
 Outputs = Mapping[str, Tensor]
-ExtraScores = Mapping[str, tuple[Tensor, Mapping[str, Tensor]]]
+KNOWN = "known"   # the known set's key in Scored.scores / .preds
 
 
 def predictions(outputs: Outputs) -> Tensor | None:
@@ -33,73 +35,90 @@ def accuracy(outputs: Outputs) -> float | None:
     return float((preds.cpu() == labels.cpu()).double().mean())
 
 
-def evaluate_open_set(
-    known: Outputs,
-    unknowns: Mapping[str, Outputs],
-    scores: Sequence[Score],
-    *,
-    positive: str = "known",
-    extra_scores: ExtraScores | None = None,
-) -> dict[str, Any]:
-    """Every metric for every (OOD set, score) pair.
+@dataclass
+class Scored:
+    """Every (set, score)'s per-sample scores of one evaluation, higher = more likely known.
 
-    ``known`` / ``unknowns[name]`` are output dicts (``logits``, ``features``, ..., and
-    ``labels`` for the knowns).  ``scores`` must already be fit (Mahalanobis).
-    ``extra_scores[score_name] = (known_scores, {ood_name: unknown_scores})`` supplies
-    precomputed scores (ODIN with the model); it overrides a listed score of that name and
-    adds a row otherwise.  Closed-set predictions are the argmax of the logits, so
-    ``acc``, ``oscr`` and ``macro_f1`` appear whenever logits and known labels are there.
-
-    Returns ``{"acc": float | None, "positive": str, "counts": {"known": n, ood: m, ...},
-    "results": {ood_name: {score_name: metrics_dict}}}``.
+    ``scores[set][score]`` with ``set`` = ``"known"`` or an unknown set's name; ``labels``: the
+    known set's labels; ``preds[set]``: argmax of each set's logits; ``closed_set``: whether the
+    labels index the logits' classes (accuracy, OSCR and macro-F1 are reported only then).
     """
-    extra = dict(extra_scores or {})
+
+    scores: dict[str, dict[str, Tensor]]
+    labels: Tensor | None
+    preds: dict[str, Tensor | None]
+    counts: dict[str, int]
+    positive: str = "known"
+    closed_set: bool = True
+    score_names: list[str] = field(default_factory=list)
+
+    @property
+    def unknown_names(self) -> list[str]:
+        return [name for name in self.scores if name != KNOWN]
+
+    def results(self) -> dict[str, Any]:
+        """Every metric for every (unknown set, score): ``{"acc", "positive", "counts", "results":
+        {set: {score: metrics}}}``; accuracy, OSCR and macro-F1 need logits and known labels."""
+        labels = self.labels if self.closed_set else None
+        known_preds = self.preds.get(KNOWN) if labels is not None else None
+        acc = None if known_preds is None else float((known_preds.cpu() == labels.cpu()).double().mean())  # type: ignore[union-attr]
+        result: dict[str, Any] = {"acc": acc, "positive": self.positive, "counts": {KNOWN: self.counts[KNOWN]},
+                                  "results": {}}
+        for ood in self.unknown_names:
+            result["counts"][ood] = self.counts[ood]
+            unknown_preds = self.preds.get(ood) if known_preds is not None else None
+            result["results"][ood] = {
+                name: ood_metrics(self.scores[KNOWN][name], self.scores[ood][name], known_preds=known_preds,
+                                  known_labels=labels, unknown_preds=unknown_preds, positive=self.positive)
+                for name in self.score_names
+            }
+        return result
+
+    def per_sample(self) -> dict[str, np.ndarray]:
+        """Flat ``{"known::labels", "known::preds", "known::<score>", "unknown::<set>::<score>"}``
+        (what ``scores.safetensors`` holds); empty without known labels."""
+        if self.labels is None:
+            return {}
+        out: dict[str, np.ndarray] = {"known::labels": self.labels.numpy().astype(np.int64)}
+        if self.preds.get(KNOWN) is not None:
+            out["known::preds"] = self.preds[KNOWN].numpy().astype(np.int64)  # type: ignore[union-attr]
+        for name in self.score_names:
+            out[f"known::{name}"] = self.scores[KNOWN][name].float().numpy()
+            for ood in self.unknown_names:
+                out[f"unknown::{ood}::{name}"] = self.scores[ood][name].float().numpy()
+        return out
+
+
+def score_outputs(known: Outputs, unknowns: Mapping[str, Outputs], scores: Sequence[Score], *,
+                  positive: str = "known", closed_set: bool = True) -> Scored:
+    """``postprocess`` of every (set-up) score on every set, once each."""
     names = [s.name for s in scores]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise MetricInputError(f"scores listed more than once: {', '.join(dupes)}")
-    n_known = _num_samples(known, "known")
-
-    known_scores: dict[str, Tensor] = {}
+    sets = {KNOWN: known, **unknowns}
+    counts = {name: _num_samples(out, name) for name, out in sets.items()}
+    per_set: dict[str, dict[str, Tensor]] = {name: {} for name in sets}
     for s in scores:
-        known_scores[s.name] = extra[s.name][0] if s.name in extra else s.score(known)
-    for name, (ks, _) in extra.items():
-        known_scores[name] = ks
-    for name, ks in known_scores.items():
-        if len(ks) != n_known:
-            raise MetricInputError(f"score '{name}': {len(ks)} known scores for {n_known} known samples")
+        for name, out in sets.items():
+            values = s.postprocess(out)
+            if len(values) != counts[name]:
+                raise MetricInputError(f"score '{s.name}': {len(values)} scores for the {counts[name]} samples of "
+                                       f"'{name}'")
+            per_set[name][s.name] = values
+    return Scored(per_set, known.get("labels"), {name: predictions(out) for name, out in sets.items()}, counts,
+                  positive=positive, closed_set=closed_set, score_names=names)
 
-    known_preds, known_labels = predictions(known), known.get("labels")
-    if known_labels is None:
-        known_preds = None
-    result: dict[str, Any] = {
-        "acc": accuracy(known),
-        "positive": positive,
-        "counts": {"known": n_known},
-        "results": {},
-    }
-    by_name = {s.name: s for s in scores}
-    for ood_name, unk in unknowns.items():
-        result["counts"][ood_name] = _num_samples(unk, ood_name)
-        unknown_preds = predictions(unk) if known_preds is not None else None
-        per_score: dict[str, dict[str, float]] = {}
-        for name, ks in known_scores.items():
-            if name in extra:
-                if ood_name not in extra[name][1]:
-                    raise MetricInputError(f"extra_scores['{name}'] has no scores for OOD set '{ood_name}'")
-                us = extra[name][1][ood_name]
-            else:
-                us = by_name[name].score(unk)
-            per_score[name] = ood_metrics(
-                ks, us, known_preds=known_preds, known_labels=known_labels,
-                unknown_preds=unknown_preds, positive=positive,
-            )
-        result["results"][ood_name] = per_score
-    return result
+
+def evaluate_open_set(known: Outputs, unknowns: Mapping[str, Outputs], scores: Sequence[Score], *,
+                      positive: str = "known") -> dict[str, Any]:
+    """Every metric for every (OOD set, score) of set-up ``scores`` on given outputs
+    (:func:`score_outputs` then :meth:`Scored.results`)."""
+    return score_outputs(known, unknowns, scores, positive=positive).results()
 
 
 def results_to_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Flatten ``evaluate_open_set``'s dict into one row per (OOD set, score) (CSV / pandas)."""
+    """Flatten ``Scored.results()`` into one row per (OOD set, score) (CSV / pandas)."""
     return [
         {"ood": ood_name, "score": score_name, "id_acc": results.get("acc"), **metrics}
         for ood_name, per_score in results["results"].items()

@@ -24,17 +24,18 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..models.heads import LinearHead, check_head, find_linear_head, fit_linear_probe, head_info, head_tolerance
 from ..models.output import ModelOutput
-from .evaluate import evaluate_open_set
-from .features import cache_file, extract_outputs, model_fingerprint, score_images_loader
-from .open_set import needs_fit, per_sample_scores
-from .scores import Score, get_score
+from .features import cache_file, model_fingerprint
+from .pipeline import TRAIN, ScoringPipeline, SetOutputs
+from .scores import Score, ScoreSetup, build_scores
+from .shards import SINGLE, Processes
 
 Outputs = dict[str, Tensor]
+PROBE = "linear_probe"   # fit_linear_probe's head name
 
 
 def dataset_identity(ds: Any) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class Evaluator:
     ``head``: the final layer for ViM / ReAct / ASH (default: found in the model, or the probe).
     ``data_ids``: cache identities per dataset name ("known", "train" and each OOD name),
     default :func:`dataset_identity`; ``model_id``: the model's (default: a weight fingerprint).
+    ``processes``: split the forward passes over a launch's processes (only the main one gets results).
     """
 
     def __init__(self, model: nn.Module, id_data: Dataset, ood_sets: Mapping[str, Dataset], *,
@@ -78,7 +80,8 @@ class Evaluator:
                  batch_size: int = 128, num_workers: int = 0, cache_dir: str | Path | None = None,
                  model_id: Any = None, data_ids: Mapping[str, Any] | None = None, probe: bool | None = None,
                  probe_C: float = 1.0, probe_max_iter: int = 1000, head: LinearHead | None = None,
-                 positive: str = "known", std: Sequence[float] | None = None, seed: int = 0) -> None:
+                 positive: str = "known", std: Sequence[float] | None = None, seed: int = 0,
+                 processes: Processes = SINGLE) -> None:
         from ..models.classifier import FeatureClassifier
         from ..runtime import resolve_device
 
@@ -95,7 +98,7 @@ class Evaluator:
         self.probe, self.probe_C, self.probe_max_iter = probe, float(probe_C), int(probe_max_iter)
         self.head = head
         self.positive, self.std, self.seed = positive, (list(std) if std is not None else None), seed
-        self._cache: dict[str, Outputs] = {}
+        self.processes = processes
         self.result: dict[str, Any] | None = None
         self.per_sample: dict[str, Any] = {}
         self.scores: list[Score] = []
@@ -112,69 +115,85 @@ class Evaluator:
             self._model_id = {"type": type(self.model).__name__, "weights": model_fingerprint(self.model)}
         return self._model_id
 
-    def _loader(self, ds: Dataset) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda")
-
-    def outputs(self, name: str, ds: Dataset) -> Outputs:
-        """Logits + features (+ labels) of ``ds``, extracted once per run (and per ``cache_dir``)."""
-        if name not in self._cache:
-            path = None
-            if self.cache_dir is not None:
-                data_id = self.data_ids.get(name) or dataset_identity(ds)
-                path = cache_file(self.cache_dir, name, model=self.model_id, data=data_id,
-                                  precision=self.precision)
-            self._cache[name] = dict(extract_outputs(self.model, self._loader(ds), device=self.device,
-                                                     precision=self.precision, cache_path=path, desc=name,
-                                                     keep=("logits", "features")))
-        return self._cache[name]
+    def _cache_path(self, name: str, ds: Dataset) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        data_id = self.data_ids.get(name) or dataset_identity(ds)
+        return cache_file(self.cache_dir, name, model=self.model_id, data=data_id, precision=self.precision)
 
     # ----------------------------------------------------------------- scoring
     def build_scores(self, scores: Sequence[str | Score], params: Mapping[str, Mapping[str, Any]] | None = None
                      ) -> list[Score]:
+        names = [s for s in scores if isinstance(s, str)]
+        built = {s.name: s for s in scores if isinstance(s, Score)}
         params = dict(params or {})
-        names = [s if isinstance(s, str) else s.name for s in scores]
-        unknown = sorted(set(params) - set(names))
+        unknown = sorted(set(params) - set(names) - set(built))
         if unknown:
-            raise ConfigError(f"score_params: {', '.join(unknown)} not among the scores ({', '.join(names)})")
-        built = []
-        for s in scores:
-            if isinstance(s, Score):
-                built.append(s)
-                continue
-            p = dict(params.get(s, {}))
-            if s == "odin" and self.std is not None:
-                p.setdefault("std", list(self.std))
-            built.append(get_score(s, **p))
-        return built
+            raise ConfigError(f"score_params: {', '.join(unknown)} not among the scores "
+                              f"({', '.join(s if isinstance(s, str) else s.name for s in scores)})")
+        made = iter(build_scores(names, {k: v for k, v in params.items() if k in names}, std=self.std,
+                                 where="eval")) if names else iter(())
+        return [s if isinstance(s, Score) else next(made) for s in scores]
 
     def run(self, scores: Sequence[str | Score] = ("msp", "maxlogit", "energy"),
-            score_params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-        """Every metric for every (OOD set, score); also fills ``per_sample``, ``head`` and ``scores``."""
+            score_params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any] | None:
+        """Every metric for every (OOD set, score); also fills ``per_sample``, ``head`` and ``scores``
+        (on the main process; None elsewhere)."""
         torch.manual_seed(self.seed)
         self.scores = self.build_scores(scores, score_params)
-        known = dict(self.outputs("known", self.id_data))  # copies: a probe's logits never enter the cache
-        unknowns = {n: dict(self.outputs(n, ds)) for n, ds in self.ood_sets.items()}
-        has_logits = known.get("logits") is not None
-        use_probe = (not has_logits) if self.probe is None else bool(self.probe)
-        need_head = any(s.needs_head for s in self.scores)
-        need_train = use_probe or any(needs_fit(s) for s in self.scores)
-        train: Outputs | None = None
-        if need_train:
-            if self.train_data is None:
-                why = "a linear probe (the model has no classifier head)" if use_probe else \
-                    ", ".join(s.name for s in self.scores if needs_fit(s)) + " (fit on training features)"
-                raise ConfigError(f"{why} needs the ID training data; give train_data (config: train:)")
-            train = dict(self.outputs("train", self.train_data))
-            if train.get("labels") is None and (use_probe or any(s.name == "mahalanobis" for s in self.scores)):
-                raise ConfigError("the training data yields no labels; the linear probe and mahalanobis need them")
+        fitted = [s.name for s in self.scores if "train" in s.uses]
+        if fitted and self.train_data is None:
+            raise ConfigError(f"{', '.join(fitted)} (fit on training features) needs the ID training data; give "
+                              f"train_data (config: train:)")
+        state: dict[str, Any] = {}
+        pipeline = ScoringPipeline(self.scores, device=self.device, precision=self.precision,
+                                   batch_size=self.batch_size, num_workers=self.num_workers,
+                                   keep=("logits", "features"), positive=self.positive, cache=self._cache_path,
+                                   processes=self.processes)
+        done = pipeline.run(self.model, self.id_data, self.ood_sets, train=self.train_data,
+                            prepare=lambda sets: self._prepare(sets, state),
+                            need_train=lambda known: self._use_probe(known),
+                            image_forward=self._image_forward, closed_set=True)
+        if done is None:
+            self.result, self.per_sample = None, {}
+            return None
+        use_probe, need_head = state["use_probe"], any("head" in s.uses for s in self.scores)
+        scored = done.scored
+        scored.closed_set = state["closed_set"]
+        self.result = scored.results()
+        self.result["head"] = head_info(self.head) if need_head or use_probe else None
+        self.result["probe"] = use_probe
+        if done.train is not None:
+            self.result["counts"][TRAIN] = int(done.train["features"].shape[0])
+            if use_probe and done.train.get("labels") is not None:
+                self.result["probe_train_acc"] = float((done.train["logits"].argmax(-1) == done.train["labels"])
+                                                       .double().mean())
+        self.per_sample = scored.per_sample()
+        return self.result
+
+    def _use_probe(self, known: Outputs) -> bool:
+        return (known.get("logits") is None) if self.probe is None else bool(self.probe)
+
+    def _image_forward(self, head: LinearHead | None) -> nn.Module:
+        """What ODIN perturbs: the model, or its features through the linear probe."""
+        return _ProbeForward(self.model, head) if head is not None and head.name == PROBE else self.model
+
+    def _prepare(self, sets: SetOutputs, state: dict[str, Any]) -> ScoreSetup:
+        """The head (the model's, or a linear probe fit on the training outputs) and the training outputs."""
+        known, train = sets.known, sets.train
+        use_probe = state["use_probe"] = self._use_probe(known)
+        need_head = any("head" in s.uses for s in self.scores)
         if use_probe:
-            assert train is not None
+            if train is None:
+                raise ConfigError("a linear probe (the model has no classifier head) needs the ID training data; "
+                                  "give train_data (config: train:)")
+            if train.get("labels") is None:
+                raise ConfigError("the training data yields no labels; the linear probe needs them")
             self.head = fit_linear_probe(train["features"], train["labels"], C=self.probe_C,
                                          max_iter=self.probe_max_iter, seed=self.seed)
-            for out in (known, train, *unknowns.values()):
+            for out in (known, train, *sets.unknowns.values()):
                 out["logits"] = self.head(out["features"].float())
-        elif not has_logits:
+        elif known.get("logits") is None:
             raise ConfigError("the model gives no logits (no classifier head) and probe is off; enable the "
                               "linear probe (probe: true) or name the head layer (model.head_layer)")
         elif need_head and self.head is None:
@@ -183,43 +202,21 @@ class Evaluator:
             if self.head is None:
                 self.head = find_linear_head(self.model)
             if self.head is None:
-                raise ConfigError(", ".join(s.name for s in self.scores if s.needs_head) + " re-run the model's "
-                                  "final linear layer; none was found: set model.head_layer (its name in "
+                raise ConfigError(", ".join(s.name for s in self.scores if "head" in s.uses) + " re-run the "
+                                  "model's final linear layer; none was found: set model.head_layer (its name in "
                                   "model.named_modules()) or use probe: true")
+        if train is not None and train.get("labels") is None and any(s.name == "mahalanobis" for s in self.scores):
+            raise ConfigError("the training data yields no labels; the linear probe and mahalanobis need them")
         if need_head and self.head is not None:
             check_head(self.head, known, rtol=head_tolerance(self.precision))
-        for s in self.scores:
-            if s.needs_head:
-                s.set_head(self.head)  # type: ignore[arg-type]
-            if needs_fit(s):
-                s.fit(train)  # type: ignore[arg-type]
-
-        extra: dict[str, Any] = {}
-        forward: nn.Module = _ProbeForward(self.model, self.head) if use_probe else self.model  # type: ignore[arg-type]
-        for s in self.scores:
-            if s.needs_model:
-                run = lambda ds, d, s=s: score_images_loader(s, forward, self._loader(ds), device=self.device,  # noqa: E731
-                                                             precision=self.precision, desc=d)
-                extra[s.name] = (run(self.id_data, f"{s.name} known"),
-                                 {n: run(ds, f"{s.name} {n}") for n, ds in self.ood_sets.items()})
         # accuracy only when the logits are over the ID classes (not e.g. ImageNet logits on CIFAR-10)
-        known_eval = dict(known)
         labels = known.get("labels")
         classes = getattr(self.id_data, "classes", None)
         k = known["logits"].shape[-1]
-        if labels is not None and ((classes is not None and len(classes) != k) or int(labels.max()) >= k):
-            known_eval.pop("labels")
-        self.result = evaluate_open_set(known_eval, unknowns, [s for s in self.scores if not s.needs_model],
-                                        positive=self.positive, extra_scores=extra)
-        self.result["head"] = head_info(self.head) if need_head or use_probe else None
-        self.result["probe"] = use_probe
-        if train is not None:
-            self.result["counts"]["train"] = int(train["features"].shape[0])
-            if use_probe and train.get("labels") is not None:
-                self.result["probe_train_acc"] = float((train["logits"].argmax(-1) == train["labels"]).double().mean())
-        if labels is not None:
-            self.per_sample = per_sample_scores(known, unknowns, self.scores, extra)
-        return self.result
+        state["closed_set"] = not (labels is not None and ((classes is not None and len(classes) != k)
+                                                           or int(labels.max()) >= k))
+        head = self.head if (need_head or use_probe) else None
+        return ScoreSetup(train=train, head=head, forward=self._image_forward(head))
 
 
 def _gives_features(model: nn.Module) -> bool:

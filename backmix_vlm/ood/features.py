@@ -24,7 +24,7 @@ from ..runtime import autocast
 from ..validation import check_choice
 
 if TYPE_CHECKING:
-    from .scores import ODIN
+    from .scores import Score
 
 OUTPUT_KEYS = ("logits", "features", "local_logits", "cam", "cosine", "local_cosine")
 
@@ -112,31 +112,32 @@ def extract_outputs(
     if not outputs:
         raise DataError(f"extract_outputs{f' ({desc})' if desc else ''}: the loader yielded no batches")
     if cache_path is not None:
-        tensors = {k: v.contiguous() for k, v in outputs.items()}
-        atomic_write_bytes(cache_path, save(tensors, metadata={"desc": desc}))
+        save_outputs(cache_path, outputs, desc)
     return outputs
 
 
-def score_images_loader(
-    score: "ODIN",
-    forward: Callable[[Tensor], ModelOutput | Tensor],
+def save_outputs(path: str | Path, outputs: dict[str, Tensor], desc: str = "") -> None:
+    """``extract_outputs``' cache file (safetensors, atomic)."""
+    tensors = {k: v.contiguous() for k, v in outputs.items()}
+    atomic_write_bytes(path, save(tensors, metadata={"desc": desc}))
+
+
+def image_scores_loader(
+    score: "Score",
     loader: Iterable[Any],
     *,
     device: torch.device | str,
     precision: str = "no",
     desc: str = "",
 ) -> Tensor:
-    """Scores that need the model (``score.needs_model``, i.e. ODIN) over a whole loader.
-
-    Returns a float32 CPU tensor in loader order, ready for ``evaluate_open_set``'s
-    ``extra_scores``.
-    """
+    """A set-up score that runs the model (``"forward" in score.uses``, i.e. ODIN) over a loader:
+    ``score.image_scores`` per batch, as one float32 CPU tensor in loader order."""
     device = torch.device(device)
     chunks = []
     with autocast(device, precision):
         for batch in tqdm(loader, desc=desc or score.name, leave=False, disable=None):
             images, _, _ = _unpack(batch)
-            chunks.append(score.score_images(forward, images.to(device)).detach().float().cpu())
+            chunks.append(score.image_scores(images.to(device)).detach().float().cpu())
     if not chunks:
         raise DataError(f"score '{score.name}'{f' ({desc})' if desc else ''}: the loader yielded no batches")
     return torch.cat(chunks)

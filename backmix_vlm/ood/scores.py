@@ -1,17 +1,23 @@
-"""OOD / open-set scores by name (OpenOOD-style postprocessors).
+"""OOD / open-set scores by name (OpenOOD-style postprocessors): one ``setup``, one ``postprocess``.
 
-A score maps a dict of model outputs (the :class:`~backmix_vlm.models.output.ModelOutput`
-fields plus ``labels``, as :func:`backmix_vlm.ood.features.extract_outputs` returns them)
-to one number per sample, **higher = more likely known**.  Scores read cached outputs, so
-one forward pass over each dataset serves every score; only ODIN needs the model itself
-(``needs_model = True``, :meth:`ODIN.score_images`).  ViM, ReAct and ASH re-run the final
-linear layer on modified features (``needs_head = True``): the caller hands it over with
-:meth:`Score.set_head` (a :class:`~backmix_vlm.models.heads.LinearHead`) before ``fit`` / ``score``.
+A score maps a dict of one set's model outputs (the :class:`~backmix_vlm.models.output.ModelOutput`
+fields plus ``labels``, as :func:`backmix_vlm.ood.features.extract_outputs` returns them) to one
+number per sample, **higher = more likely known**.  Every score has the same two steps, run by
+:class:`backmix_vlm.ood.pipeline.ScoringPipeline` once per evaluation:
+
+* ``setup(ScoreSetup)``: what the score needs beyond a set's outputs, declared in ``uses``:
+  ``train`` (the ID training set's outputs: Mahalanobis, KNN, ViM, ReAct), ``head`` (the model's
+  final linear layer: ViM, ReAct, ASH), ``forward`` (the model itself, for scores that run it on
+  the images: ODIN) and ``text`` (the CLIP text side: NegLabel).
+* ``postprocess(outputs)``: the per-sample scores of one set.  A score that uses ``forward``
+  gets, per batch of images, ``image_scores(images)`` during the pipeline's forward pass; its
+  values reach ``postprocess`` as the output named after the score.
 """
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,35 +44,60 @@ PROVIDERS = {
 }
 
 
+@dataclass(frozen=True)
+class TextSide:
+    """The CLIP text side a zero-shot job offers: ``encode(words, templates) -> (M, D)``, the ID
+    class embeddings, class names and prompt templates."""
+
+    encode: Callable[[list[str], Any], Tensor]
+    class_features: Tensor
+    classnames: Sequence[str]
+    templates: Any
+
+
+@dataclass(frozen=True)
+class ScoreSetup:
+    """Everything a score's ``setup`` may draw on; an evaluation fills what it has."""
+
+    train: Mapping[str, Tensor] | None = None     # ID training outputs (features, logits, labels)
+    head: "LinearHead | None" = None              # the final layer: logits = features @ W.T + b
+    forward: Callable[[Tensor], Any] | None = None  # images -> logits or ModelOutput
+    text: TextSide | None = None
+
+
+#: the setup inputs (``Score.uses``): what a score using each one does, for error messages
+SETUP_INPUTS = {
+    "train": "must be fit on training features (train / fewshot / eval: the training set; ood: `train:`)",
+    "head": "re-runs the model's final linear layer (found in the model, or the ood job's linear probe)",
+    "forward": "runs the model on the images",
+    "text": "encodes words with the CLIP text encoder (the zeroshot job)",
+}
+
+
 class Score:
-    """Base class: ``score(outputs) -> Tensor[N]``, higher = more likely known."""
+    """Base class: ``setup(ScoreSetup)`` once, then ``postprocess(outputs) -> Tensor[N]`` per set."""
 
     name: str = ""
-    requires: tuple[str, ...] = ("logits",)
-    needs_model: bool = False
-    needs_head: bool = False   # re-runs the final linear layer (ViM, ReAct, ASH): call set_head first
-    _head: "LinearHead | None" = None
+    requires: tuple[str, ...] = ("logits",)   # output keys postprocess reads
+    uses: tuple[str, ...] = ()                # ScoreSetup fields setup needs (SETUP_INPUTS)
 
-    def set_head(self, head: "LinearHead") -> None:
-        """The model's final linear layer (``logits = features @ W.T + b``) for head-based scores."""
-        self._head = head
+    def setup(self, inputs: ScoreSetup) -> None:
+        """Take what ``uses`` names from ``inputs`` (training statistics, head, model, text)."""
+        for key in self.uses:
+            if getattr(inputs, key) is None:
+                raise ConfigError(f"score '{self.name}' {SETUP_INPUTS[key]}; this evaluation does not "
+                                  f"give it ({key})")
+        self._setup(inputs)
 
-    def head(self) -> "LinearHead":
-        if self._head is None:
-            raise ConfigError(
-                f"score '{self.name}' re-runs the model's final linear layer, which was not given: call "
-                f"set_head(LinearHead) (the evaluators find it in the model, or fit a linear probe)"
-            )
-        return self._head
+    def _setup(self, inputs: ScoreSetup) -> None:
+        """Subclasses: keep what they need (no-op for scores that read only a set's outputs)."""
 
-    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
-        """Learn training statistics (no-op for most scores)."""
+    def image_scores(self, images: Tensor) -> Tensor:
+        """Scores of one batch of images through the model (scores that use ``forward``)."""
+        raise NotImplementedError(f"score '{self.name}' reads cached outputs only")
 
-    def requires_fit(self) -> bool:
-        """Whether ``fit`` must see training outputs before ``score`` (it is overridden)."""
-        return type(self).fit is not Score.fit
-
-    def score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+    def postprocess(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        """Per-sample scores of one set (float32, higher = more likely known)."""
         self.check(outputs, self.requires)
         return self._score(outputs).float()
 
@@ -92,9 +123,7 @@ class Score:
 def get_score(name: str, **params: Any) -> Score:
     """Build the score registered as ``name`` with its parameters (e.g. ``temperature=2``)."""
     cls = SCORES.get(name)
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
-                if p.kind in kinds and p.name != "self"]
+    accepted = _accepted(cls)
     unknown = [k for k in params if k not in accepted]
     if unknown:
         raise ConfigError(
@@ -102,6 +131,50 @@ def get_score(name: str, **params: Any) -> Score:
             f"accepted: {', '.join(accepted) or 'none'}"
         )
     return cls(**params)
+
+
+def build_scores(names: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None = None, *,
+                 offers: Sequence[str] | None = None, job: str = "this evaluation", std: Sequence[float] | None = None,
+                 where: str = "eval") -> list[Score]:
+    """The scores ``names`` with their ``params`` (``<where>.scores`` / ``<where>.score_params``).
+
+    The one place a configured score list is checked: names from :data:`SCORES`, each listed
+    once, parameters accepted by the score, and (``offers``) every setup input a score
+    ``uses`` among what the job offers.  ODIN gets the transform's ``std`` (pixel-space step).
+    """
+    params = dict(params or {})
+    names = list(names)
+    if not names:
+        raise ConfigError(f"{where}.scores: list at least one score")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}.scores: listed more than once: {', '.join(dupes)}")
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}.score_params: {', '.join(unknown)} not in {where}.scores ({', '.join(names)})")
+    built = []
+    for name in names:
+        if name not in SCORES:
+            raise ConfigError(f"{where}.scores: unknown score '{name}'; available: {', '.join(SCORES.names())}")
+        p = dict(params.get(name) or {})
+        if std is not None and "std" in _accepted(SCORES.get(name)):
+            p.setdefault("std", list(std))
+        try:
+            score = get_score(name, **p)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.score_params.{name}: {e}") from None
+        missing = [u for u in score.uses if offers is not None and u not in offers]
+        if missing:
+            raise ConfigError(f"{where}.scores: '{name}' {SETUP_INPUTS[missing[0]]}, which {job} does not have; "
+                              f"pick other scores (e.g. msp, maxlogit, energy)")
+        built.append(score)
+    return built
+
+
+def _accepted(cls: type) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind in kinds and p.name != "self"]
 
 
 def _register(name: str) -> Callable[[type[Score]], type[Score]]:
@@ -159,10 +232,12 @@ class ODIN(Score):
     zero gradient counts as a positive sign, as in the reference (``torch.ge(grad, 0)``).
 
     The perturbation needs gradients through the model, so cached outputs are not enough:
-    use :meth:`score_images`; :meth:`score` works only for ``epsilon = 0`` (pure scaling).
+    ``setup`` takes the model (``forward``) and the pipeline runs :meth:`image_scores` on every
+    batch; ``postprocess`` reads those values (output ``odin``), or, given plain outputs, works
+    only for ``epsilon = 0`` (pure scaling).
     """
 
-    needs_model = True
+    uses = ("forward",)
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014,
                  std: tuple[float, ...] | list[float] | None = None) -> None:
@@ -171,15 +246,28 @@ class ODIN(Score):
             raise ConfigError(f"odin epsilon must be >= 0, got {epsilon!r}")
         self.epsilon = float(epsilon)
         self.std = tuple(float(s) for s in std) if std is not None else None
+        self._forward: Callable[[Tensor], Any] | None = None
 
-    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+    def _setup(self, inputs: ScoreSetup) -> None:
+        self._forward = inputs.forward
+
+    def postprocess(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        if outputs.get(self.name) is not None:   # the pipeline's image_scores of this set
+            return outputs[self.name].float()
         if self.epsilon != 0:
             raise ConfigError(
                 "score 'odin' perturbs the input images, so it cannot run on cached outputs; "
-                "compute it with ODIN.score_images(forward, images) (runners pass the result "
-                "to evaluate_open_set as extra_scores) or set epsilon: 0"
+                "run it through ScoringPipeline (setup with the model) or set epsilon: 0"
             )
+        return super().postprocess(outputs)
+
+    def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         return (outputs["logits"].float() / self.temperature).softmax(dim=-1).amax(dim=-1)
+
+    def image_scores(self, images: Tensor) -> Tensor:
+        if self._forward is None:
+            raise ConfigError("score 'odin' runs the model: call setup(ScoreSetup(forward=model)) first")
+        return self.score_images(self._forward, images)
 
     def score_images(self, forward: Callable[[Tensor], Any], images: Tensor) -> Tensor:
         """ODIN scores of one batch; ``forward`` returns logits or a ModelOutput."""
@@ -209,7 +297,7 @@ class ODIN(Score):
 class Mahalanobis(Score):
     """Mahalanobis distance to the closest class mean (Lee et al. 2018), tied covariance.
 
-    ``fit`` estimates class means and one shared covariance (maximum likelihood, 1/N) from
+    ``setup`` estimates class means and one shared covariance (maximum likelihood, 1/N) from
     training ``features`` + ``labels``; the precision is a pseudo-inverse (plus an optional
     ``ridge`` on the diagonal) so rank-deficient features (D > N in few-shot) still work.
     Score = ``-min_c (x - mu_c)^T P (x - mu_c)`` (squared distance; monotone in the distance,
@@ -217,6 +305,7 @@ class Mahalanobis(Score):
     """
 
     requires = ("features",)
+    uses = ("train",)
 
     def __init__(self, ridge: float = 0.0) -> None:
         if ridge < 0:
@@ -225,7 +314,9 @@ class Mahalanobis(Score):
         self._means: Tensor | None = None
         self._precision: Tensor | None = None
 
-    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
+    def _setup(self, inputs: ScoreSetup) -> None:
+        train_outputs = inputs.train
+        assert train_outputs is not None
         self.check(train_outputs, ("features", "labels"))
         x = train_outputs["features"].double()
         y = train_outputs["labels"].long()
@@ -238,7 +329,7 @@ class Mahalanobis(Score):
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         if self._means is None or self._precision is None:
-            raise ConfigError("score 'mahalanobis' must be fit on training outputs (features + labels) first")
+            raise ConfigError("score 'mahalanobis' must be set up with training outputs (features + labels) first")
         x = outputs["features"].double()
         p, mu = self._precision, self._means
         # (x - mu)^T P (x - mu) = x^T P x - 2 x^T P mu + mu^T P mu, for every (sample, class)
@@ -340,7 +431,7 @@ def knn_distance(queries: Tensor, bank: Tensor, k: int, *, max_elements: int = 1
 class KNN(Score):
     """Deep nearest neighbours (Sun et al. 2022): ``-||z - z_(k)||``, z = x / ||x||.
 
-    ``fit`` keeps the L2-normalised training features; the score is minus the distance to the
+    ``setup`` keeps the L2-normalised training features; the score is minus the distance to the
     ``k``-th nearest of them (exact search, :func:`knn_distance`).  ``k = 50`` as in the paper
     for CIFAR-10 (and OpenOOD); the paper uses k = 1000 for ImageNet with all training data.
     The reference code (faiss ``IndexFlatL2``) returns squared distances: the same ranking,
@@ -349,6 +440,7 @@ class KNN(Score):
     """
 
     requires = ("features",)
+    uses = ("train",)
 
     def __init__(self, k: int = 50, normalize: bool = True, squared: bool = False, device: str | None = None,
                  max_elements: int = 1 << 25) -> None:
@@ -362,14 +454,15 @@ class KNN(Score):
         x = x.float()
         return F.normalize(x, dim=-1) if self.normalize else x
 
-    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
-        self.check(train_outputs, ("features",))
-        feats = train_outputs["features"]
+    def _setup(self, inputs: ScoreSetup) -> None:
+        assert inputs.train is not None
+        self.check(inputs.train, ("features",))
+        feats = inputs.train["features"]
         self._bank = self._prepare(feats.to(_device(self.device, feats.device)))
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         if self._bank is None:
-            raise ConfigError("score 'knn' must be fit on training outputs (features) first")
+            raise ConfigError("score 'knn' must be set up with training outputs (features) first")
         q = self._prepare(outputs["features"].to(self._bank.device))
         d = knn_distance(q, self._bank, self.k, max_elements=self.max_elements)
         return -(d.pow(2) if self.squared else d).cpu()
@@ -388,7 +481,7 @@ def vim_dim(num_features: int) -> int:
 class ViM(Score):
     """Virtual-logit matching (Wang et al. 2022).
 
-    ``fit`` (training features + the final layer W, b): origin ``u = -pinv(W) b``; principal
+    ``setup`` (training features + the final layer W, b): origin ``u = -pinv(W) b``; principal
     subspace = the top ``dim`` eigenvectors of the uncentred covariance of ``x - u``
     (``(x - u)^T (x - u) / N``); residual ``r(x) = ||(x - u) R||`` over the remaining
     eigenvectors R; ``alpha = mean max-logit / mean r`` on the training set.  Score =
@@ -398,7 +491,7 @@ class ViM(Score):
     """
 
     requires = ("features",)
-    needs_head = True
+    uses = ("train", "head")
     CHUNK = 65536
 
     def __init__(self, dim: int | None = None) -> None:
@@ -408,11 +501,13 @@ class ViM(Score):
         self._u: Tensor | None = None
         self._residual: Tensor | None = None
         self._alpha: float | None = None
+        self._head: "LinearHead | None" = None
 
-    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
-        self.check(train_outputs, ("features",))
-        head = self.head()
-        feats = train_outputs["features"].cpu()
+    def _setup(self, inputs: ScoreSetup) -> None:
+        assert inputs.train is not None and inputs.head is not None
+        self.check(inputs.train, ("features",))
+        head = self._head = inputs.head
+        feats = inputs.train["features"].cpu()
         n, d = feats.shape
         dim = vim_dim(d) if self.dim is None else self.dim
         if not 1 <= dim < d:
@@ -430,9 +525,9 @@ class ViM(Score):
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         if self._residual is None or self._u is None or self._alpha is None:
-            raise ConfigError("score 'vim' must be fit on training outputs (features) first")
+            raise ConfigError("score 'vim' must be set up with training outputs (features) first")
         x = outputs["features"].double().cpu()
-        energy = torch.logsumexp(self.head()(x), dim=-1)
+        energy = torch.logsumexp(self._head(x), dim=-1)  # type: ignore[misc]
         return energy - self._alpha * ((x - self._u) @ self._residual).norm(dim=-1)
 
 
@@ -443,32 +538,34 @@ class ReAct(Score):
     ``c`` = the ``percentile``-th percentile of all training activations (every element of
     the training features, numpy's linear interpolation), or ``threshold`` when given.
     Score = ``logsumexp(W min(x, c) + b)``.  p = 90 as in the paper and OpenOOD (OpenOOD
-    estimates c on the ID validation split; here, the training set ``fit`` gets).
+    estimates c on the ID validation split; here, the training set ``setup`` gets).
     """
 
     requires = ("features",)
-    needs_head = True
 
     def __init__(self, percentile: float = 90.0, threshold: float | None = None) -> None:
         self.percentile = _percentile(percentile, "react percentile")
         self.threshold = None if threshold is None else float(threshold)
+        self.uses = ("head",) if self.threshold is not None else ("train", "head")
         self._c: float | None = self.threshold
+        self._head: "LinearHead | None" = None
 
-    def requires_fit(self) -> bool:
-        return self.threshold is None
-
-    def fit(self, train_outputs: Mapping[str, Tensor]) -> None:
+    def _setup(self, inputs: ScoreSetup) -> None:
+        self._head = inputs.head
         if self.threshold is not None:
             return
-        self.check(train_outputs, ("features",))
-        acts = train_outputs["features"].float().cpu().numpy().reshape(-1)
+        assert inputs.train is not None
+        self.check(inputs.train, ("features",))
+        acts = inputs.train["features"].float().cpu().numpy().reshape(-1)
         self._c = float(np.percentile(acts, self.percentile))
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         if self._c is None:
-            raise ConfigError("score 'react' must be fit on training outputs (features) first, or given a threshold")
+            raise ConfigError("score 'react' must be set up with training outputs (features) first, or given a threshold")
+        if self._head is None:
+            raise ConfigError("score 'react' re-runs the final linear layer: call setup(ScoreSetup(head=...)) first")
         x = outputs["features"].float().cpu().clamp(max=self._c)
-        return torch.logsumexp(self.head()(x), dim=-1)
+        return torch.logsumexp(self._head(x), dim=-1)
 
 
 ASH_VARIANTS = ("p", "b", "s")
@@ -509,15 +606,21 @@ class _ASH(Score):
     """
 
     requires = ("features",)
-    needs_head = True
+    uses = ("head",)
     variant = "p"
 
     def __init__(self, percentile: float = 90.0) -> None:
         self.percentile = _percentile(percentile, f"ash_{self.variant} percentile", upper_open=True)
+        self._head: "LinearHead | None" = None
+
+    def _setup(self, inputs: ScoreSetup) -> None:
+        self._head = inputs.head
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        if self._head is None:
+            raise ConfigError(f"score '{self.name}' re-runs the final linear layer: call setup(ScoreSetup(head=...)) first")
         x = ash(outputs["features"].float().cpu(), self.percentile, self.variant)
-        return torch.logsumexp(self.head()(x), dim=-1)
+        return torch.logsumexp(self._head(x), dim=-1)
 
 
 @_register("ash_p")
@@ -565,13 +668,14 @@ class NegLabel(Score):
     """NegLabel (Jiang et al. 2024): ID-label share of the softmax over ID + mined negative labels.
 
     ``words``: a text file of candidate words (one per line; nouns), ``adjectives``: optional
-    second file (prompted "This is a {} photo").  The CLIP job encodes and selects them once
-    (:meth:`prepare_text`, see :mod:`backmix_vlm.ood.neglabel`); the score then reads the cached
-    ID ``cosine`` and the image embedding ``features``.  Defaults are the paper's: 15 % of the
+    second file (prompted "This is a {} photo").  ``setup`` encodes and selects them once with the
+    zero-shot job's text encoder (``text``, see :mod:`backmix_vlm.ood.neglabel`); the score then
+    reads the cached ID ``cosine`` and the image embedding ``features``.  Defaults are the paper's: 15 % of the
     words kept at the 0.95 similarity quantile, τ = 0.01, 100 groups.
     """
 
     requires = ("cosine", "features")
+    uses = ("text",)
 
     def __init__(self, words: str | None = None, adjectives: str | None = None, ratio: float = 0.15,
                  percentile: float = 0.95, temperature: float = 0.01, ngroup: int = 100, seed: int = 0) -> None:
@@ -589,18 +693,20 @@ class NegLabel(Score):
         self._neg = F.normalize(text_features.detach().float().cpu(), dim=-1)
         self._neg_words = list(words or [])
 
-    def prepare_text(self, encode: Callable[[list[str], Any], Tensor], pos_text_features: Tensor,
-                     classnames: list[str], templates: Any) -> None:
-        """Encode the word lists with ``encode(words, templates)`` and keep the negative labels."""
+    def _setup(self, inputs: ScoreSetup) -> None:
+        """Encode the word lists with the text encoder and keep the negative labels."""
         from .neglabel import load_words, negative_text_features
+
+        text = inputs.text
+        assert text is not None
 
         if not self.words:
             raise ConfigError("score 'neglabel' needs a word list: eval.score_params.neglabel.words=/path/words.txt "
                               "(one English word per line)")
         adjectives = load_words(self.adjectives) if self.adjectives else []
-        feats, words = negative_text_features(encode, pos_text_features, load_words(self.words), templates,
-                                              adjectives=adjectives, ratio=self.ratio, percentile=self.percentile,
-                                              exclude=classnames)
+        feats, words = negative_text_features(text.encode, text.class_features, load_words(self.words),
+                                              text.templates, adjectives=adjectives, ratio=self.ratio,
+                                              percentile=self.percentile, exclude=list(text.classnames))
         self.set_negatives(feats, words)
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
@@ -608,7 +714,7 @@ class NegLabel(Score):
 
         if self._neg is None:
             raise ConfigError("score 'neglabel' has no negative labels: it runs in the zero-shot CLIP job, which "
-                              "encodes its word list (or call set_negatives / prepare_text first)")
+                              "encodes its word list (or call set_negatives / setup first)")
         img = F.normalize(outputs["features"].float().cpu(), dim=-1)
         neg_cos = torch.cat([img[i:i + 2048] @ self._neg.T for i in range(0, img.shape[0], 2048)])
         return neglabel_score(outputs["cosine"].float().cpu(), neg_cos, temperature=self.temperature,

@@ -9,7 +9,10 @@ unknown set and score), optionally ``summary.md`` (the literature's FPR95 / AURO
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from ..ood.evaluate import Scored
 
 
 class ScoredEvaluation(Protocol):
@@ -27,14 +30,14 @@ class ScoredEvaluation(Protocol):
 
 
 def finish_evaluation(out_dir: str | Path, results: Mapping[str, Any], *, title: str,
-                      evaluator: ScoredEvaluation | None = None, epoch: int = 0, summary: bool = False,
-                      plots: bool = False) -> dict[str, Any]:
+                      evaluator: ScoredEvaluation | None = None, scored: "Scored | None" = None, epoch: int = 0,
+                      summary: bool = False, plots: bool = False) -> dict[str, Any]:
     """Write an evaluation's tables, per-sample scores and score plots into ``out_dir``.
 
     ``results`` is ``evaluate_open_set``'s dict plus the job's own keys (model, epochs, ...);
     extra known-class sets arrive in ``results["extra_known"]`` (accuracy only) and are
-    rendered with the rest.  ``evaluator``: save its per-sample scores (``scores.safetensors``,
-    with ``epoch`` and the score / unknown-set names); ``summary``: also ``summary.md``;
+    rendered with the rest.  ``evaluator`` (or the pipeline's ``scored``): save its per-sample
+    scores (``scores.safetensors``, with ``epoch`` and the score / unknown-set names); ``summary``: also ``summary.md``;
     ``plots``: score histograms into ``out_dir/plots`` (needs the per-sample scores).
     Returns ``results`` as a plain dict.
     """
@@ -48,10 +51,17 @@ def finish_evaluation(out_dir: str | Path, results: Mapping[str, Any], *, title:
     write_results(out_dir, results, title=title)
     if summary:
         atomic_write_text(out_dir / "summary.md", f"# {title}\n\n" + ood_summary_table(results))
-    if evaluator is not None and evaluator.per_sample:
-        save_scores(out_dir / SCORES_FILE, evaluator.per_sample,
-                    {"scores": [s.name for s in evaluator.scores], "unknown_sets": list(evaluator.unknown_names),
-                     "positive": evaluator.positive, "epoch": epoch})
+    if scored is not None:
+        per_sample, meta = scored.per_sample(), {"scores": list(scored.score_names),
+                                                 "unknown_sets": scored.unknown_names, "positive": scored.positive}
+    elif evaluator is not None:
+        per_sample, meta = evaluator.per_sample, {"scores": [s.name for s in evaluator.scores],
+                                                  "unknown_sets": list(evaluator.unknown_names),
+                                                  "positive": evaluator.positive}
+    else:
+        per_sample, meta = {}, {}
+    if per_sample:
+        save_scores(out_dir / SCORES_FILE, per_sample, {**meta, "epoch": epoch})
         if plots:
             score_plots(out_dir, out_dir / PLOTS)
     return results

@@ -31,17 +31,20 @@ __all__ = ["JOB", "DEFAULT_SCORES", "OodModelConfig", "ProbeConfig", "OodEvalCon
            "preflight", "load_model", "run_ood", "main"]
 
 
-def run_ood(cfg: OodConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Evaluate ``cfg`` into ``run_dir`` (results.md / .json, scores.safetensors, plots); return the results."""
+def run_ood(cfg: OodConfig, run_dir: str | Path) -> dict[str, Any] | None:
+    """Evaluate ``cfg`` into ``run_dir`` (results.md / .json, scores.safetensors, plots); return the results
+    (None off the main process of a multi-process launch: each process runs its share of every set)."""
     import torch
 
     from ..data import build_dataset, build_transform
     from ..ood.evaluator import Evaluator
+    from ..ood.shards import launched_processes, process_device
     from ..report.finish import finish_evaluation
 
     check_distinct_sets(cfg.data, cfg.eval.ood, reserved=("train",))
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.run.device)
+    device = process_device(resolve_device(cfg.run.device))
+    processes = launched_processes(device)
     torch.manual_seed(cfg.run.seed)  # random-init models are reproducible
     loaded = load_model(cfg)
 
@@ -68,8 +71,10 @@ def run_ood(cfg: OodConfig, run_dir: str | Path) -> dict[str, Any]:
                    cache_dir=Path(cfg.run.output_dir) / ".cache" / "features" if cfg.eval.cache_features else None,
                    model_id=loaded.identity | ({"weights": _weights_id(loaded)}), data_ids=ids,
                    probe=cfg.probe.enabled, probe_C=cfg.probe.C, probe_max_iter=cfg.probe.max_iter,
-                   positive=cfg.eval.positive, std=loaded.std, seed=cfg.run.seed)
+                   positive=cfg.eval.positive, std=loaded.std, seed=cfg.run.seed, processes=processes)
     results = ev.run(cfg.eval.scores, cfg.eval.score_params)
+    if results is None:
+        return None
     results["known"] = cfg.data.display_name
     results["model"] = {k: v for k, v in loaded.identity.items() if v not in (None, {}, [])}
     return finish_evaluation(run_dir, results, title=_title(cfg, results), evaluator=ev, summary=True,
@@ -98,6 +103,8 @@ def main(args: argparse.Namespace) -> int:
     preflight(cfg)
     with open_run(plan, cfg) as run_dir:
         results = run_ood(cfg, run_dir)
+    if results is None:  # not the main process: it writes and prints
+        return 0
     print(results_to_markdown(results, title=_title(cfg, results)))
     print(f"results: {run_dir / 'results.md'}")
     return 0

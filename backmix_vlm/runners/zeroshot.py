@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from ..config import DataSource, EvalConfig, to_dict
+from ..config import DataSource, to_dict
 from ..errors import ConfigError
 from ..jobs.data import check_distinct_sets
 from ..jobs.zeroshot import (DEFAULT_SCORES, JOB, ClipModelConfig, ZeroShotConfig, ZeroShotEvalConfig,
@@ -30,22 +29,22 @@ __all__ = ["JOB", "DEFAULT_SCORES", "ClipModelConfig", "ZeroShotEvalConfig", "Ze
 OUTPUT_KEEP = ("logits", "features", "cosine", "local_cosine")
 
 
-def _loader(ds: Any, cfg: EvalConfig, device: torch.device) -> DataLoader:
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
-
-
-def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Evaluate ``cfg`` and write results.md / results.json into ``run_dir``; return the results."""
+def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any] | None:
+    """Evaluate ``cfg`` and write results.md / results.json / scores.safetensors into ``run_dir``;
+    return the results (None off the main process of a multi-process launch)."""
     from ..data import build_dataset
+    from ..models.clip import build_text_features
     from ..models.frozen import compile_frozen_tower, frozen_compute_dtype, hold_frozen_in, shard_batches
-    from ..runtime import low_precision_dtype
-    from ..ood.evaluate import evaluate_open_set
-    from ..ood.features import cache_file, extract_outputs, model_fingerprint, score_images_loader
+    from ..ood.features import cache_file, model_fingerprint
+    from ..ood.pipeline import KNOWN, ScoringPipeline
+    from ..ood.scores import ScoreSetup, TextSide
+    from ..ood.shards import launched_processes, process_device
     from ..report.finish import finish_evaluation
+    from ..runtime import low_precision_dtype
 
     check_distinct_sets(cfg.data, cfg.eval.ood)
-    device = resolve_device(cfg.run.device)
+    device = process_device(resolve_device(cfg.run.device))
+    processes = launched_processes(device)
     torch.manual_seed(cfg.run.seed)  # random-init models (backmix-tiny-clip) are reproducible
     m = cfg.model
     bundle = load_clip(m.name, m.pretrained, m.checkpoint, device=device, precision=m.precision,
@@ -58,14 +57,12 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"model.classnames: {len(classnames)} names for the {len(known_ds.classes)} classes "
                           f"of {cfg.data.display_name}")
     clf = ClipZeroShotClassifier(bundle, classnames, m.templates).to(device)
-    for score in scores:  # NegLabel: encode and select its negative labels once
-        if callable(getattr(score, "prepare_text", None)):
-            from ..models.clip import build_text_features
-
-            score.prepare_text(lambda words, tpl: build_text_features(bundle, words, tpl), clf.text_features,
-                               list(classnames), clf.templates)
-    # the frozen image tower in the compute dtype once (bf16 / fp16 weights or run.precision), fused attention
-    hold_frozen_in(bundle.model, low_precision_dtype(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
+    text = TextSide(lambda words, tpl: build_text_features(bundle, words, tpl), clf.text_features,
+                    list(classnames), clf.templates)
+    # the frozen image tower in the compute dtype once (bf16 / fp16 weights or run.precision), fused attention;
+    # the text tower stays as loaded: text-side score setups (NegLabel) encode with it after the image pass
+    hold_frozen_in(bundle.model.visual,
+                   low_precision_dtype(m.precision) or frozen_compute_dtype(cfg.run.precision, device))
     if cfg.run.compile:  # fuses the memory-bound work between the matmuls; pays the compile time once
         compile_frozen_tower(bundle.model)
     # each core runs whole forwards of its share of the batch (the ops between the matmuls scale badly over threads)
@@ -76,33 +73,26 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any]:
     text_hash = hashlib.sha256(clf.text_features.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     model_id = dict(name=bundle.name, visual=model_fingerprint(bundle.model.visual), text=text_hash,
                     logit_scale=float(clf.logit_scale), precision=cfg.run.precision, transform=repr(transform))
+    ood_sets = {src.display_name: build_dataset(src, transform) for src in cfg.eval.ood}
+    sources: dict[str, DataSource] = {KNOWN: cfg.data, **{src.display_name: src for src in cfg.eval.ood}}
 
-    def outputs_of(src: DataSource, ds: Any) -> dict[str, torch.Tensor]:
+    def cache(name: str, ds: Any) -> Path | None:
+        if not cfg.eval.cache_features:
+            return None
+        src = sources[name]
         data_id = {**to_dict(src), "root": str(Path(src.root).resolve()), "n": len(ds)}
-        path = cache_file(cache_dir, src.display_name, model=model_id, data=data_id) if cfg.eval.cache_features else None
-        return extract_outputs(clf, _loader(ds, cfg.eval, device), device=device, precision=cfg.run.precision,
-                               cache_path=path, desc=src.display_name, keep=OUTPUT_KEEP)
+        return cache_file(cache_dir, src.display_name, model=model_id, data=data_id)
 
-    known = outputs_of(cfg.data, known_ds)
-    unknowns: dict[str, dict[str, torch.Tensor]] = {}
-    ood_sets: dict[str, Any] = {}
-    for src in cfg.eval.ood:
-        ood_sets[src.display_name] = build_dataset(src, transform)
-        unknowns[src.display_name] = outputs_of(src, ood_sets[src.display_name])
-
-    extra: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
-    for score in scores:
-        if getattr(score, "needs_model", False):  # ODIN: gradients through the model, no cache
-            def run_score(name: str, ds: Any, score: Any = score) -> torch.Tensor:
-                return score_images_loader(score, clf, _loader(ds, cfg.eval, device), device=device,
-                                           precision=cfg.run.precision, desc=f"{score.name} {name}")
-            extra[score.name] = (run_score(cfg.data.display_name, known_ds),
-                                 {n: run_score(n, ds) for n, ds in ood_sets.items()})
-
-    results = evaluate_open_set(known, unknowns, scores, positive=cfg.eval.positive, extra_scores=extra)
+    pipeline = ScoringPipeline(scores, device=device, precision=cfg.run.precision, batch_size=cfg.eval.batch_size,
+                               num_workers=cfg.eval.num_workers, keep=OUTPUT_KEEP, positive=cfg.eval.positive,
+                               cache=cache, processes=processes)
+    done = pipeline.run(clf, known_ds, ood_sets, prepare=lambda sets: ScoreSetup(forward=clf, text=text))
+    if done is None:
+        return None
+    results = done.scored.results()
     results["known"] = cfg.data.display_name
     results["model"] = {"name": bundle.name, "pretrained": bundle.pretrained, "templates": list(clf.templates)}
-    return finish_evaluation(run_dir, results, title=_title(results), summary=True)
+    return finish_evaluation(run_dir, results, title=_title(results), scored=done.scored, summary=True)
 
 
 def _title(results: dict[str, Any]) -> str:
@@ -118,6 +108,8 @@ def main(args: argparse.Namespace) -> int:
     preflight(cfg)
     with open_run(plan, cfg) as run_dir:
         results = run_zeroshot(cfg, run_dir)
+    if results is None:  # not the main process: it writes and prints
+        return 0
     print(results_to_markdown(results, title=_title(results)))
     print(f"results: {run_dir / 'results.md'}")
     return 0

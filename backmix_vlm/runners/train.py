@@ -20,6 +20,7 @@ from ..config import to_dict
 from ..jobs.train import (JOB, TrainConfig, build_datasets, build_train_config, load_train_config, preflight,
                           resolve_sources, training_images, variant_configs, write_plots)
 from ..runs import CONFIG_FILE, open_run, plan_from_args, record_run, write_json
+from ..runtime import process_group_errors
 
 __all__ = ["JOB", "TrainConfig", "load_train_config", "resolve_sources", "variant_configs", "train_run",
            "run_variants", "main"]
@@ -104,7 +105,7 @@ def main(args: Any) -> int:
     data = to_dict(cfg)
     variants = variant_configs(cfg, data, str(plan.run_dir / CONFIG_FILE)) if cfg.variants else {}
     preflight(cfg, variants)
-    with open_run(plan, cfg, sub_configs=variants) as run_dir:
+    with open_run(plan, cfg, sub_configs=variants) as run_dir, process_group_errors(cfg.run.process_timeout_s):
         if cfg.variants:
             run_variants(cfg, data, run_dir, resume=plan.resume, argv=plan.argv, where=str(run_dir / CONFIG_FILE))
         else:

@@ -64,3 +64,73 @@ def test_ddp_two_processes_keep_bank_and_weights_identical(tmp_path):
     strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
     assert strip(full["history"]) == strip(out["resumed0"]["history"])
     assert len(full["history"]) == 2 and "acc" in full["history"][-1]
+
+
+def _timeout_worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import time
+
+    from test_resume import make_trainer
+
+    from backmix_vlm.config import RunConfig
+    from backmix_vlm.engine.trainer import build_accelerator
+    from backmix_vlm.errors import ProcessGroupError
+    from backmix_vlm.runtime import process_group_errors
+
+    build_accelerator(RunConfig(device="cpu", process_timeout_s=2))  # the process group: 2 s per collective
+    trainer = make_trainer(Path(tmp) / "run")
+    trainer.evaluate = lambda model, epoch: time.sleep(6) or {}  # the main process evaluates for 6 s
+    try:
+        with process_group_errors(2):
+            trainer.fit(stop_after=1)
+        message = "finished"
+    except ProcessGroupError as e:
+        message = str(e)
+    (Path(tmp) / f"message{rank}.txt").write_text(message)
+
+
+@pytest.mark.slow  # two processes (gloo), 6 s of waiting
+def test_process_timeout_fails_with_one_clear_message(tmp_path):
+    """run.process_timeout_s reaches the process group: the process waiting for the main one's evaluation
+    gives up after 2 s with a message naming the key; the main one then learns its peer stopped."""
+    mp.start_processes(_timeout_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    waiting = (tmp_path / "message1.txt").read_text()
+    assert waiting.startswith("process 1 of 2 waited more than run.process_timeout_s=2 s"), waiting
+    main = (tmp_path / "message0.txt").read_text()
+    assert main.startswith("process 0 of 2"), main
+
+
+@pytest.mark.parametrize("n,world", [(19, 2), (20, 2), (7, 3), (10, 4), (3, 4)])
+def test_sampler_padding_marks_exactly_the_repeats(n, world):
+    """Dropping the flagged positions leaves every sample exactly once, as one process sees them."""
+    from torch.utils.data import DistributedSampler
+
+    from backmix_vlm.engine.trainer import sampler_padding
+
+    kept = []
+    for rank in range(world):
+        order = list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3))
+        pad = sampler_padding(rank, world, n, 0, len(order))
+        assert not pad[: len(order) - 1].any()  # only a rank's last position can be padding
+        kept += [i for i, p in zip(order, pad.tolist()) if not p]
+        # a batch in the middle of the epoch gets the same flags as the whole epoch's slice
+        assert torch.equal(sampler_padding(rank, world, n, 1, len(order) - 1), pad[1:])
+    assert sorted(kept) == list(range(n))
+
+
+def test_per_process_devices_and_timeout_key_are_checked():
+    from backmix_vlm.config import RunConfig
+    from backmix_vlm.errors import ConfigError
+    from backmix_vlm.runtime import check_device_name, resolve_device
+
+    assert resolve_device(torch.device("cpu", 0)) == torch.device("cpu", 0)  # Accelerate's per-process device
+    assert check_device_name("cpu:1") == "cpu:1" and check_device_name("cuda:1") == "cuda:1"
+    for bad in ("gpu", "cpu:x", "cuda:", "tpu:0"):
+        with pytest.raises(ConfigError, match="run.device"):
+            check_device_name(bad)
+    RunConfig(process_timeout_s=60).validate()
+    with pytest.raises(ConfigError, match=r"run.process_timeout_s: 0 is not accepted; expected a number >= 1"):
+        RunConfig(process_timeout_s=0).validate()

@@ -155,6 +155,20 @@ def on_main_process(fn: Callable[[], T]) -> T:
     return value
 
 
+def single_process_launch_warning(num_processes: int) -> str | None:
+    """A warning when ``accelerate launch --cpu --num_processes N`` started this run as ONE process.
+
+    Accelerate starts several CPU processes only through ``mpirun`` (``accelerate config``); without
+    it the launcher sets ``MASTER_PORT`` for N processes and runs one, silently.
+    """
+    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if num_processes == 1 and launched_cpu and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        return ("warning: `accelerate launch --cpu --num_processes N` runs ONE process (Accelerate starts "
+                "several CPU processes only through mpirun); for N CPU processes use "
+                "`torchrun --nproc_per_node N -m backmix_vlm.cli <job> ...`")
+    return None
+
+
 _TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 _PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker crash|communicator was aborted", re.IGNORECASE)
 

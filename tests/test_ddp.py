@@ -134,3 +134,19 @@ def test_per_process_devices_and_timeout_key_are_checked():
     RunConfig(process_timeout_s=60).validate()
     with pytest.raises(ConfigError, match=r"run.process_timeout_s: 0 is not accepted; expected a number >= 1"):
         RunConfig(process_timeout_s=0).validate()
+
+
+def test_accelerate_cpu_launch_of_one_process_is_named(monkeypatch):
+    """``accelerate launch --cpu --num_processes 2`` sets MASTER_PORT and starts one process: say so."""
+    from backmix_vlm.runtime import single_process_launch_warning
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert "torchrun --nproc_per_node N" in single_process_launch_warning(1)
+    assert single_process_launch_warning(2) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / a real multi-process launch
+    assert single_process_launch_warning(1) is None
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("MASTER_PORT")  # plain `accelerate launch --cpu` of one process
+    assert single_process_launch_warning(1) is None

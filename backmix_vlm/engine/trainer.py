@@ -72,7 +72,7 @@ from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimC
 from ..errors import ConfigError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
-from ..runtime import check_autocast_precision, resolve_device
+from ..runtime import check_autocast_precision, resolve_device, single_process_launch_warning
 from ..validation import check_choice
 from .lookahead import Lookahead
 from .tasks import StepPlan, TrainTask
@@ -223,7 +223,11 @@ def build_accelerator(run: RunConfig) -> Any:
     if device.startswith("cuda:") and not accelerate_state_started():
         os.environ["ACCELERATE_TORCH_DEVICE"] = device
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=float(run.process_timeout_s)))
-    return Accelerator(mixed_precision=run.precision, cpu=cpu, kwargs_handlers=[timeout])
+    accelerator = Accelerator(mixed_precision=run.precision, cpu=cpu, kwargs_handlers=[timeout])
+    warning = single_process_launch_warning(accelerator.num_processes)
+    if warning:
+        print(warning, file=sys.stderr)
+    return accelerator
 
 
 def sampler_padding(rank: int, world: int, num_samples: int, start: int, count: int) -> Tensor:

@@ -6,6 +6,7 @@ too), and that an interrupted + resumed DDP run equals the uninterrupted one bit
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -150,3 +151,44 @@ def test_accelerate_cpu_launch_of_one_process_is_named(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("MASTER_PORT")  # plain `accelerate launch --cpu` of one process
     assert single_process_launch_warning(1) is None
+
+
+def test_one_gpu_index_is_refused_for_several_processes(monkeypatch):
+    from backmix_vlm.config import RunConfig
+    from backmix_vlm.engine.trainer import build_accelerator
+    from backmix_vlm.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"run.device: 'cuda:1' names one GPU, but this run has 2 processes"):
+        build_accelerator(RunConfig(device="cuda:1"))
+
+
+def _main_process_worker(rank: int, port: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    from backmix_vlm.errors import BackmixError, DataError
+    from backmix_vlm.runtime import on_main_process
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    calls = []
+    value = on_main_process(lambda: calls.append(rank) or {"indices": [3, 1, 4]})
+
+    def bad_split():
+        raise DataError("few-shot split file s.json does not match this run")
+    try:
+        on_main_process(bad_split)
+        error = None
+    except BackmixError as e:
+        error = f"{type(e).__name__}: {e}"
+    (Path(tmp) / f"main{rank}.json").write_text(json.dumps({"value": value, "calls": calls, "error": error}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes (gloo): ~5 s
+def test_on_main_process_runs_once_and_shares_value_and_error(tmp_path):
+    mp.start_processes(_main_process_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"main{r}.json").read_text()) for r in range(WORLD))
+    assert r0["calls"] == [0] and r1["calls"] == []  # ran on the main process only
+    assert r0["value"] == r1["value"] == {"indices": [3, 1, 4]}
+    message = "few-shot split file s.json does not match this run"
+    assert r0["error"] == f"DataError: {message}" and r1["error"] == f"BackmixError: {message}"

@@ -86,7 +86,7 @@ def metrics(results: dict) -> dict[str, float]:
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             out[path] = float(node)
     walk(results, "")
-    return {k: v for k, v in out.items() if "time" not in k}
+    return {k: v for k, v in out.items() if "time" not in k and not k.endswith("/processes")}
 
 
 def assert_same_on_every_process(probe: Path, run: str, world: int = 2) -> dict:
@@ -158,7 +158,7 @@ def test_fewshot_backmix_two_processes_one_bank_update_per_image(tmp_path, metho
     assert bool((mine["bank"] != 0.5).flatten(1).any(1).all())
     assert writes(tmp_path / "p", 1) == set()
     res = json.loads((tmp_path / "runs" / "bm" / "seed1" / "results.json").read_text())
-    assert res["num_train"] == 19 and res["epochs"] == 2
+    assert res["num_train"] == 19 and res["epochs"] == 2 and res["processes"] == 2
     assert set(res["results"]["c100"]) == {"mcm", "glmcm", "msp", "energy"}
 
 
@@ -183,4 +183,5 @@ def test_train_two_processes_against_one(tmp_path, image_folder):
     assert writes(tmp_path / "p", 1) == set()
     a, b = (metrics(json.loads((d / "results.json").read_text())) for d in (one, two))
     assert a.keys() == b.keys()
+    assert [json.loads((d / "results.json").read_text())["processes"] for d in (one, two)] == [1, 2]
     assert all(0.0 <= v <= 1.0 for k, v in b.items() if "/auroc" in k or k.endswith("/acc"))

@@ -203,7 +203,8 @@ def build_accelerator(run: RunConfig) -> Any:
     """An ``accelerate.Accelerator`` for ``run.device`` / ``run.precision``.
 
     Works unchanged under ``accelerate launch`` / ``torchrun`` (the env tells Accelerate the
-    process group; its collectives give up after ``run.process_timeout_s``).  ``bf16`` autocasts
+    process group; its collectives give up after ``run.process_timeout_s``; each process uses the
+    GPU of its local rank, so ``cuda:N`` is refused there).  ``bf16`` autocasts
     on CPU as well as on GPU.  In a single process the Accelerate state is a singleton; it is
     reset when a later run asks for another precision.
     """
@@ -216,6 +217,10 @@ def build_accelerator(run: RunConfig) -> Any:
 
     check_autocast_precision(run.precision, "run.precision")
     device = str(run.device)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.startswith("cuda:") and processes > 1:  # Accelerate gives each process its local rank's GPU
+        raise ConfigError(f"run.device: {device!r} names one GPU, but this run has {processes} processes (each "
+                          "uses the GPU of its local rank); use run.device=cuda or auto")
     cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")

@@ -72,7 +72,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
     if not accelerator.is_main_process:  # only the main process evaluated
         return None
     results = {**evaluator.result, "seed": seed, "shots": cfg.data.shots, "method": cfg.method_label,
-               "num_train": len(train), "epochs": trainer.epoch,
+               "num_train": len(train), "epochs": trainer.epoch, "processes": accelerator.num_processes,
                "train_time_s": round(sum(r.get("time", 0.0) for r in trainer.history), 1),  # all epochs, all resumes
                "trainable_parameters": sum(p.numel() for p in task.trainable_parameters())}
     finish_evaluation(seed_dir, results, title=f"{cfg.method_label}, {cfg.setting_label}, seed {seed}",

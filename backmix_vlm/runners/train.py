@@ -64,6 +64,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     if not accelerator.is_main_process:
         return {}
     results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": trainer.epoch,
+               "processes": accelerator.num_processes,  # that trained it (evaluation: the main process)
                "train_time_s": round(sum(r.get("time", 0.0) for r in trainer.history), 1),  # all epochs, all resumes
                "final_train": ({k: trainer.history[-1][k] for k in ("train_loss", "train_acc")}
                                if trainer.history else None)}

@@ -22,6 +22,7 @@ mixes exactly as the interrupted one would have.
 * Distributed: when ``torch.distributed`` is initialised with world size > 1, :meth:`update`
   all-gathers indices and maps from every rank (in rank order) and applies the same update
   on every copy, so all banks stay identical.  It is a collective: every rank must call it.
+  ``keep`` drops maps before the gather (the trainer's use: the distributed sampler's padding).
 """
 from __future__ import annotations
 

@@ -22,6 +22,11 @@ Design choices (documented because they change numbers):
   shuffles with ``seed + epoch``, and the loader's worker seeds come from a generator seeded
   by :func:`~backmix_vlm.engine.checkpoint.epoch_seed`; with every RNG saved at the end of
   each epoch, ``--resume`` replays the remaining epochs bit for bit.
+* **Several processes** (``torchrun`` / ``accelerate launch``; docs/distributed.md): each process
+  trains on its shard of every epoch and the bank update is gathered, so banks and weights stay
+  identical.  When the processes cannot share the set evenly, the sampler repeats a few samples;
+  those repeats train (every process needs the same number of steps) but do not update the bank,
+  so each image moves its bank row once per epoch (:func:`sampler_padding`).
 * **Evaluation never perturbs training.**  It runs on the main process with all RNG states
   saved before and restored after, so ``eval.every`` does not change the trained weights.
 * **Mask bank in the canonical frame.**  With ``views`` (a

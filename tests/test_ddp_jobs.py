@@ -163,25 +163,47 @@ def test_fewshot_backmix_two_processes_one_bank_update_per_image(tmp_path, metho
 
 
 # ----------------------------------------------------------------------------- train
-@pytest.mark.slow  # one launch of 2 processes + 1 in-process run: ~20 s on 2 cores
-def test_train_two_processes_against_one(tmp_path, image_folder):
-    """The CNN job: 23 images (padding on rank 1), BackMix, 2 epochs.  BatchNorm normalises each
-    process's half batch, so values differ from 1 process; banks and weights agree on every process,
-    every row moves once per epoch, the files are those of a 1-process run, written by rank 0 only."""
+@pytest.mark.slow  # 3 launches of 2 processes + 1 in-process run: ~60 s on 2 cores
+def test_train_variants_two_processes_against_one_and_resume_after_kill(tmp_path, image_folder):
+    """The CNN job with two variants (plain, BackMix), 23 images (the sampler pads rank 1), 2 epochs.
+
+    BatchNorm normalises each process's half batch, so values differ from 1 process: banks and weights
+    agree on every process, every bank row moves once per epoch, the files are those of a 1-process
+    run, written by rank 0 only.  A run whose rank 0 is SIGKILLed after the first variant's first
+    epoch and resumed on 2 processes ends bit for bit as the uninterrupted 2-process run."""
     from conftest import train_config
 
-    cfg = train_config(tmp_path, image_folder, optim={"epochs": 2, "batch_size": 8, "lr": 0.05})
-    over = ["data.train.max_samples=23", f"run.output_dir={tmp_path / 'runs'}"]
-    assert cli_main(["train", str(cfg), *over, "run.name=one"]) == 0
-    launch(tmp_path, 2, ["train", str(cfg), *over, "run.name=two"], probe="p")
-    mine = assert_same_on_every_process(tmp_path / "p", "two")
-    assert mine["updates"] == [[1] * 23, [1] * 23]
-    ref = torch.load(tmp_path / "runs" / "one" / "last.pt", weights_only=False)
-    assert ref["bank"]["bank"].shape == mine["bank"].shape and ref["model"].keys() == mine["model"].keys()
-    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
-    assert {f.replace("two/", "one/") for f in run_files(two)} == run_files(one)
-    assert writes(tmp_path / "p", 1) == set()
-    a, b = (metrics(json.loads((d / "results.json").read_text())) for d in (one, two))
+    cfg = train_config(tmp_path, image_folder, optim={"epochs": 2, "batch_size": 8, "lr": 0.05},
+                       variants={"plain": ["backmix.enabled=false"], "backmix": []})
+    args = ["train", str(cfg), "data.train.max_samples=23", f"run.output_dir={tmp_path / 'runs'}"]
+    assert cli_main([*args, "run.name=one"]) == 0
+    launch(tmp_path, 2, [*args, "run.name=two"], probe="p")
+    killed = launch(tmp_path, 2, [*args, "run.name=cut"], probe="killed", env={"PROBE_KILL": "0:1"}, expect_ok=False)
+    assert killed.returncode != 0 and not (tmp_path / "runs" / "cut" / "backmix").exists()
+    launch(tmp_path, 2, ["train", "--resume", *args[1:], "run.name=cut"], probe="r")
+
+    runs = tmp_path / "runs"
+    bm = assert_same_on_every_process(tmp_path / "p", "backmix")
+    assert bm["updates"] == [[1] * 23, [1] * 23]
+    assert assert_same_on_every_process(tmp_path / "p", "plain")["bank"] is None
+    ref = torch.load(runs / "one" / "backmix" / "last.pt", weights_only=False)
+    assert ref["bank"]["bank"].shape == bm["bank"].shape and ref["model"].keys() == bm["model"].keys()
+    assert {f.replace("two/", "one/") for f in run_files(runs / "two")} == run_files(runs / "one")
+    for probe in ("p", "killed", "r"):
+        assert writes(tmp_path / probe, 1) == set(), probe
+    a, b = (metrics(json.loads((runs / d / "results.json").read_text())) for d in ("one", "two"))
     assert a.keys() == b.keys()
-    assert [json.loads((d / "results.json").read_text())["processes"] for d in (one, two)] == [1, 2]
     assert all(0.0 <= v <= 1.0 for k, v in b.items() if "/auroc" in k or k.endswith("/acc"))
+    two = json.loads((runs / "two" / "backmix" / "results.json").read_text())
+    assert [json.loads((runs / "one" / "backmix" / "results.json").read_text())["processes"], two["processes"]] == [1, 2]
+    # kill -9 + --resume == uninterrupted, on 2 processes: weights, banks, logs, metrics
+    for variant in ("plain", "backmix"):
+        full, resumed = state(tmp_path / "p", 0, variant), assert_same_on_every_process(tmp_path / "r", variant)
+        for key in full["model"]:
+            assert torch.equal(full["model"][key], resumed["model"][key]), (variant, key)
+        assert (full["bank"] is None and resumed["bank"] is None) or torch.equal(full["bank"], resumed["bank"])
+        strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
+        assert strip(full["history"]) == strip(resumed["history"])
+    assert metrics(json.loads((runs / "cut" / "results.json").read_text())) == \
+        metrics(json.loads((runs / "two" / "results.json").read_text()))
+    assert json.loads((runs / "cut" / "run_info.json").read_text())["status"] == "finished"

@@ -48,7 +48,7 @@ def launch(tmp: Path, nproc: int, argv: list[str], *, probe: str, env: dict[str,
     full_env = {**os.environ, "PROBE_DIR": str(tmp / probe), "PROBE_WATCH": str(tmp / "runs"),
                 "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                 **(env or {})}
-    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=1500)
     if expect_ok:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out

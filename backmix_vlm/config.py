@@ -55,6 +55,7 @@ class RunConfig:
     precision: str = "no"             # no | bf16 | fp16  (autocast; bf16 is ~4x faster on modern CPUs)
     channels_last: bool = False       # CNNs: NHWC memory format (faster convolutions with bf16 on CPU and GPU)
     compile: bool = False             # torch.compile the model for training, the frozen image tower for zero-shot evaluation (first batches pay the compile time)
+    process_timeout_s: float = 1800.0  # multi-process runs: seconds a process waits for the others at a collective (e.g. while the main process evaluates) before the run fails with a clear error (torch's default 30 min)
     eval_workers: int | str = "auto"  # zero-shot on CPU: split each batch over N threads of one intra-op thread each (auto: one per torch thread; 0/1: off); docs/benchmarks_speed.md
 
     def validate(self, where: str = "run") -> None:
@@ -63,6 +64,7 @@ class RunConfig:
         check_device_name(self.device, join(where, "device"))
         check_autocast_precision(self.precision, join(where, "precision"))
         check_eval_workers(self.eval_workers, join(where, "eval_workers"))
+        check_range(self.process_timeout_s, join(where, "process_timeout_s"), low=1)
         if self.name is not None and (not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\")):
             raise ConfigError(f"{join(where, 'name')}: {self.name!r} is not a usable folder name")
 

@@ -30,6 +30,11 @@ class RegistryError(BackmixError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ProcessGroupError(BackmixError):
+    """A process of a multi-process run waited for the others longer than ``run.process_timeout_s``,
+    or another process of the run stopped."""
+
+
 class RunDirError(BackmixError):
     """A run directory cannot be used as asked (taken by another run, locked, missing for --resume)."""
 

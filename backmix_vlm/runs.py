@@ -46,7 +46,7 @@ LOCK_FILE = ".lock"
 CHECKPOINT_SUFFIX = ".pt"
 #: settings that never change what a run computes: free to differ on --resume
 NOT_RESULT_KEYS = frozenset({
-    "run.output_dir", "run.name", "run.device", "data_root", "plots",
+    "run.output_dir", "run.name", "run.device", "run.process_timeout_s", "data_root", "plots",
     "eval.num_workers", "eval.batch_size", "eval.cache_features", "eval.every",
     "model.cache_dir", "backbone.cache_dir", "data.split_dir",
 })

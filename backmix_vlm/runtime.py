@@ -8,6 +8,11 @@ One definition of each, used by every job:
   fp32) → :func:`autocast`; ``model.precision`` of the zero-shot job is the **weight dtype** of a
   frozen CLIP (``WEIGHT_PRECISIONS``: ``fp32 | fp16 | bf16``).  Both map a name to a torch dtype
   with :func:`low_precision_dtype` (``no`` / ``fp32`` → None, i.e. float32).
+* Processes (``torchrun`` / ``accelerate launch``): :func:`distributed_active`,
+  :func:`on_main_process` (run a step on the main process only, its value or error reaching every
+  process), :func:`broadcast_from_main` and :func:`process_group_errors` (``run.process_timeout_s``:
+  a collective that waited longer, or whose peer stopped, becomes one clear error instead of a gloo /
+  NCCL traceback).
 * :func:`host_reachable` / :func:`hub_reachable`: a TCP probe of a few seconds, so offline
   machines fail fast with advice instead of minutes of download retries.  ``BACKMIX_VLM_OFFLINE=1``
   skips the probe and behaves as offline.
@@ -16,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import ConfigError
+from .errors import BackmixError, ConfigError, ProcessGroupError
+
+T = TypeVar("T")
 
 AUTOCAST_PRECISIONS = ("no", "bf16", "fp16")
 WEIGHT_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -31,11 +39,16 @@ HUB_HOST = ("huggingface.co", 443)
 
 # ----------------------------------------------------------------------------- devices
 def check_device_name(device: Any, where: str = "run.device") -> str:
-    """``device`` as a string if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (no GPU check)."""
+    """``device`` as a string if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (no GPU check).
+
+    ``cpu:N`` is accepted too: it is the device Accelerate gives each process of a multi-process
+    CPU run, and it reaches the model builders as ``accelerator.device``.
+    """
     name = str(device)
     if name in ("auto", "cpu", "cuda"):
         return name
-    if name.startswith("cuda:") and name[5:].isdigit():
+    head, sep, index = name.partition(":")
+    if sep and head in ("cpu", "cuda") and index.isdigit():
         return name
     raise ConfigError(f"{where}: {name!r} is not accepted; use {DEVICE_CHOICES}")
 
@@ -91,6 +104,99 @@ def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- processes
+def distributed_active() -> bool:
+    """True inside a process group of more than one process (``torchrun`` / ``accelerate launch``)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_from_main(value: T) -> T:
+    """The main process's ``value`` on every process (picklable objects; a no-op in one process)."""
+    if not distributed_active():
+        return value
+    import torch.distributed as dist
+
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main_process(fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process only; every process returns its value.
+
+    For steps that must happen once (writing a shared file, reading what only the main process
+    decides).  An error raised by ``fn`` on the main process is raised on every process, so the
+    others fail with the same message instead of waiting for a value that never comes.
+    """
+    if not distributed_active():
+        return fn()
+    import torch.distributed as dist
+
+    outcome: tuple[str, Any] = ("value", None)
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("value", fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised below, on every process
+            error = e
+            outcome = ("error", (isinstance(e, BackmixError), f"{type(e).__name__}: {e}"))  # text pickles always
+    kind, value = broadcast_from_main(outcome)
+    if error is not None:
+        raise error
+    if kind == "error":
+        user, text = value
+        if user:  # the same one-line message as the main process's (the CLI prints the message only)
+            raise BackmixError(text.partition(": ")[2])
+        raise RuntimeError(f"on the main process: {text}")
+    return value
+
+
+def single_process_launch_warning(num_processes: int) -> str | None:
+    """A warning when ``accelerate launch --cpu --num_processes N`` started this run as ONE process.
+
+    Accelerate starts several CPU processes only through ``mpirun`` (``accelerate config``); without
+    it the launcher sets ``MASTER_PORT`` for N processes and runs one, silently.
+    """
+    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if num_processes == 1 and launched_cpu and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        return ("warning: `accelerate launch --cpu --num_processes N` runs ONE process (Accelerate starts "
+                "several CPU processes only through mpirun); for N CPU processes use "
+                "`torchrun --nproc_per_node N -m backmix_vlm.cli <job> ...`")
+    return None
+
+
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker crash|communicator was aborted", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def process_group_errors(timeout_s: float, where: str = "run.process_timeout_s") -> Iterator[None]:
+    """Turn a failed collective (gloo / NCCL traceback) of a multi-process run into one clear error.
+
+    Every process waits at each collective (gradient all-reduce, mask-bank gather, the barrier
+    after the main process's evaluation).  One that waited ``timeout_s`` seconds, or whose peer
+    stopped, raises :class:`~backmix_vlm.errors.ProcessGroupError` saying which and what to do.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not distributed_active() or not (_TIMED_OUT.search(text) or _PEER_GONE.search(text)):
+            raise
+        import torch.distributed as dist
+
+        me = f"process {dist.get_rank()} of {dist.get_world_size()}"
+        if _PEER_GONE.search(text):
+            raise ProcessGroupError(f"{me}: another process of this run stopped (its own error is printed above "
+                                    "or in its log); this one stops too") from e
+        raise ProcessGroupError(
+            f"{me} waited more than {where}={timeout_s:g} s for the others (one of them hangs, or the main "
+            f"process's evaluation / checkpoint took longer); raise {where} or look at the other processes' "
+            "output") from e
 
 
 # ----------------------------------------------------------------------------- network

@@ -22,6 +22,7 @@ mixes exactly as the interrupted one would have.
 * Distributed: when ``torch.distributed`` is initialised with world size > 1, :meth:`update`
   all-gathers indices and maps from every rank (in rank order) and applies the same update
   on every copy, so all banks stay identical.  It is a collective: every rank must call it.
+  ``keep`` drops maps before the gather (the trainer's use: the distributed sampler's padding).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from ..config import BackMixConfig
 from ..errors import ConfigError
+from ..runtime import distributed_active
 
 INIT_VALUE = 0.5
 
@@ -65,10 +67,6 @@ def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     else:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x[:, 0].to(maps.dtype)
-
-
-def distributed_active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_gather_rows(t: Tensor) -> Tensor:
@@ -139,13 +137,15 @@ class MaskBank(nn.Module):
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
     def update(self, indices: Tensor, maps: Tensor, distributed: bool | None = None,
-               geometry: Any = None) -> None:
+               geometry: Any = None, keep: Tensor | None = None) -> None:
         """EMA-update the rows ``indices`` with new foreground maps (B, h', w') in [0, 1].
 
         ``geometry`` (a :class:`~backmix_vlm.augment.geometry.ViewGeometry`): the maps are of
         these views; they are mapped back to the canonical frame and each cell moves by
         ``momentum * coverage``.  Maps with non-finite values are skipped (their rows keep their
-        value) and counted in ``skipped``.
+        value) and counted in ``skipped``.  ``keep`` (B booleans): only these maps are used — the
+        trainer drops the distributed sampler's padding (repeats of samples that another batch of
+        the epoch already holds), so every image gets one update per epoch.
         ``distributed=None`` gathers from all ranks whenever a multi-process group is running;
         pass False to update only this copy (e.g. when maps were already gathered).
         """
@@ -167,6 +167,9 @@ class MaskBank(nn.Module):
             weights = weights * coverage.to(maps.dtype)
         else:
             maps = resize_maps(maps, self.size)
+        if keep is not None:
+            keep = keep.reshape(-1).to(device=self.bank.device, dtype=torch.bool)
+            indices, maps, weights = indices[keep], maps[keep], weights[keep]
         if distributed is None:
             distributed = distributed_active()
         if distributed:

@@ -22,6 +22,11 @@ Design choices (documented because they change numbers):
   shuffles with ``seed + epoch``, and the loader's worker seeds come from a generator seeded
   by :func:`~backmix_vlm.engine.checkpoint.epoch_seed`; with every RNG saved at the end of
   each epoch, ``--resume`` replays the remaining epochs bit for bit.
+* **Several processes** (``torchrun`` / ``accelerate launch``; docs/distributed.md): each process
+  trains on its shard of every epoch and the bank update is gathered, so banks and weights stay
+  identical.  When the processes cannot share the set evenly, the sampler repeats a few samples;
+  those repeats train (every process needs the same number of steps) but do not update the bank,
+  so each image moves its bank row once per epoch (:func:`sampler_padding`).
 * **Evaluation never perturbs training.**  It runs on the main process with all RNG states
   saved before and restored after, so ``eval.every`` does not change the trained weights.
 * **Mask bank in the canonical frame.**  With ``views`` (a
@@ -72,7 +77,7 @@ from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimC
 from ..errors import ConfigError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
-from ..runtime import check_autocast_precision, resolve_device
+from ..runtime import check_autocast_precision, resolve_device, single_process_launch_warning
 from ..validation import check_choice
 from .lookahead import Lookahead
 from .tasks import StepPlan, TrainTask
@@ -203,22 +208,48 @@ def build_accelerator(run: RunConfig) -> Any:
     """An ``accelerate.Accelerator`` for ``run.device`` / ``run.precision``.
 
     Works unchanged under ``accelerate launch`` / ``torchrun`` (the env tells Accelerate the
-    process group).  ``bf16`` autocasts on CPU as well as on GPU.  In a single process the
-    Accelerate state is a singleton; it is reset when a later run asks for another precision.
+    process group; its collectives give up after ``run.process_timeout_s``; each process uses the
+    GPU of its local rank, so ``cuda:N`` is refused there).  ``bf16`` autocasts
+    on CPU as well as on GPU.  In a single process the Accelerate state is a singleton; it is
+    reset when a later run asks for another precision.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     from ..compat import accelerate_state_started, reset_accelerate_state
 
     check_autocast_precision(run.precision, "run.precision")
     device = str(run.device)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.startswith("cuda:") and processes > 1:  # Accelerate gives each process its local rank's GPU
+        raise ConfigError(f"run.device: {device!r} names one GPU, but this run has {processes} processes (each "
+                          "uses the GPU of its local rank); use run.device=cuda or auto")
     cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
     reset_accelerate_state(run.precision, cpu)
     if device.startswith("cuda:") and not accelerate_state_started():
         os.environ["ACCELERATE_TORCH_DEVICE"] = device
-    return Accelerator(mixed_precision=run.precision, cpu=cpu)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=float(run.process_timeout_s)))
+    accelerator = Accelerator(mixed_precision=run.precision, cpu=cpu, kwargs_handlers=[timeout])
+    warning = single_process_launch_warning(accelerator.num_processes)
+    if warning:
+        print(warning, file=sys.stderr)
+    return accelerator
+
+
+def sampler_padding(rank: int, world: int, num_samples: int, start: int, count: int) -> Tensor:
+    """Which of positions ``start .. start + count - 1`` of ``rank``'s ``DistributedSampler`` order are padding.
+
+    The sampler (``drop_last=False``) shuffles the ``num_samples`` indices, appends copies of the
+    first ones until the total divides by ``world``, and gives rank ``r`` the positions
+    ``r, r + world, r + 2 world, ...``: local position ``j`` is global position ``r + j * world``,
+    padding from ``num_samples`` on (so only each rank's last position can be padding).
+    """
+    positions = rank + (start + torch.arange(count)) * world
+    return positions >= num_samples
 
 
 def output_to_fp32(output: ModelOutput) -> ModelOutput:
@@ -354,8 +385,13 @@ class Trainer:
                           generator=self.loader_generator, pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ one step / epoch
-    def train_step(self, images: Tensor, labels: Tensor, indices: Tensor) -> dict[str, float]:
-        """Mix, forward, backward, optimizer + schedule step, bank update. Returns batch stats."""
+    def train_step(self, images: Tensor, labels: Tensor, indices: Tensor,
+                   padding: Tensor | None = None) -> dict[str, float]:
+        """Mix, forward, backward, optimizer + schedule step, bank update. Returns batch stats.
+
+        ``padding`` (B booleans): samples the distributed sampler repeated to even out the ranks;
+        they train like any other sample but do not update the mask bank (see :meth:`train_epoch`).
+        """
         from ..augment.base import MixResult, alongside
 
         acc, task, cfg = self.accelerator, self.task, self.backmix
@@ -399,7 +435,8 @@ class Trainer:
                                       grad_scale=grad_scale)
             if maps is not None:
                 # the bank refuses maps with non-finite values (e.g. an fp16 overflow) and counts them
-                self.bank.update(indices, maps, geometry=geometry)  # a collective in multi-process runs
+                keep = None if padding is None else ~padding
+                self.bank.update(indices, maps, geometry=geometry, keep=keep)  # a collective in multi-process runs
         self.global_step += 1
         if self.lookahead is not None:
             self.lookahead.step(self.task.model, self.global_step)
@@ -419,11 +456,16 @@ class Trainer:
         skipped_before = self.bank.skipped if self.bank is not None else 0
         bar = tqdm(self._loader(epoch), desc=f"epoch {epoch + 1}/{self.optim_cfg.epochs}", leave=False,
                    disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True)
-        for images, labels, indices in bar:
+        # the sampler pads when the ranks cannot share the set evenly: those repeats train (every rank
+        # needs the same number of steps; DDP averages the ranks' batch means) but skip the bank
+        padded = self.world * len(self.sampler) > len(self.train_set)
+        for step, (images, labels, indices) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
             indices = torch.as_tensor(indices).to(self.device, non_blocking=True)
-            stats = self.train_step(images, labels, indices)
+            padding = (sampler_padding(self.rank, self.world, len(self.train_set), step * self.batch_size,
+                                       len(indices)).to(self.device) if padded else None)
+            stats = self.train_step(images, labels, indices, padding)
             loss_sum += stats["loss"].double() * stats["n"]
             correct += stats["correct"].double()
             seen += stats["n"]

@@ -20,6 +20,7 @@ from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunCon
 from ..engine.adapter_task import SaliencyConfig
 from ..errors import ConfigError
 from ..models.backbone import FAMILIES, FROZEN_WEIGHTS, Backbone, BackboneConfig
+from ..runtime import on_main_process
 from ..validation import check_choice
 from .data import OpenSetData, build_open_set_data
 
@@ -239,7 +240,8 @@ def few_shot_subset(cfg: FewShotConfig, train_full: Any, seed: int, seed_dir: Pa
     k = cfg.data.shots_per_class
     if k is None:
         return train_full, None
-    indices = fewshot_indices(train_full.labels, k, seed, split_file(cfg, seed_dir, seed),
-                              dataset=f"{cfg.data.train.name}/{cfg.data.train.split}",
-                              class_names=train_full.classes)
+    # the main process reads or writes the split file; every process trains on its indices
+    indices = on_main_process(lambda: fewshot_indices(
+        train_full.labels, k, seed, split_file(cfg, seed_dir, seed),
+        dataset=f"{cfg.data.train.name}/{cfg.data.train.split}", class_names=train_full.classes))
     return IndexedSubset(train_full, indices), indices

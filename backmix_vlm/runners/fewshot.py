@@ -21,15 +21,17 @@ from ..jobs.data import OpenSetData
 from ..jobs.fewshot import (JOB, BackboneConfig, FewShotConfig, adapter_config, build_backbone, build_datasets,
                             build_fewshot_config, few_shot_subset, load_fewshot_config, preflight, split_file)
 from ..models.backbone import Backbone
-from ..runs import open_run, plan_from_args
+from ..runs import is_main_process, open_run, plan_from_args
+from ..runtime import on_main_process, process_group_errors
 
 __all__ = ["JOB", "BackboneConfig", "FewShotConfig", "load_fewshot_config", "build_fewshot_config", "preflight",
            "build_backbone", "adapter_config", "build_datasets", "split_file", "run_seed", "run_fewshot", "main"]
 
 
 def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, data: OpenSetData, *,
-             accelerator: Any, resume: bool = False) -> dict[str, Any]:
-    """Train + evaluate one seed into ``seed_dir``; returns its results dict."""
+             accelerator: Any, resume: bool = False) -> dict[str, Any] | None:
+    """Train + evaluate one seed into ``seed_dir``; returns its results dict on the main process
+    (which evaluates and writes), None on the others."""
     from accelerate.utils import set_seed
 
     from ..adapters import create_adapter
@@ -41,7 +43,8 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
     from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
 
-    seed_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # the main process writes every file
+        seed_dir.mkdir(parents=True, exist_ok=True)
     train_full = data.train
     train, indices = few_shot_subset(cfg, train_full, seed, seed_dir)
     set_seed(seed)
@@ -63,25 +66,28 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
                       meta={"job": JOB, "seed": seed, "classes": list(train_full.classes),
                             "adapter": {"method": cfg.method.name, "config": dataclasses.asdict(adapter_config(cfg))}},
                       accelerator=accelerator, views=data.views)
-    trainer.fit(resume=resume and (seed_dir / LAST).is_file())
+    trainer.fit(resume=resume and on_main_process((seed_dir / LAST).is_file))
     if trainer.epochs_this_call == 0:  # resumed a finished run: evaluate once (every process agrees on this)
         trainer.run_evaluation()
+    if not accelerator.is_main_process:  # only the main process evaluated
+        return None
     results = {**evaluator.result, "seed": seed, "shots": cfg.data.shots, "method": cfg.method_label,
-               "num_train": len(train), "epochs": trainer.epoch,
+               "num_train": len(train), "epochs": trainer.epoch, "processes": accelerator.num_processes,
                "train_time_s": round(sum(r.get("time", 0.0) for r in trainer.history), 1),  # all epochs, all resumes
                "trainable_parameters": sum(p.numel() for p in task.trainable_parameters())}
-    if accelerator.is_main_process:
-        finish_evaluation(seed_dir, results, title=f"{cfg.method_label}, {cfg.setting_label}, seed {seed}",
-                          evaluator=evaluator, epoch=trainer.epoch)
+    finish_evaluation(seed_dir, results, title=f"{cfg.method_label}, {cfg.setting_label}, seed {seed}",
+                      evaluator=evaluator, epoch=trainer.epoch)
     return results
 
 
 def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False,
                 reuse_finished: bool | None = None) -> dict[str, Any]:
-    """Every seed, then the mean ± std table; returns the aggregated results.
+    """Every seed, then the mean ± std table; returns the aggregated results (on every process).
 
     With ``resume`` a seed that already has ``results.json`` is reused (``reuse_finished``,
     default ``resume``; False when a resume changed settings: finished seeds continue then).
+    Under several processes every process trains; the main process decides what is reused,
+    evaluates, aggregates and writes every file, and its results reach the others.
     """
     reuse_finished = resume if reuse_finished is None else reuse_finished
     import json
@@ -98,23 +104,28 @@ def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False
     for seed in cfg.data.seeds:
         seed_dir = run_dir / f"seed{seed}"
         done = seed_dir / "results.json"
-        if resume and reuse_finished and done.is_file():
+        finished = on_main_process(lambda: json.loads(done.read_text()) if done.is_file() else None) \
+            if resume and reuse_finished else None
+        if finished is not None:
             accelerator.print(f"== seed {seed}: already finished, reusing {done}")
-            per_seed.append(json.loads(done.read_text()))
+            per_seed.append(finished)
             continue
         accelerator.print(f"== {cfg.method_label}, {cfg.setting_label}, seed {seed}")
         per_seed.append(run_seed(cfg, seed, seed_dir, backbone, data, accelerator=accelerator, resume=resume))
-    agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
-    agg.update({"setting": cfg.setting_label, "method": cfg.method_label, "seeds": list(cfg.data.seeds),
-                "backbone": backbone.identity, "per_seed": [{k: r.get(k) for k in ("seed", "acc", "train_time_s")}
-                                                            for r in per_seed]})
-    if accelerator.is_main_process:
+
+    def aggregate() -> dict[str, Any]:
+        agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
+        agg.update({"setting": cfg.setting_label, "method": cfg.method_label, "seeds": list(cfg.data.seeds),
+                    "backbone": backbone.identity,
+                    "per_seed": [{k: r.get(k) for k in ("seed", "acc", "train_time_s")} for r in per_seed]})
         title = f"{cfg.method_label}, {cfg.setting_label} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})"
         write_results(run_dir, agg, title=title)
         table = paper_table_v([{"setting": cfg.setting_label, "method": cfg.method_label, "results": agg,
                                 "score": cfg.eval.scores[0]}])
         atomic_write_text(run_dir / "table_v_row.md", table)
-    return agg
+        return agg
+
+    return on_main_process(aggregate)
 
 
 def main(args: Any) -> int:
@@ -123,8 +134,9 @@ def main(args: Any) -> int:
 
     cfg, plan = plan_from_args(JOB, args, build=build_fewshot_config)
     preflight(cfg)
-    with open_run(plan, cfg) as run_dir:
+    with open_run(plan, cfg) as run_dir, process_group_errors(cfg.run.process_timeout_s):
         agg = run_fewshot(cfg, run_dir, resume=plan.resume, reuse_finished=not plan.changes)
-    print(results_to_markdown(agg, title=f"{cfg.method_label}, {cfg.setting_label}"))
-    print(f"results: {run_dir / 'results.md'}")
+    if is_main_process():
+        print(results_to_markdown(agg, title=f"{cfg.method_label}, {cfg.setting_label}"))
+        print(f"results: {run_dir / 'results.md'}")
     return 0

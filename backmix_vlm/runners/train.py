@@ -20,6 +20,7 @@ from ..config import to_dict
 from ..jobs.train import (JOB, TrainConfig, build_datasets, build_train_config, load_train_config, preflight,
                           resolve_sources, training_images, variant_configs, write_plots)
 from ..runs import CONFIG_FILE, open_run, plan_from_args, record_run, write_json
+from ..runtime import process_group_errors
 
 __all__ = ["JOB", "TrainConfig", "load_train_config", "resolve_sources", "variant_configs", "train_run",
            "run_variants", "main"]
@@ -63,6 +64,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     if not accelerator.is_main_process:
         return {}
     results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": trainer.epoch,
+               "processes": accelerator.num_processes,  # that trained it (evaluation: the main process)
                "train_time_s": round(sum(r.get("time", 0.0) for r in trainer.history), 1),  # all epochs, all resumes
                "final_train": ({k: trainer.history[-1][k] for k in ("train_loss", "train_acc")}
                                if trainer.history else None)}
@@ -104,7 +106,7 @@ def main(args: Any) -> int:
     data = to_dict(cfg)
     variants = variant_configs(cfg, data, str(plan.run_dir / CONFIG_FILE)) if cfg.variants else {}
     preflight(cfg, variants)
-    with open_run(plan, cfg, sub_configs=variants) as run_dir:
+    with open_run(plan, cfg, sub_configs=variants) as run_dir, process_group_errors(cfg.run.process_timeout_s):
         if cfg.variants:
             run_variants(cfg, data, run_dir, resume=plan.resume, argv=plan.argv, where=str(run_dir / CONFIG_FILE))
         else:

@@ -306,6 +306,7 @@ class RunPlan:
     overwrite: bool = False
     argv: list[str] | None = None
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # resume: key -> (saved, now)
+    applied: dict[str, Any] = field(default_factory=dict)  # resume: what the job put into restored state (was / now)
 
 
 def describe_existing(run_dir: Path) -> str:
@@ -628,6 +629,8 @@ def _settle_resume(plan: RunPlan, cfg: Any, sub_configs: dict[str, Any] | None, 
     entry = {"command": plan.argv, "started": started, "ended": _now(), "status": status, "host": socket.gethostname()}
     if plan.changes:
         entry["changes"] = {k: {"was": old, "now": new} for k, (old, new) in plan.changes.items()}
+    if plan.applied:  # e.g. the optimizer's restored LR / weight decay replaced by the changed config's
+        entry["applied"] = plan.applied
         atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         for name, sub in (sub_configs or {}).items():
             if (run_dir / name / CONFIG_FILE).is_file():

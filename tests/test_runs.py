@@ -245,6 +245,42 @@ def test_result_affecting_override_refuses_unless_allowed(finished, tiny_train_c
     assert first["train_time_s"] == round(log[0]["time"], 1)
 
 
+def test_resume_with_allow_changes_trains_with_the_changed_optimizer_settings(finished, tiny_train_config, capsys):
+    """The checkpoint restores the old lr / momentum / weight decay; the changed config must win and the
+    run must record exactly what was put into the restored state."""
+    import torch
+
+    from backmix_vlm.engine.checkpoint import load_checkpoint
+    from backmix_vlm.engine.trainer import lr_factor
+    from backmix_vlm.config import OptimConfig
+
+    old = load_checkpoint(finished / "last.pt")
+    group = old["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (pytest.approx(0.0), 5e-4, 0.9)
+    steps = old["global_step"]
+    assert cli(["train", str(finished), "--resume", "optim.epochs=3", "optim.lr=1e-3", "optim.weight_decay=0.1",
+                "optim.momentum=0.5", "optim.schedule=constant", "--allow-changes"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer.base_lr 0.05 -> 0.001" in out
+    new = load_checkpoint(finished / "last.pt")
+    group = new["optimizer"]["param_groups"][0]
+    assert (group["initial_lr"], group["weight_decay"], group["momentum"]) == (1e-3, 0.1, 0.5)
+    assert group["lr"] == 1e-3 and new["scheduler"]["base_lrs"] == [1e-3]  # constant schedule: lr = base lr
+    assert new["optim"]["lr"] == 1e-3 and new["epoch"] == 3
+    log = [json.loads(line) for line in (finished / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log[1:]] == [1e-3, 1e-3]
+    applied = json.loads((finished / "run_info.json").read_text())["resumed"][-1]["applied"]
+    assert applied["optimizer.base_lr"] == {"was": 0.05, "now": 1e-3}
+    assert applied["optimizer.weight_decay"] == {"was": 5e-4, "now": 0.1}
+    assert applied["optimizer.momentum"] == {"was": 0.9, "now": 0.5}
+    # at the restored step the old cosine schedule had reached 0; the new constant one gives 1e-3
+    was = 0.05 * lr_factor(steps, steps_per_epoch=steps, cfg=OptimConfig(epochs=1, lr=0.05))
+    assert applied[f"optimizer.lr_at_step_{steps}"] == {"was": pytest.approx(was), "now": 1e-3}
+    assert applied["optim.epochs"] == {"was": 1, "now": 3} and applied["optim.schedule"] == {"was": "cosine",
+                                                                                          "now": "constant"}
+    assert torch.is_tensor(new["optimizer"]["state"][0]["momentum_buffer"])  # the buffers themselves are kept
+
+
 def test_a_failing_resume_leaves_the_records_alone(finished, tiny_train_config, capsys, monkeypatch):
     from backmix_vlm.engine.trainer import Trainer
     from backmix_vlm.errors import DataError

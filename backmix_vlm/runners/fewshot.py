@@ -28,8 +28,9 @@ __all__ = ["JOB", "BackboneConfig", "FewShotConfig", "load_fewshot_config", "bui
 
 
 def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, data: OpenSetData, *,
-             accelerator: Any, resume: bool = False) -> dict[str, Any]:
-    """Train + evaluate one seed into ``seed_dir``; returns its results dict."""
+             accelerator: Any, resume: bool = False, applied: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train + evaluate one seed into ``seed_dir``; returns its results dict (``applied``: as in
+    ``runners.train.train_run``)."""
     from accelerate.utils import set_seed
 
     from ..adapters import create_adapter
@@ -64,6 +65,8 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
                             "adapter": {"method": cfg.method.name, "config": dataclasses.asdict(adapter_config(cfg))}},
                       accelerator=accelerator, views=data.views)
     trainer.fit(resume=resume and (seed_dir / LAST).is_file())
+    if trainer.resume_applied and applied is not None:
+        applied.update(trainer.resume_applied)
     if trainer.epochs_this_call == 0:  # resumed a finished run: evaluate once (every process agrees on this)
         trainer.run_evaluation()
     results = {**evaluator.result, "seed": seed, "shots": cfg.data.shots, "method": cfg.method_label,
@@ -77,7 +80,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
 
 
 def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False,
-                reuse_finished: bool | None = None) -> dict[str, Any]:
+                reuse_finished: bool | None = None, applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every seed, then the mean ± std table; returns the aggregated results.
 
     With ``resume`` a seed that already has ``results.json`` is reused (``reuse_finished``,
@@ -103,7 +106,11 @@ def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False
             per_seed.append(json.loads(done.read_text()))
             continue
         accelerator.print(f"== {cfg.method_label}, {cfg.setting_label}, seed {seed}")
-        per_seed.append(run_seed(cfg, seed, seed_dir, backbone, data, accelerator=accelerator, resume=resume))
+        own: dict[str, Any] = {}
+        per_seed.append(run_seed(cfg, seed, seed_dir, backbone, data, accelerator=accelerator, resume=resume,
+                                 applied=own))
+        if own and applied is not None:
+            applied[f"seed{seed}"] = own
     agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
     agg.update({"setting": cfg.setting_label, "method": cfg.method_label, "seeds": list(cfg.data.seeds),
                 "backbone": backbone.identity, "per_seed": [{k: r.get(k) for k in ("seed", "acc", "train_time_s")}
@@ -124,7 +131,7 @@ def main(args: Any) -> int:
     cfg, plan = plan_from_args(JOB, args, build=build_fewshot_config)
     preflight(cfg)
     with open_run(plan, cfg) as run_dir:
-        agg = run_fewshot(cfg, run_dir, resume=plan.resume, reuse_finished=not plan.changes)
+        agg = run_fewshot(cfg, run_dir, resume=plan.resume, reuse_finished=not plan.changes, applied=plan.applied)
     print(results_to_markdown(agg, title=f"{cfg.method_label}, {cfg.setting_label}"))
     print(f"results: {run_dir / 'results.md'}")
     return 0

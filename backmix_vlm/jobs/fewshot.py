@@ -154,8 +154,8 @@ def preflight(cfg: FewShotConfig) -> None:
 
     build_scores(cfg.eval, None)  # unknown score names / score_params fail now
     check_backbone(cfg.backbone)
-    train = check_dataset(cfg.data.train, "data.train")
-    known = check_dataset(cfg.data.test, "data.test")
+    train = check_dataset(cfg.data.train, "data.train", known=True)
+    known = check_dataset(cfg.data.test, "data.test", known=True)
     if len(known.classes) != len(train.classes):
         raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}")
     for i, src in enumerate(cfg.eval.ood):

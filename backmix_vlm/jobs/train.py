@@ -155,7 +155,7 @@ def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) 
         for key, src in keyed:
             ident = repr(src)
             if ident not in seen:
-                seen[ident] = check_dataset(src, where=f"{where}{key}")
+                seen[ident] = check_dataset(src, where=f"{where}{key}", known=key in ("data.train", "data.test"))
             found[key] = seen[ident]
         build_scores(c.eval, c.data.std)  # unknown score names / score_params fail now
         n_train, n_test = len(found["data.train"].classes), len(found["data.test"].classes)

@@ -90,7 +90,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
                                help="with --resume: accept overrides that change settings affecting the results "
                                     "(recorded in run_info.json)")
             p.add_argument("--overwrite", action="store_true",
-                           help="replace an existing run of the same run.name (its files are deleted)")
+                           help="replace an existing run of the same run.name (its files are deleted once the new "
+                                "run has its first checkpoint; until then the old run is kept whole)")
     return parser, jobs
 
 

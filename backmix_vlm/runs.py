@@ -333,6 +333,9 @@ def new_run_dir(job: str, output_dir: str | Path, name: str | None, *, overwrite
     run_dir = Path(output_dir) / name
     if is_main_process():
         check_new_run_dir(run_dir, job, overwrite=overwrite, can_resume=can_resume)
+        for old in leftover_asides(run_dir):
+            _print_note(f"note: {old} holds a run that an interrupted --overwrite of {run_dir} was replacing; "
+                        f"to keep it, move it back (mv '{old}' '{run_dir}') or under another name; else delete it")
     return RunPlan(job, run_dir, resume=False, overwrite=overwrite, argv=argv)
 
 
@@ -559,7 +562,8 @@ def _remove_fresh(run_dir: Path, created: list[Path]) -> None:
 def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = None) -> Iterator[Path]:
     """Create / lock the run directory, record the run, and settle its records on exit.
 
-    Fresh run: the folder is created (with ``--overwrite`` the old run's files are deleted first),
+    Fresh run: the folder is created (with ``--overwrite`` the old run is renamed to a hidden sibling
+    first and deleted only once the new run has a checkpoint; a failure before that puts it back),
     locked, and ``config.yaml`` / ``run_info.json`` written with status ``running``.  On success
     the status becomes ``finished``; on failure a run without any checkpoint is removed again
     (no stub folders), one with checkpoints is marked ``failed`` / ``interrupted``.
@@ -578,6 +582,7 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
     started = _now()
     lock = RunLock(run_dir)
     created: list[Path] = []
+    aside: Path | None = None  # --overwrite: the old run, kept whole until the new one has a checkpoint
     if plan.resume:
         lock.acquire(plan.argv)
     else:
@@ -586,20 +591,19 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
         try:  # another process may have claimed the folder since the plan was checked: then touch nothing
             lock.acquire(plan.argv)
             check_new_run_dir(run_dir, plan.job, overwrite=plan.overwrite)  # again, now under the lock
+            if plan.overwrite and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+                aside = _move_aside(run_dir, lock, plan.argv)
+                created = [run_dir]
         except BaseException:
             lock.release()
             _remove_empty(created)
             raise
         try:
-            if plan.overwrite:
-                for entry in run_dir.iterdir():
-                    if entry.name == LOCK_FILE:
-                        continue
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             record_run(run_dir, cfg, plan.job, plan.argv, status="running")
         except BaseException:
             _remove_fresh(run_dir, created)  # ours (locked, checked): the lock file goes with it
             lock.release()
+            _restore_aside(aside, run_dir)
             raise
     try:
         yield run_dir
@@ -607,20 +611,81 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         if plan.resume:
             if _has_checkpoint(run_dir, newer_than=start):
-                _settle_resume(plan, cfg, sub_configs, started, status)
+                _best_effort(_settle_resume, plan, cfg, sub_configs, started, status)
         elif not _has_checkpoint(run_dir):
             _remove_fresh(run_dir, created)  # nothing worth keeping: no stub folder (the lock goes with it)
             lock.release()
+            _restore_aside(aside, run_dir)  # --overwrite: the old run is back as it was
             raise
         else:
-            _update_info(run_dir, status=status, ended=_now(), error=f"{type(e).__name__}: {str(e)[:300]}")
+            _best_effort(_update_info, run_dir, status=status, ended=_now(),
+                         error=f"{type(e).__name__}: {str(e)[:300]}")
+            _drop_aside(aside)  # the new run has a checkpoint: the replacement is done
         lock.release()
         raise
     if plan.resume:
         _settle_resume(plan, cfg, sub_configs, started, "finished")
     else:
         _update_info(run_dir, status="finished", finished=_now())
+        _drop_aside(aside)
     lock.release()
+
+
+ASIDE_MARK = ".replaced-"
+
+
+def _move_aside(run_dir: Path, lock: RunLock, command: list[str] | None) -> Path:
+    """Rename the run in ``run_dir`` (locked by ``lock``) to a hidden sibling and give ``lock`` a fresh,
+    empty ``run_dir``: ``--overwrite`` keeps the old run whole until the new one has a checkpoint."""
+    aside = run_dir.with_name(f".{run_dir.name}{ASIDE_MARK}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.rename(run_dir, aside)
+    lock.held = False
+    try:
+        (aside / LOCK_FILE).unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        run_dir.mkdir()
+        lock.acquire(command)
+    except BaseException:
+        _restore_aside(aside, run_dir)
+        raise
+    return aside
+
+
+def _restore_aside(aside: Path | None, run_dir: Path) -> None:
+    """Put the old run back where it was (the new run's folder is already gone)."""
+    if aside is None:
+        return
+    try:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        os.rename(aside, run_dir)
+    except OSError as e:
+        _print_note(f"note: the run that --overwrite was replacing is kept at {aside} (could not move it back to "
+                    f"{run_dir}: {e.strerror or e}); move it back by hand")
+
+
+def _drop_aside(aside: Path | None) -> None:
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def leftover_asides(run_dir: Path) -> list[Path]:
+    """Old runs that an interrupted ``--overwrite`` of ``run_dir`` had set aside (hidden siblings)."""
+    try:
+        return sorted(run_dir.parent.glob(f".{run_dir.name}{ASIDE_MARK}*"))
+    except OSError:
+        return []
+
+
+def _best_effort(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Update records on the way out of a failure; a full disk / read-only folder must not hide the
+    original error (the checkpoint is what makes the run resumable)."""
+    try:
+        fn(*args, **kwargs)
+    except OSError as e:
+        _print_note(f"note: could not update the run's records ({e.strerror or e}: {e.filename or ''})")
 
 
 def _settle_resume(plan: RunPlan, cfg: Any, sub_configs: dict[str, Any] | None, started: str, status: str) -> None:

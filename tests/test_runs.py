@@ -65,6 +65,46 @@ def test_overwrite_replaces_the_old_run(finished, tiny_train_config, capsys):
     assert (finished / "last.pt").is_file() and info["started"] >= started
 
 
+def _tree(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["nan", "crash", "interrupt"])
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(finished, tiny_train_config, capsys,
+                                                                         monkeypatch, how):
+    from backmix_vlm.engine.trainer import Trainer
+
+    (finished / "marker.txt").write_text("old")
+    before = _tree(finished)
+    seen = {}
+
+    def fail(self, *a, **k):  # while the new run trains, the old one is whole (set aside) and the new folder fresh
+        seen["aside"] = [_tree(p) for p in finished.parent.glob(".tiny.replaced-*")]
+        seen["new"] = sorted(p.name for p in finished.iterdir())
+        raise KeyboardInterrupt if how == "interrupt" else RuntimeError("boom")
+
+    extra = ["optim.lr=1e6"] if how == "nan" else []
+    if how != "nan":
+        monkeypatch.setattr(Trainer, "fit", fail)
+    rc = cli(["train", str(tiny_train_config), "--overwrite", *extra]) if how != "crash" else None
+    if how == "crash":
+        with pytest.raises(RuntimeError):
+            cli(["train", str(tiny_train_config), "--overwrite"])
+    assert rc in (None, 2, 130)
+    assert _tree(finished) == before  # nothing lost, nothing changed
+    assert sorted(p.name for p in finished.parent.iterdir()) == ["tiny"]  # no aside, no stub left
+    if how != "nan":
+        assert seen["aside"] == [before] and seen["new"] == [LOCK_FILE, "config.yaml", "run_info.json"]
+
+
+def test_an_interrupted_overwrite_is_reported(finished, tiny_train_config, capsys):
+    aside = finished.parent / ".tiny.replaced-20260101-000000-1"
+    aside.mkdir()
+    assert cli(["train", str(tiny_train_config), "run.name=tiny", "--overwrite"]) == 0
+    assert f"{aside} holds a run that an interrupted --overwrite" in capsys.readouterr().err
+    assert aside.is_dir()
+
+
 def test_folder_that_is_not_a_run_is_never_written(tmp_path, image_folder, capsys):
     cfg = train_config(tmp_path, image_folder)
     (tmp_path / "runs" / "tiny").mkdir(parents=True)

@@ -415,6 +415,33 @@ def _blame(build: Callable[[dict[str, Any]], Any], base: dict[str, Any], overrid
     return overrides[-1]
 
 
+def data_root_override(overrides: list[str]) -> str | None:
+    """The value of the last ``data_root=...`` override, or None."""
+    for item in reversed(overrides):
+        key, _, value = item.partition("=")
+        if key.strip() == "data_root":
+            return str(yaml.safe_load(value)) if value else ""
+    return None
+
+
+def move_data_root(saved: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A saved (resolved) config whose sources read from its ``data_root``, moved to the ``data_root=``
+    override: every ``root`` equal to the saved ``data_root`` becomes the new one (a resolved config
+    holds each source's root, so overriding ``data_root`` alone would change nothing)."""
+    new, old = data_root_override(overrides), saved.get("data_root")
+    if new is None or old is None:
+        return saved
+
+    def move(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (new if k == "root" and v == old else move(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [move(v) for v in node]
+        return node
+
+    return move(saved)
+
+
 def fill_data_roots(obj: Any, root: str) -> None:
     """Set ``root`` on every :class:`DataSource` inside ``obj`` whose ``root`` is null (in place)."""
     if isinstance(obj, DataSource):

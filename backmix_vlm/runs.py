@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 import yaml
 
 from . import __version__
-from .config import build_with_overrides, load_yaml, to_dict
+from .config import build_with_overrides, data_root_override, load_yaml, move_data_root, to_dict
 from .errors import ConfigError, RunDirError
 
 C = TypeVar("C")
@@ -447,11 +447,9 @@ def resume_config(job: str, run_dir: Path, overrides: list[str], build: Callable
     # locating keys only say where the run is: they may differ from what was saved
     overrides = [o for o in overrides if o.split("=", 1)[0].strip() not in ("run.name", "run.output_dir")]
     saved = build_with_overrides(build, saved_raw, [], str(saved_path))
-    raw = copy.deepcopy(saved_raw)
-    new_root = _data_root_override(overrides)
+    raw = move_data_root(copy.deepcopy(saved_raw), overrides)
+    new_root = data_root_override(overrides)
     old_root = saved_raw.get("data_root")
-    if new_root is not None and old_root is not None:
-        raw = _move_roots(raw, old_root, new_root)
     cfg = build_with_overrides(build, raw, overrides, f"{saved_path} + overrides")
     changes = result_affecting(config_differences(saved, cfg),
                                (old_root, new_root) if new_root is not None else None)
@@ -472,22 +470,6 @@ def resume_config(job: str, run_dir: Path, overrides: list[str], build: Callable
                 _print_note(f"note: {config} differs from the run's saved config ({format_changes(differs, ('saved', 'file'))}); "
                             f"--resume continues with the saved config{' and the overrides' if overrides else ''}")
     return cfg, RunPlan(job, run_dir, resume=True, argv=argv, changes=changes)
-
-
-def _data_root_override(overrides: list[str]) -> str | None:
-    for item in reversed(overrides):
-        key, _, value = item.partition("=")
-        if key.strip() == "data_root":
-            return str(yaml.safe_load(value)) if value else ""
-    return None
-
-
-def _move_roots(data: Any, old: Any, new: str) -> Any:
-    if isinstance(data, dict):
-        return {k: (new if k == "root" and v == old else _move_roots(v, old, new)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_move_roots(v, old, new) for v in data]
-    return data
 
 
 def plan_from_args(job: str, args: Any, *, build: Callable[[dict[str, Any]], C], can_resume: bool = True

@@ -61,3 +61,27 @@ def test_an_unknown_class_missing_is_not_a_known_class_error(tmp_path, capsys):
     root = cifar10_folder(tmp_path / "data")
     shutil.rmtree(root / "cifar10" / "train" / "bird")  # unknown in split 0: never trained on
     assert cli(["train", str(protocol_config(tmp_path, root))]) == 0
+
+
+# ----------------------------------------------------------------------------- eval data_root=
+def test_eval_reads_from_the_data_root_given_on_the_command_line(tmp_path, image_folder, capsys):
+    cfg = train_config(tmp_path, image_folder, data_root=str(image_folder))
+    data = yaml.safe_load(cfg.read_text())
+    for key in ("train", "test"):
+        data["data"][key].pop("root")
+    data["eval"]["ood"][0].pop("root")
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli(["train", str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    moved = tmp_path / "moved"
+    image_folder.rename(moved)
+    capsys.readouterr()
+    assert cli(["eval", str(run), f"data_root={moved}"]) == 0
+    (out,) = run.glob("eval-*")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data_root"] == str(moved)
+    assert {saved["data"]["train"]["root"], saved["data"]["test"]["root"], saved["eval"]["ood"][0]["root"]} == {
+        str(moved)}
+    assert cli(["eval", str(run)]) == 2  # the old root is gone: an error naming it, not a traceback
+    err = capsys.readouterr().err
+    assert str(image_folder) in err and "Traceback" not in err

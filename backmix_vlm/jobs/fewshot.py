@@ -16,7 +16,8 @@ from typing import Any
 
 from ..augment.factory import AugmentConfig
 from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
-                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml)
+                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml,
+                      move_data_root)
 from ..engine.adapter_task import SaliencyConfig
 from ..errors import ConfigError
 from ..models.backbone import FAMILIES, FROZEN_WEIGHTS, Backbone, BackboneConfig
@@ -113,7 +114,7 @@ def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = N
 
     An error caused by a command-line override names that override.
     """
-    data = load_yaml(path) if path is not None else {}
+    data = move_data_root(load_yaml(path), list(overrides or [])) if path is not None else {}
     return build_with_overrides(build_fewshot_config, data, list(overrides or []), str(path) if path is not None else "")
 
 

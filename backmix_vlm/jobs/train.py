@@ -18,7 +18,8 @@ from typing import Any
 
 from ..augment.factory import AugmentConfig
 from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
-                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml)
+                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml,
+                      move_data_root)
 from ..errors import ConfigError
 from ..validation import check_choice
 from .data import OpenSetData, build_open_set_data
@@ -221,7 +222,7 @@ def load_overridden(run_dir: Path, overrides: list[str]) -> tuple[TrainConfig, d
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; pass a run directory written by backmix-vlm train")
-    saved = load_yaml(path)
+    saved = move_data_root(load_yaml(path), list(overrides))  # data_root=... moves every source that read from it
     cfg = build_with_overrides(lambda raw: from_dict(TrainConfig, raw), saved, list(overrides), str(path))
     return cfg, apply_overrides(saved, list(overrides))
 

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import BackmixError, user_message
+from .errors import BackmixError, environment_message, user_message
 
 _CONFIG_HELP = "experiment YAML file (see configs/)"
 _OVERRIDE_HELP = "overrides as section.key=value, e.g. optim.epochs=3 eval.scores=[msp,energy]"
@@ -71,6 +71,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     sub = parser.add_subparsers(dest="job", metavar="{" + ",".join(JOBS) + "}")
     for name, (short, long) in JOBS.items():
         p = jobs[name] = sub.add_parser(name, help=short, description=f"{short} {long}")
+        p.add_argument("--debug", action="store_true",
+                       help="show the full traceback of an error instead of its one-line message")
         if name == "visualize":
             p.add_argument("run_dir", help="a run directory written by train / fewshot")
             p.add_argument("--num", type=int, default=8, help="rows in the BackMix grid")
@@ -116,11 +118,27 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"backmix_vlm.runners.{args.job}")
         return int(module.main(args) or 0)
     except BackmixError as e:
-        print(f"backmix-vlm {args.job}: error: {user_message(e)}", file=sys.stderr)
+        if args.debug:
+            raise
+        _report(args.job, f"error: {user_message(e)}", e)
         return 2
-    except KeyboardInterrupt:
-        print(f"backmix-vlm {args.job}: interrupted", file=sys.stderr)
+    except OSError as e:  # the environment: a full disk, a read-only or forbidden folder
+        message = environment_message(e)
+        if message is None or args.debug:
+            raise
+        _report(args.job, f"error: {message}", e)
+        return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        _report(args.job, "interrupted", e)
         return 130
+
+
+def _report(job: str, text: str, error: BaseException) -> None:
+    """The one line the user reads (+ how to continue a run that is kept), on stderr."""
+    hint = getattr(error, "resume_hint", None)
+    print(f"backmix-vlm {job}: {text}" + (f"\n  {hint}" if hint else ""), file=sys.stderr)
 
 
 def _preflight_data(config: str, overrides: list[str]) -> None:

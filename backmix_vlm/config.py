@@ -343,10 +343,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a mapping; ``_base_: other.yaml`` (relative to the file) is merged underneath."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        via = f" (the _base_ of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{via}")
+    if path.resolve() in [p.resolve() for p in _chain]:
+        raise ConfigError(f"{_chain[-1]}: _base_ loop: {' -> '.join(map(str, (*_chain, path)))}; remove one of "
+                          "these _base_ keys")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -355,7 +360,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("_base_", None)  # optional inheritance: _base_: other.yaml
     if base:
-        parent = load_yaml(path.parent / base)
+        parent = load_yaml(path.parent / base, (*_chain, path))
         data = _deep_merge(parent, data)
     return data
 

@@ -74,6 +74,23 @@ def current_umask() -> int:
     return mask
 
 
+def _as_os_error(error: RuntimeError, path: Path) -> OSError | None:
+    """torch.save reports a failed write (a full disk) as ``RuntimeError: [enforce fail at
+    inline_container.cc:...] unexpected pos ...`` / ``PytorchStreamWriter failed writing file``: an OSError
+    naming ``path`` (ENOSPC when the disk has next to no space left), else None."""
+    import errno
+
+    text = str(error)
+    if not any(k in text for k in ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")):
+        return None
+    try:
+        full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, f"{os.strerror(code)} ({text.strip().splitlines()[-1][:120]})", str(path))
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write via ``write(file)`` to a temp file + fsync + rename: a crash never leaves half a file.
 
@@ -90,9 +107,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # name the file the user will look for
+            e.filename = str(path)
+        converted = _as_os_error(e, path) if isinstance(e, RuntimeError) else None
+        if converted is not None:
+            raise converted from e
         raise
     return path
 
@@ -273,8 +295,12 @@ class RunLock:
                     f"run directory {self.path.parent} is being written by another process (PID {other.get('pid')} "
                     f"{where}, since {other.get('since')}: {' '.join(other.get('command') or []) or '?'}); "
                     f"wait for it to finish or pass a fresh run.name=<name>{hint}")
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+            except BaseException:  # e.g. a full disk: no 0-byte lock may stay behind
+                self.path.unlink(missing_ok=True)
+                raise
             self.held = True
             return self
         raise RunDirError(f"{self.path}: could not take the run lock (it keeps changing); retry")
@@ -591,6 +617,8 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
         yield run_dir
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        if _has_checkpoint(run_dir) and plan.job in RESUMABLE_JOBS:
+            _add_resume_hint(e, plan)
         if plan.resume:
             if _has_checkpoint(run_dir, newer_than=start):
                 _best_effort(_settle_resume, plan, cfg, sub_configs, started, status)
@@ -614,6 +642,19 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
 
 
 ASIDE_MARK = ".replaced-"
+RESUMABLE_JOBS = ("train", "fewshot")
+
+
+def _add_resume_hint(error: BaseException, plan: RunPlan) -> None:
+    """Tell the user (``error.resume_hint``, printed by the CLI) that the run is kept and how to continue it."""
+    from .errors import DivergedError
+
+    change = " optim.lr=<lower> --allow-changes" if isinstance(error, DivergedError) else ""
+    try:
+        error.resume_hint = (f"the run is kept at {plan.run_dir} with its last checkpoint; continue it with: "  # type: ignore[attr-defined]
+                             f"backmix-vlm {plan.job} {plan.run_dir} --resume{change}")
+    except AttributeError:  # an exception type without a __dict__
+        pass
 
 
 def _move_aside(run_dir: Path, lock: RunLock, command: list[str] | None) -> Path:

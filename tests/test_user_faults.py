@@ -85,3 +85,129 @@ def test_eval_reads_from_the_data_root_given_on_the_command_line(tmp_path, image
     assert cli(["eval", str(run)]) == 2  # the old root is gone: an error naming it, not a traceback
     err = capsys.readouterr().err
     assert str(image_folder) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- faults of the environment
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("backmix-vlm")]
+    assert len(lines) == 1, err
+    return err
+
+
+def _epochs(run: Path) -> int:
+    from backmix_vlm.engine.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(run / "last.pt")["epoch"])
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_path, tiny_train_config, capsys,
+                                                                         monkeypatch):
+    import torch
+
+    from backmix_vlm import runs
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):  # the second checkpoint meets a full disk, as torch reports it
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2176 vs 2064")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert cli(["train", str(tiny_train_config), "optim.epochs=3", "eval.every=0"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    run = tmp_path / "runs" / "tiny"
+    assert f"cannot write {run / 'last.pt'}: the disk is full (ENOSPC)" in err
+    assert f"backmix-vlm train {run} --resume" in err
+    assert _epochs(run) == 1 and not list(run.glob(".*.tmp"))
+    assert json.loads((run / "run_info.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cli(["train", str(run), "--resume"]) == 0 and _epochs(run) == 3
+
+
+def test_read_only_folders_are_one_line_for_train_eval_and_visualize(tmp_path, tiny_train_config, capsys,
+                                                                     monkeypatch):
+    import errno
+    import pathlib
+
+    assert cli(["train", str(tiny_train_config)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    capsys.readouterr()
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only_mkdir(self, *a, **k):  # the runs folder lives on a read-only file system
+        if str(self).startswith(str(tmp_path / "runs")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only_mkdir)
+    for args in (["train", str(tiny_train_config), "run.name=other"], ["eval", str(run)],
+                 ["visualize", str(run)]):
+        assert cli(args) == 2, args
+        err = _one_line(capsys.readouterr().err)
+        assert "the file system is read-only (EROFS)" in err and "write elsewhere" in err
+    assert not (tmp_path / "runs" / "other").exists()
+    with pytest.raises(OSError):
+        cli(["eval", str(run), "--debug"])  # --debug: the traceback
+
+
+def test_a_non_finite_loss_is_one_line_with_the_way_to_resume(tmp_path, tiny_train_config, capsys, monkeypatch):
+    import torch
+
+    from backmix_vlm.engine.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self, *a, **k):
+        out = real(self, *a, **k)
+        return {**out, "loss": out["loss"] * float("nan")} if self.epoch == 1 else out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert cli(["train", str(tiny_train_config), "optim.epochs=2"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    run = tmp_path / "runs" / "tiny"
+    assert "training loss became nan in epoch 2; lower optim.lr" in err
+    assert f"backmix-vlm train {run} --resume optim.lr=<lower> --allow-changes" in err
+    assert _epochs(run) == 1
+    monkeypatch.setattr(Trainer, "train_step", real)
+    assert cli(["train", str(run), "--resume", "optim.lr=0.01", "--allow-changes"]) == 0 and _epochs(run) == 2
+    del torch
+
+
+def test_config_loops_and_infinite_values_are_one_line(tmp_path, tiny_train_config, capsys):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    assert cli(["train", str(tmp_path / "a.yaml")]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "_base_ loop" in err and "a.yaml -> " in err and "b.yaml" in err
+    for value in (".inf", "-.inf", ".nan"):
+        assert cli(["train", str(tiny_train_config), f"optim.lr={value}"]) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert f"override 'optim.lr={value}'" in err and "finite" in err
+
+
+def test_a_corrupt_test_image_fails_before_training(tmp_path, image_folder, capsys, monkeypatch):
+    from backmix_vlm.engine.trainer import Trainer
+
+    bad = image_folder / "test" / "red" / "000.png"
+    bad.write_bytes(b"not a png")
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained before checking the test set"))
+    assert cli(["train", str(train_config(tmp_path, image_folder))]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert str(bad) in err and "on_corrupt: skip" in err
+
+
+def test_the_last_epoch_is_saved_before_its_evaluation(tmp_path, tiny_train_config, capsys, monkeypatch):
+    from backmix_vlm.errors import DataError
+    from backmix_vlm.ood.open_set import OpenSetEvaluator
+
+    def broken(self, *a, **k):
+        raise DataError("cannot read image x.png")
+
+    monkeypatch.setattr(OpenSetEvaluator, "__call__", broken)
+    assert cli(["train", str(tiny_train_config), "optim.epochs=2"]) == 2
+    run = tmp_path / "runs" / "tiny"
+    assert _epochs(run) == 2 and "--resume" in capsys.readouterr().err

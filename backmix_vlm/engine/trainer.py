@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 
 from ..augment.factory import MIXER_NAMES, active_mixer
 from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimConfig, RunConfig
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, DivergedError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
 from ..runtime import check_autocast_precision, resolve_device
@@ -439,9 +439,11 @@ class Trainer:
                                device=self.device, dtype=torch.float64)
         totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen, skipped]), reduction="sum")
         loss_sum, correct, seen, skipped_all = (float(t) for t in totals)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}; "
-                                     "lower optim.lr, set optim.grad_clip or use run.precision=no")
+        what = (f"training loss became {loss_sum}" if not math.isfinite(loss_sum) else
+                "the model's weights became non-finite" if not self._weights_finite() else None)
+        if what is not None:  # before the epoch is checkpointed: the last checkpoint stays a usable one
+            raise DivergedError(f"{what} in epoch {epoch + 1}; lower optim.lr, set optim.grad_clip or use "
+                                "run.precision=no")
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
                "train_acc": correct / max(seen, 1), "time": time.perf_counter() - start}
         if skipped_all:
@@ -455,6 +457,14 @@ class Trainer:
             quality = mask_quality(self.bank.bank, self.true_masks, self.backmix.mask_ratio or 0.25)
             row.update({f"mask_{k}": v for k, v in quality.items()})
         return row
+
+    def _weights_finite(self) -> bool:
+        """Every trainable parameter and floating buffer (BatchNorm statistics) finite: a step can overflow
+        them while the step's loss was still finite."""
+        tensors = [*self.task.trainable_parameters(), *(b for b in self.task.model.buffers() if b.is_floating_point())]
+        with torch.no_grad():
+            flags = [torch.isfinite(t).all() for t in tensors]
+            return bool(torch.stack(flags).all()) if flags else True
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, stop_after: int | None = None) -> list[dict[str, Any]]:
@@ -474,9 +484,10 @@ class Trainer:
             row = self.train_epoch(self.epoch)
             self.epoch += 1
             self.epochs_this_call += 1
-            if self.evaluate is not None and (self.epoch == epochs or (self.eval_every and self.epoch % self.eval_every == 0)):
-                row.update(self.run_evaluation())
             self.history.append(row)
+            if self.evaluate is not None and (self.epoch == epochs or (self.eval_every and self.epoch % self.eval_every == 0)):
+                self.save(self.run_dir / LAST)  # the epoch is kept even if its evaluation fails (resume re-evaluates)
+                row.update(self.run_evaluation())
             self._maybe_best(row)
             self.save(self.run_dir / LAST)
             self.write_logs()

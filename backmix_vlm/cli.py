@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # CPU: no page faults on every forward's activations (backmix_vlm/perf.py)
     try:
         if getattr(args, "config", None):
+            _check_config_early(args)
             _preflight_data(args.config, list(getattr(args, "overrides", []) or []))
         module = importlib.import_module(f"backmix_vlm.runners.{args.job}")
         return int(module.main(args) or 0)
@@ -139,6 +140,24 @@ def _report(job: str, text: str, error: BaseException) -> None:
     """The one line the user reads (+ how to continue a run that is kept), on stderr."""
     hint = getattr(error, "resume_hint", None)
     print(f"backmix-vlm {job}: {text}" + (f"\n  {hint}" if hint else ""), file=sys.stderr)
+
+
+#: jobs whose config module imports without torch: job -> (module, config builder)
+LIGHT_CONFIGS = {"train": ("backmix_vlm.jobs.train", "build_train_config")}
+
+
+def _check_config_early(args: argparse.Namespace) -> None:
+    """Build the job's config (keys, types, ranges, every variant) before torch is imported, so a typo
+    is answered in about a second; the job builds it again (cheap) when it plans the run."""
+    from pathlib import Path
+
+    spec = LIGHT_CONFIGS.get(args.job)
+    if spec is None or getattr(args, "resume", False) or Path(args.config).is_dir():
+        return  # --resume: the saved config is the base (runs.resume_config checks it)
+    from .config import build_with_overrides, load_yaml
+
+    build = getattr(importlib.import_module(spec[0]), spec[1])
+    build_with_overrides(build, load_yaml(args.config), list(getattr(args, "overrides", []) or []), args.config)
 
 
 def _preflight_data(config: str, overrides: list[str]) -> None:

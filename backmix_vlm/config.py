@@ -196,6 +196,32 @@ class BackMixConfig:
         check_choice(self.mask_source, MASK_SOURCES, join(where, "mask_source"))
 
 
+#: every mixer name, in the order the docs list them (the keys of ``augment.MIXERS``)
+MIXER_NAMES = ("backmix", "cutout", "mixup", "cutmix", "none")
+
+
+def active_mixer(name: str, backmix_enabled: bool = True) -> str:
+    """The mixer that actually runs: ``name``, except ``none`` for ``backmix`` with ``backmix.enabled: false``
+    (so a sweep can switch BackMix off with one flag)."""
+    return "none" if name == "backmix" and not backmix_enabled else name
+
+
+@dataclass
+class AugmentConfig:
+    """The ``augment`` section of the train and fewshot jobs: the batch mixer (``augment.build_mixer``).
+    ``backmix`` reads the ``backmix`` section; ``backmix.enabled: false`` turns it off (plain training) so a
+    sweep can flip one flag.  Defined here, not in ``augment``, so a config is checked without torch."""
+
+    name: str = "backmix"              # backmix | cutout | mixup | cutmix | none
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}
+
+    def validate(self) -> None:
+        check_choice(self.name, MIXER_NAMES, "augment.name")
+
+    def active(self, backmix_enabled: bool) -> str:
+        return active_mixer(self.name, backmix_enabled)
+
+
 # ----------------------------------------------------------------------------- machinery
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)

@@ -211,3 +211,16 @@ def test_the_last_epoch_is_saved_before_its_evaluation(tmp_path, tiny_train_conf
     assert cli(["train", str(tiny_train_config), "optim.epochs=2"]) == 2
     run = tmp_path / "runs" / "tiny"
     assert _epochs(run) == 2 and "--resume" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a typo answers before torch loads
+def test_a_train_config_typo_is_reported_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; from backmix_vlm.cli import main; rc = main(['train', 'configs/demo.yaml', 'optim.lrr=1']); "
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in out.stderr

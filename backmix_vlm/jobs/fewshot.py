@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..augment.factory import AugmentConfig
-from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
+from ..config import (AugmentConfig, BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
                       build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml,
                       move_data_root)
 from ..engine.adapter_task import SaliencyConfig

@@ -14,15 +14,16 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..augment.factory import AugmentConfig
-from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
-                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml,
+from ..config import (AugmentConfig, BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
+                      apply_overrides, build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml,
                       move_data_root)
 from ..errors import ConfigError
 from ..validation import check_choice
-from .data import OpenSetData, build_open_set_data
+
+if TYPE_CHECKING:  # imported where used: the config (and a typo in it) is checked without torch
+    from .data import OpenSetData
 
 JOB = "train"
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]   # = backmix_vlm.data.CIFAR10_MEAN (kept light to import)
@@ -179,6 +180,7 @@ def resolve_sources(cfg: TrainConfig) -> tuple[DataSource, DataSource, list[Data
 def build_datasets(cfg: TrainConfig) -> OpenSetData:
     """Training set (train transform), known test set, unknown and extra known sets (eval transform)."""
     from ..data import OpenSetSources
+    from .data import build_open_set_data
 
     d = cfg.data
     return build_open_set_data(OpenSetSources(*resolve_sources(cfg)), image_size=d.image_size, mean=d.mean,

@@ -224,3 +224,45 @@ def test_a_train_config_typo_is_reported_without_importing_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
     assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in out.stderr
+
+
+# ----------------------------------------------------------------------------- progress in a log file
+def test_progress_without_a_terminal_prints_plain_lines(capsys):
+    import io
+
+    from backmix_vlm.runtime import progress
+
+    log = io.StringIO()  # not a TTY
+    assert list(progress(range(25), "CIFAR-100", lines=5, stream=log)) == list(range(25))
+    lines = log.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines[:-1]] == [f"  CIFAR-100: {i}/25 batches" for i in (5, 10, 15, 20)]
+    assert lines[-1].startswith("  CIFAR-100: 25 batches in ")
+
+
+def test_ood_job_reports_progress_per_set_into_a_log(tmp_path, image_folder, capsys):
+    cfg = {"run": {"output_dir": str(tmp_path), "name": "r", "device": "cpu"},
+           "model": {"source": "timm", "name": "test_resnet", "options": {"num_classes": 3}, "image_size": 16,
+                     "mean": [0.5] * 3, "std": [0.25] * 3},
+           "data": {"name": "imagefolder", "root": str(image_folder), "split": "test", "label": "ID"},
+           "eval": {"batch_size": 4, "num_workers": 0, "scores": ["msp"],
+                    "ood": [{"name": "imagefolder", "root": str(image_folder), "split": "ood", "label": "noise"}]},
+           "plots": False}
+    path = tmp_path / "ood.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["ood", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "  known: 3 batches in " in err and "  noise: 2 batches in " in err, err
+
+
+# ----------------------------------------------------------------------------- figures at any number of panels
+@pytest.mark.parametrize("n, shape", [(1, (1, 1)), (3, (1, 3)), (4, (1, 4)), (9, (3, 4)), (12, (3, 4))])
+def test_score_histograms_wrap_into_a_grid(tmp_path, n, shape):
+    from backmix_vlm.report.plots import panel_grid, score_histograms
+
+    assert panel_grid(n) == shape
+    rng = np.random.default_rng(0)
+    scores = {f"s{i}": rng.normal(size=50) for i in range(n)}
+    path = score_histograms(tmp_path / "h.png", scores, {k: v - 1 for k, v in scores.items()}, set_name="x")
+    width, height = Image.open(path).size
+    assert width <= 4 * 3.6 * 110 + 1 and height <= (3.0 * shape[0] + 0.4) * 110 + 1  # 9 panels: ~1584 x 1034
+    assert width / height < 4.5  # one 9-panel strip was 3564 x 330 (10.8)

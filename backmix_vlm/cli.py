@@ -55,6 +55,16 @@ JOBS: dict[str, tuple[str, str]] = {
 }
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; expected a whole number >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     return _build_parsers()[0]
 
@@ -75,7 +85,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
                        help="show the full traceback of an error instead of its one-line message")
         if name == "visualize":
             p.add_argument("run_dir", help="a run directory written by train / fewshot")
-            p.add_argument("--num", type=int, default=8, help="rows in the BackMix grid")
+            p.add_argument("--num", type=_positive_int, default=8, help="rows in the BackMix grid (>= 1)")
             p.add_argument("--out", default=None, help="output folder (default: <run-dir>/plots)")
         elif name == "eval":
             p.add_argument("run_dir", help="a run directory with config.yaml and a checkpoint")

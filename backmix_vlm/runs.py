@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,8 +280,7 @@ class RunLock:
                     what = ("an unreadable lock" if other.get("unreadable") else
                             f"a stale lock: PID {other.get('pid')} on {other.get('host')} (since {other.get('since')}) "
                             "is no longer running")
-                    warnings.warn(f"{self.path.parent}: taking over {what}", stacklevel=2)
-                    _print_note(f"note: {self.path.parent}: taking over {what}")
+                    _print_note(f"note: {self.path.parent}: taking over {what}")  # once (no warning as well)
                     try:
                         self.path.unlink()
                     except FileNotFoundError:
@@ -593,6 +591,7 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
     aside: Path | None = None  # --overwrite: the old run, kept whole until the new one has a checkpoint
     if plan.resume:
         lock.acquire(plan.argv)
+        _remove_leftover_temps(run_dir)
     else:
         created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -639,6 +638,16 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
         _update_info(run_dir, status="finished", finished=_now())
         _drop_aside(aside)
     lock.release()
+
+
+def _remove_leftover_temps(run_dir: Path) -> None:
+    """Delete the temp files of atomic writes a killed process left (``.last.pt.<random>.tmp``); under the
+    run's lock no other process writes them."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 ASIDE_MARK = ".replaced-"

@@ -216,10 +216,19 @@ def test_a_stale_lock_is_reported_and_taken_over(finished, tiny_train_config, ca
     lock = {"pid": _dead_pid(), "host": socket.gethostname(), "since": "earlier", "command": ["crashed"]}
     assert lock_is_stale(lock)
     (finished / LOCK_FILE).write_text(json.dumps(lock))
-    with pytest.warns(UserWarning, match="stale lock"):
-        assert cli(["train", str(tiny_train_config), "--resume"]) == 0
-    assert f"taking over a stale lock: PID {lock['pid']}" in capsys.readouterr().err
-    assert not (finished / LOCK_FILE).exists()
+    leftover = finished / ".last.pt.abc123.tmp"  # what a kill -9 during a checkpoint write leaves
+    leftover.write_bytes(b"half")
+    assert cli(["train", str(tiny_train_config), "--resume"]) == 0
+    assert capsys.readouterr().err.count(f"taking over a stale lock: PID {lock['pid']}") == 1  # said once
+    assert not (finished / LOCK_FILE).exists() and not leftover.exists()
+
+
+@pytest.mark.parametrize("num", ["0", "-3", "x"])
+def test_visualize_num_must_be_positive(finished, capsys, num):
+    with pytest.raises(SystemExit) as info:
+        cli(["visualize", str(finished), "--num", num])
+    assert info.value.code == 2 and "--num" in capsys.readouterr().err
+    assert not (finished / "plots").exists()
 
 
 def test_a_lock_from_another_host_is_not_guessed_at(tmp_path):

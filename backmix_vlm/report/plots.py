@@ -98,7 +98,7 @@ def score_histograms(
     """
     names = [s for s in known if s in unknown]
     rows, cols = panel_grid(len(names))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.flat[len(names):]:  # the grid's empty cells
         ax.axis("off")
     for ax, name in zip(axes.flat, names):

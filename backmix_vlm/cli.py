@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import BackmixError, user_message
+from .errors import BackmixError, environment_message, user_message
 
 _CONFIG_HELP = "experiment YAML file (see configs/)"
 _OVERRIDE_HELP = "overrides as section.key=value, e.g. optim.epochs=3 eval.scores=[msp,energy]"
@@ -55,6 +55,16 @@ JOBS: dict[str, tuple[str, str]] = {
 }
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; expected a whole number >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     return _build_parsers()[0]
 
@@ -71,9 +81,11 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     sub = parser.add_subparsers(dest="job", metavar="{" + ",".join(JOBS) + "}")
     for name, (short, long) in JOBS.items():
         p = jobs[name] = sub.add_parser(name, help=short, description=f"{short} {long}")
+        p.add_argument("--debug", action="store_true",
+                       help="show the full traceback of an error instead of its one-line message")
         if name == "visualize":
             p.add_argument("run_dir", help="a run directory written by train / fewshot")
-            p.add_argument("--num", type=int, default=8, help="rows in the BackMix grid")
+            p.add_argument("--num", type=_positive_int, default=8, help="rows in the BackMix grid (>= 1)")
             p.add_argument("--out", default=None, help="output folder (default: <run-dir>/plots)")
         elif name == "eval":
             p.add_argument("run_dir", help="a run directory with config.yaml and a checkpoint")
@@ -90,7 +102,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
                                help="with --resume: accept overrides that change settings affecting the results "
                                     "(recorded in run_info.json)")
             p.add_argument("--overwrite", action="store_true",
-                           help="replace an existing run of the same run.name (its files are deleted)")
+                           help="replace an existing run of the same run.name (its files are deleted once the new "
+                                "run has its first checkpoint; until then the old run is kept whole)")
     return parser, jobs
 
 
@@ -111,15 +124,50 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # CPU: no page faults on every forward's activations (backmix_vlm/perf.py)
     try:
         if getattr(args, "config", None):
+            _check_config_early(args)
             _preflight_data(args.config, list(getattr(args, "overrides", []) or []))
         module = importlib.import_module(f"backmix_vlm.runners.{args.job}")
         return int(module.main(args) or 0)
     except BackmixError as e:
-        print(f"backmix-vlm {args.job}: error: {user_message(e)}", file=sys.stderr)
+        if args.debug:
+            raise
+        _report(args.job, f"error: {user_message(e)}", e)
         return 2
-    except KeyboardInterrupt:
-        print(f"backmix-vlm {args.job}: interrupted", file=sys.stderr)
+    except OSError as e:  # the environment: a full disk, a read-only or forbidden folder
+        message = environment_message(e)
+        if message is None or args.debug:
+            raise
+        _report(args.job, f"error: {message}", e)
+        return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        _report(args.job, "interrupted", e)
         return 130
+
+
+def _report(job: str, text: str, error: BaseException) -> None:
+    """The one line the user reads (+ how to continue a run that is kept), on stderr."""
+    hint = getattr(error, "resume_hint", None)
+    print(f"backmix-vlm {job}: {text}" + (f"\n  {hint}" if hint else ""), file=sys.stderr)
+
+
+#: jobs whose config module imports without torch: job -> (module, config builder)
+LIGHT_CONFIGS = {"train": ("backmix_vlm.jobs.train", "build_train_config")}
+
+
+def _check_config_early(args: argparse.Namespace) -> None:
+    """Build the job's config (keys, types, ranges, every variant) before torch is imported, so a typo
+    is answered in about a second; the job builds it again (cheap) when it plans the run."""
+    from pathlib import Path
+
+    spec = LIGHT_CONFIGS.get(args.job)
+    if spec is None or getattr(args, "resume", False) or Path(args.config).is_dir():
+        return  # --resume: the saved config is the base (runs.resume_config checks it)
+    from .config import build_with_overrides, load_yaml
+
+    build = getattr(importlib.import_module(spec[0]), spec[1])
+    build_with_overrides(build, load_yaml(args.config), list(getattr(args, "overrides", []) or []), args.config)
 
 
 def _preflight_data(config: str, overrides: list[str]) -> None:

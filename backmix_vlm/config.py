@@ -198,6 +198,32 @@ class BackMixConfig:
         check_choice(self.mask_source, MASK_SOURCES, join(where, "mask_source"))
 
 
+#: every mixer name, in the order the docs list them (the keys of ``augment.MIXERS``)
+MIXER_NAMES = ("backmix", "cutout", "mixup", "cutmix", "none")
+
+
+def active_mixer(name: str, backmix_enabled: bool = True) -> str:
+    """The mixer that actually runs: ``name``, except ``none`` for ``backmix`` with ``backmix.enabled: false``
+    (so a sweep can switch BackMix off with one flag)."""
+    return "none" if name == "backmix" and not backmix_enabled else name
+
+
+@dataclass
+class AugmentConfig:
+    """The ``augment`` section of the train and fewshot jobs: the batch mixer (``augment.build_mixer``).
+    ``backmix`` reads the ``backmix`` section; ``backmix.enabled: false`` turns it off (plain training) so a
+    sweep can flip one flag.  Defined here, not in ``augment``, so a config is checked without torch."""
+
+    name: str = "backmix"              # backmix | cutout | mixup | cutmix | none
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}
+
+    def validate(self) -> None:
+        check_choice(self.name, MIXER_NAMES, "augment.name")
+
+    def active(self, backmix_enabled: bool) -> str:
+        return active_mixer(self.name, backmix_enabled)
+
+
 # ----------------------------------------------------------------------------- machinery
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
@@ -345,10 +371,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a mapping; ``_base_: other.yaml`` (relative to the file) is merged underneath."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        via = f" (the _base_ of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{via}")
+    if path.resolve() in [p.resolve() for p in _chain]:
+        raise ConfigError(f"{_chain[-1]}: _base_ loop: {' -> '.join(map(str, (*_chain, path)))}; remove one of "
+                          "these _base_ keys")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -357,7 +388,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("_base_", None)  # optional inheritance: _base_: other.yaml
     if base:
-        parent = load_yaml(path.parent / base)
+        parent = load_yaml(path.parent / base, (*_chain, path))
         data = _deep_merge(parent, data)
     return data
 
@@ -415,6 +446,33 @@ def _blame(build: Callable[[dict[str, Any]], Any], base: dict[str, Any], overrid
         if fails(k):
             return overrides[k - 1]
     return overrides[-1]
+
+
+def data_root_override(overrides: list[str]) -> str | None:
+    """The value of the last ``data_root=...`` override, or None."""
+    for item in reversed(overrides):
+        key, _, value = item.partition("=")
+        if key.strip() == "data_root":
+            return str(yaml.safe_load(value)) if value else ""
+    return None
+
+
+def move_data_root(saved: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A saved (resolved) config whose sources read from its ``data_root``, moved to the ``data_root=``
+    override: every ``root`` equal to the saved ``data_root`` becomes the new one (a resolved config
+    holds each source's root, so overriding ``data_root`` alone would change nothing)."""
+    new, old = data_root_override(overrides), saved.get("data_root")
+    if new is None or old is None:
+        return saved
+
+    def move(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (new if k == "root" and v == old else move(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [move(v) for v in node]
+        return node
+
+    return move(saved)
 
 
 def fill_data_roots(obj: Any, root: str) -> None:

@@ -39,6 +39,33 @@ class RunDirError(BackmixError):
     """A run directory cannot be used as asked (taken by another run, locked, missing for --resume)."""
 
 
+class DivergedError(BackmixError, FloatingPointError):
+    """Training produced a non-finite loss (the run stays resumable from its last checkpoint)."""
+
+
+#: errno values that mean "the machine / file system refused", not a bug: reported as one line
+ENVIRONMENT_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is used up",
+                      "EROFS": "the file system is read-only", "EACCES": "permission denied",
+                      "EPERM": "permission denied"}
+
+
+def environment_message(error: OSError) -> str | None:
+    """One line for an OSError of the environment (disk full, read-only or forbidden folder), naming the
+    file and what to do; None for other OSErrors (those stay tracebacks: they are bugs or rarities)."""
+    import errno as errno_mod
+
+    name = errno_mod.errorcode.get(error.errno or 0, "")
+    if name not in ENVIRONMENT_ERRNOS:
+        return None
+    path = error.filename or "a file"
+    if name in ("ENOSPC", "EDQUOT"):
+        todo = "free some space (or write elsewhere with run.output_dir=<folder on another disk>)"
+    else:
+        todo = ("write elsewhere: run.output_dir=<a writable folder> (visualize: --out <folder>; eval writes "
+                "into the run folder: copy the run somewhere writable)")
+    return f"cannot write {path}: {ENVIRONMENT_ERRNOS[name]} ({name}); {todo}"
+
+
 def load_error_summary(error: BaseException) -> str:
     """One short phrase for why a weights / checkpoint file could not be read.
 

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 import yaml
 
 from . import __version__
-from .config import build_with_overrides, load_yaml, to_dict
+from .config import build_with_overrides, data_root_override, load_yaml, move_data_root, to_dict
 from .errors import ConfigError, RunDirError
 
 C = TypeVar("C")
@@ -74,6 +73,23 @@ def current_umask() -> int:
     return mask
 
 
+def _as_os_error(error: RuntimeError, path: Path) -> OSError | None:
+    """torch.save reports a failed write (a full disk) as ``RuntimeError: [enforce fail at
+    inline_container.cc:...] unexpected pos ...`` / ``PytorchStreamWriter failed writing file``: an OSError
+    naming ``path`` (ENOSPC when the disk has next to no space left), else None."""
+    import errno
+
+    text = str(error)
+    if not any(k in text for k in ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")):
+        return None
+    try:
+        full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, f"{os.strerror(code)} ({text.strip().splitlines()[-1][:120]})", str(path))
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write via ``write(file)`` to a temp file + fsync + rename: a crash never leaves half a file.
 
@@ -90,9 +106,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # name the file the user will look for
+            e.filename = str(path)
+        converted = _as_os_error(e, path) if isinstance(e, RuntimeError) else None
+        if converted is not None:
+            raise converted from e
         raise
     return path
 
@@ -259,8 +280,7 @@ class RunLock:
                     what = ("an unreadable lock" if other.get("unreadable") else
                             f"a stale lock: PID {other.get('pid')} on {other.get('host')} (since {other.get('since')}) "
                             "is no longer running")
-                    warnings.warn(f"{self.path.parent}: taking over {what}", stacklevel=2)
-                    _print_note(f"note: {self.path.parent}: taking over {what}")
+                    _print_note(f"note: {self.path.parent}: taking over {what}")  # once (no warning as well)
                     try:
                         self.path.unlink()
                     except FileNotFoundError:
@@ -273,8 +293,12 @@ class RunLock:
                     f"run directory {self.path.parent} is being written by another process (PID {other.get('pid')} "
                     f"{where}, since {other.get('since')}: {' '.join(other.get('command') or []) or '?'}); "
                     f"wait for it to finish or pass a fresh run.name=<name>{hint}")
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+            except BaseException:  # e.g. a full disk: no 0-byte lock may stay behind
+                self.path.unlink(missing_ok=True)
+                raise
             self.held = True
             return self
         raise RunDirError(f"{self.path}: could not take the run lock (it keeps changing); retry")
@@ -306,6 +330,7 @@ class RunPlan:
     overwrite: bool = False
     argv: list[str] | None = None
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # resume: key -> (saved, now)
+    applied: dict[str, Any] = field(default_factory=dict)  # resume: what the job put into restored state (was / now)
 
 
 def describe_existing(run_dir: Path) -> str:
@@ -332,6 +357,9 @@ def new_run_dir(job: str, output_dir: str | Path, name: str | None, *, overwrite
     run_dir = Path(output_dir) / name
     if is_main_process():
         check_new_run_dir(run_dir, job, overwrite=overwrite, can_resume=can_resume)
+        for old in leftover_asides(run_dir):
+            _print_note(f"note: {old} holds a run that an interrupted --overwrite of {run_dir} was replacing; "
+                        f"to keep it, move it back (mv '{old}' '{run_dir}') or under another name; else delete it")
     return RunPlan(job, run_dir, resume=False, overwrite=overwrite, argv=argv)
 
 
@@ -443,11 +471,9 @@ def resume_config(job: str, run_dir: Path, overrides: list[str], build: Callable
     # locating keys only say where the run is: they may differ from what was saved
     overrides = [o for o in overrides if o.split("=", 1)[0].strip() not in ("run.name", "run.output_dir")]
     saved = build_with_overrides(build, saved_raw, [], str(saved_path))
-    raw = copy.deepcopy(saved_raw)
-    new_root = _data_root_override(overrides)
+    raw = move_data_root(copy.deepcopy(saved_raw), overrides)
+    new_root = data_root_override(overrides)
     old_root = saved_raw.get("data_root")
-    if new_root is not None and old_root is not None:
-        raw = _move_roots(raw, old_root, new_root)
     cfg = build_with_overrides(build, raw, overrides, f"{saved_path} + overrides")
     changes = result_affecting(config_differences(saved, cfg),
                                (old_root, new_root) if new_root is not None else None)
@@ -468,22 +494,6 @@ def resume_config(job: str, run_dir: Path, overrides: list[str], build: Callable
                 _print_note(f"note: {config} differs from the run's saved config ({format_changes(differs, ('saved', 'file'))}); "
                             f"--resume continues with the saved config{' and the overrides' if overrides else ''}")
     return cfg, RunPlan(job, run_dir, resume=True, argv=argv, changes=changes)
-
-
-def _data_root_override(overrides: list[str]) -> str | None:
-    for item in reversed(overrides):
-        key, _, value = item.partition("=")
-        if key.strip() == "data_root":
-            return str(yaml.safe_load(value)) if value else ""
-    return None
-
-
-def _move_roots(data: Any, old: Any, new: str) -> Any:
-    if isinstance(data, dict):
-        return {k: (new if k == "root" and v == old else _move_roots(v, old, new)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_move_roots(v, old, new) for v in data]
-    return data
 
 
 def plan_from_args(job: str, args: Any, *, build: Callable[[dict[str, Any]], C], can_resume: bool = True
@@ -558,7 +568,8 @@ def _remove_fresh(run_dir: Path, created: list[Path]) -> None:
 def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = None) -> Iterator[Path]:
     """Create / lock the run directory, record the run, and settle its records on exit.
 
-    Fresh run: the folder is created (with ``--overwrite`` the old run's files are deleted first),
+    Fresh run: the folder is created (with ``--overwrite`` the old run is renamed to a hidden sibling
+    first and deleted only once the new run has a checkpoint; a failure before that puts it back),
     locked, and ``config.yaml`` / ``run_info.json`` written with status ``running``.  On success
     the status becomes ``finished``; on failure a run without any checkpoint is removed again
     (no stub folders), one with checkpoints is marked ``failed`` / ``interrupted``.
@@ -577,49 +588,136 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
     started = _now()
     lock = RunLock(run_dir)
     created: list[Path] = []
+    aside: Path | None = None  # --overwrite: the old run, kept whole until the new one has a checkpoint
     if plan.resume:
         lock.acquire(plan.argv)
+        _remove_leftover_temps(run_dir)
     else:
         created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
         try:  # another process may have claimed the folder since the plan was checked: then touch nothing
             lock.acquire(plan.argv)
             check_new_run_dir(run_dir, plan.job, overwrite=plan.overwrite)  # again, now under the lock
+            if plan.overwrite and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+                aside = _move_aside(run_dir, lock, plan.argv)
+                created = [run_dir]
         except BaseException:
             lock.release()
             _remove_empty(created)
             raise
         try:
-            if plan.overwrite:
-                for entry in run_dir.iterdir():
-                    if entry.name == LOCK_FILE:
-                        continue
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             record_run(run_dir, cfg, plan.job, plan.argv, status="running")
         except BaseException:
             _remove_fresh(run_dir, created)  # ours (locked, checked): the lock file goes with it
             lock.release()
+            _restore_aside(aside, run_dir)
             raise
     try:
         yield run_dir
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        if _has_checkpoint(run_dir) and plan.job in RESUMABLE_JOBS:
+            _add_resume_hint(e, plan)
         if plan.resume:
             if _has_checkpoint(run_dir, newer_than=start):
-                _settle_resume(plan, cfg, sub_configs, started, status)
+                _best_effort(_settle_resume, plan, cfg, sub_configs, started, status)
         elif not _has_checkpoint(run_dir):
             _remove_fresh(run_dir, created)  # nothing worth keeping: no stub folder (the lock goes with it)
             lock.release()
+            _restore_aside(aside, run_dir)  # --overwrite: the old run is back as it was
             raise
         else:
-            _update_info(run_dir, status=status, ended=_now(), error=f"{type(e).__name__}: {str(e)[:300]}")
+            _best_effort(_update_info, run_dir, status=status, ended=_now(),
+                         error=f"{type(e).__name__}: {str(e)[:300]}")
+            _drop_aside(aside)  # the new run has a checkpoint: the replacement is done
         lock.release()
         raise
     if plan.resume:
         _settle_resume(plan, cfg, sub_configs, started, "finished")
     else:
         _update_info(run_dir, status="finished", finished=_now())
+        _drop_aside(aside)
     lock.release()
+
+
+def _remove_leftover_temps(run_dir: Path) -> None:
+    """Delete the temp files of atomic writes a killed process left (``.last.pt.<random>.tmp``); under the
+    run's lock no other process writes them."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+ASIDE_MARK = ".replaced-"
+RESUMABLE_JOBS = ("train", "fewshot")
+
+
+def _add_resume_hint(error: BaseException, plan: RunPlan) -> None:
+    """Tell the user (``error.resume_hint``, printed by the CLI) that the run is kept and how to continue it."""
+    from .errors import DivergedError
+
+    change = " optim.lr=<lower> --allow-changes" if isinstance(error, DivergedError) else ""
+    try:
+        error.resume_hint = (f"the run is kept at {plan.run_dir} with its last checkpoint; continue it with: "  # type: ignore[attr-defined]
+                             f"backmix-vlm {plan.job} {plan.run_dir} --resume{change}")
+    except AttributeError:  # an exception type without a __dict__
+        pass
+
+
+def _move_aside(run_dir: Path, lock: RunLock, command: list[str] | None) -> Path:
+    """Rename the run in ``run_dir`` (locked by ``lock``) to a hidden sibling and give ``lock`` a fresh,
+    empty ``run_dir``: ``--overwrite`` keeps the old run whole until the new one has a checkpoint."""
+    aside = run_dir.with_name(f".{run_dir.name}{ASIDE_MARK}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.rename(run_dir, aside)
+    lock.held = False
+    try:
+        (aside / LOCK_FILE).unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        run_dir.mkdir()
+        lock.acquire(command)
+    except BaseException:
+        _restore_aside(aside, run_dir)
+        raise
+    return aside
+
+
+def _restore_aside(aside: Path | None, run_dir: Path) -> None:
+    """Put the old run back where it was (the new run's folder is already gone)."""
+    if aside is None:
+        return
+    try:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        os.rename(aside, run_dir)
+    except OSError as e:
+        _print_note(f"note: the run that --overwrite was replacing is kept at {aside} (could not move it back to "
+                    f"{run_dir}: {e.strerror or e}); move it back by hand")
+
+
+def _drop_aside(aside: Path | None) -> None:
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def leftover_asides(run_dir: Path) -> list[Path]:
+    """Old runs that an interrupted ``--overwrite`` of ``run_dir`` had set aside (hidden siblings)."""
+    try:
+        return sorted(run_dir.parent.glob(f".{run_dir.name}{ASIDE_MARK}*"))
+    except OSError:
+        return []
+
+
+def _best_effort(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Update records on the way out of a failure; a full disk / read-only folder must not hide the
+    original error (the checkpoint is what makes the run resumable)."""
+    try:
+        fn(*args, **kwargs)
+    except OSError as e:
+        _print_note(f"note: could not update the run's records ({e.strerror or e}: {e.filename or ''})")
 
 
 def _settle_resume(plan: RunPlan, cfg: Any, sub_configs: dict[str, Any] | None, started: str, status: str) -> None:
@@ -628,6 +726,8 @@ def _settle_resume(plan: RunPlan, cfg: Any, sub_configs: dict[str, Any] | None, 
     entry = {"command": plan.argv, "started": started, "ended": _now(), "status": status, "host": socket.gethostname()}
     if plan.changes:
         entry["changes"] = {k: {"was": old, "now": new} for k, (old, new) in plan.changes.items()}
+    if plan.applied:  # e.g. the optimizer's restored LR / weight decay replaced by the changed config's
+        entry["applied"] = plan.applied
         atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         for name, sub in (sub_configs or {}).items():
             if (run_dir / name / CONFIG_FILE).is_file():

@@ -16,6 +16,7 @@ One definition of each, used by every job:
 * :func:`host_reachable` / :func:`hub_reachable`: a TCP probe of a few seconds, so offline
   machines fail fast with advice instead of minutes of download retries.  ``BACKMIX_VLM_OFFLINE=1``
   skips the probe and behaves as offline.
+* :func:`progress`: a tqdm bar on a terminal, a few plain lines in a log file.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import contextlib
 import os
 import re
 import socket
+import sys
 import threading
-from typing import Any, Callable, Iterator, TypeVar
+import time
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from .errors import BackmixError, ConfigError, ProcessGroupError
 
@@ -244,3 +247,25 @@ def check_eval_workers(workers: Any, where: str = "run.eval_workers") -> None:
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"{where}: {workers!r} is not accepted; expected 'auto' (one per torch thread on CPU), "
                           "0 or 1 (off) or a number of worker threads >= 2")
+
+
+# ----------------------------------------------------------------------------- progress
+def progress(items: Iterable[T], desc: str, *, lines: int = 10, stream: Any = None) -> Iterator[T]:
+    """Iterate ``items`` showing progress: a tqdm bar when ``stream`` (stderr) is a terminal; otherwise
+    (output to a file, a job log) a plain line every ~1/``lines`` of the batches and one when done, so a
+    long evaluation is never silent."""
+    stream = stream or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=desc, leave=False, file=stream)
+        return
+    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    every = max(1, -(-total // lines)) if total else 100
+    start, done = time.perf_counter(), 0
+    for done, item in enumerate(items, 1):
+        yield item
+        if done % every == 0 and done != total:
+            print(f"  {desc}: {done}/{total or '?'} batches ({time.perf_counter() - start:.0f} s)", file=stream,
+                  flush=True)
+    print(f"  {desc}: {done} batches in {time.perf_counter() - start:.1f} s", file=stream, flush=True)

@@ -6,6 +6,7 @@ is loaded, before any data or model is touched.  ``where`` is the dotted key pat
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from .errors import ConfigError
@@ -25,18 +26,22 @@ def check_range(value: Any, where: str, *, low: float | None = None, high: float
     """
     if value is None and allow_none:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN fails
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)  # NaN, inf fail
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        raise ConfigError(f"{where}: {value!r} is not accepted; expected {describe_range(low, high, low_open, high_open)}"
-                          + (" or null" if allow_none else ""))
+        expected = describe_range(low, high, low_open, high_open)
+        if isinstance(value, float) and not math.isfinite(value) and "finite" not in expected:
+            expected = expected.replace("a number", "a finite number")
+        raise ConfigError(f"{where}: {value!r} is not accepted; expected {expected}" + (" or null" if allow_none else ""))
 
 
 def describe_range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
     """``a number in [0, 1]``, ``a number > 0``, ``a number >= 1`` ..."""
+    if low is None and high is None:
+        return "a finite number"
     if low is not None and high is not None:
         return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:

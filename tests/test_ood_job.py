@@ -358,3 +358,17 @@ def test_ood_run_folder_belongs_to_one_run(tmp_path, data_root, toy_module, caps
     assert cli.main(["ood", cfg, *fast, "eval.scores=[msp]", "--overwrite"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert list(results["results"]["far"]) == ["msp"] and read_run_info(run)["status"] == "finished"
+
+
+def test_random_weights_are_said_loudly_in_the_log_and_the_titles(tmp_path, data_root, capsys):
+    """timm / torchvision without pretrained weights or a checkpoint evaluate a random initialisation:
+    the command says so before and after, and the results' titles say it too."""
+    model = {"source": "timm", "name": "test_resnet", "options": {"num_classes": 3}, "image_size": 32}
+    cfg = str(_config(tmp_path, data_root, model))
+    assert cli.main(["ood", cfg, "eval.scores=[msp]", "eval.score_params={}", "plots=false"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("WARNING: test_resnet runs on RANDOM weights") == 2 and "model.checkpoint=" in err
+    run = tmp_path / "r"
+    assert "RANDOM WEIGHTS" in (run / "results.md").read_text().splitlines()[0]
+    assert "RANDOM WEIGHTS" in (run / "summary.md").read_text().splitlines()[0]
+    assert json.loads((run / "results.json").read_text())["weights"].startswith("random")

@@ -51,7 +51,7 @@ def test_aggregate_seeds_exact_mean_std():
     assert msp["fpr95"] == {"mean": 0.25, "std": 0.0, "n": 3}
     assert agg["counts"]["CIFAR100"]["mean"] == 50
     md = results_to_markdown(aggregate_seeds([result(0.5, 0.6), result(0.7, 0.8)]))
-    assert "**ID accuracy**: 60.00 ± 10.00% (mean ± std over 2 seeds)" in md
+    assert "**ID accuracy**: 60.00 ± 10.00% (mean ± std over 2 seeds; std is the population std, ddof=0)" in md
     assert "| msp | 70.00 ± 10.00 | 90.00 ± 0.00 |" in md
 
 

@@ -65,6 +65,46 @@ def test_overwrite_replaces_the_old_run(finished, tiny_train_config, capsys):
     assert (finished / "last.pt").is_file() and info["started"] >= started
 
 
+def _tree(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["nan", "crash", "interrupt"])
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(finished, tiny_train_config, capsys,
+                                                                         monkeypatch, how):
+    from backmix_vlm.engine.trainer import Trainer
+
+    (finished / "marker.txt").write_text("old")
+    before = _tree(finished)
+    seen = {}
+
+    def fail(self, *a, **k):  # while the new run trains, the old one is whole (set aside) and the new folder fresh
+        seen["aside"] = [_tree(p) for p in finished.parent.glob(".tiny.replaced-*")]
+        seen["new"] = sorted(p.name for p in finished.iterdir())
+        raise KeyboardInterrupt if how == "interrupt" else RuntimeError("boom")
+
+    extra = ["optim.lr=1e6"] if how == "nan" else []
+    if how != "nan":
+        monkeypatch.setattr(Trainer, "fit", fail)
+    rc = cli(["train", str(tiny_train_config), "--overwrite", *extra]) if how != "crash" else None
+    if how == "crash":
+        with pytest.raises(RuntimeError):
+            cli(["train", str(tiny_train_config), "--overwrite"])
+    assert rc in (None, 2, 130)
+    assert _tree(finished) == before  # nothing lost, nothing changed
+    assert sorted(p.name for p in finished.parent.iterdir()) == ["tiny"]  # no aside, no stub left
+    if how != "nan":
+        assert seen["aside"] == [before] and seen["new"] == [LOCK_FILE, "config.yaml", "run_info.json"]
+
+
+def test_an_interrupted_overwrite_is_reported(finished, tiny_train_config, capsys):
+    aside = finished.parent / ".tiny.replaced-20260101-000000-1"
+    aside.mkdir()
+    assert cli(["train", str(tiny_train_config), "run.name=tiny", "--overwrite"]) == 0
+    assert f"{aside} holds a run that an interrupted --overwrite" in capsys.readouterr().err
+    assert aside.is_dir()
+
+
 def test_folder_that_is_not_a_run_is_never_written(tmp_path, image_folder, capsys):
     cfg = train_config(tmp_path, image_folder)
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
@@ -176,10 +216,19 @@ def test_a_stale_lock_is_reported_and_taken_over(finished, tiny_train_config, ca
     lock = {"pid": _dead_pid(), "host": socket.gethostname(), "since": "earlier", "command": ["crashed"]}
     assert lock_is_stale(lock)
     (finished / LOCK_FILE).write_text(json.dumps(lock))
-    with pytest.warns(UserWarning, match="stale lock"):
-        assert cli(["train", str(tiny_train_config), "--resume"]) == 0
-    assert f"taking over a stale lock: PID {lock['pid']}" in capsys.readouterr().err
-    assert not (finished / LOCK_FILE).exists()
+    leftover = finished / ".last.pt.abc123.tmp"  # what a kill -9 during a checkpoint write leaves
+    leftover.write_bytes(b"half")
+    assert cli(["train", str(tiny_train_config), "--resume"]) == 0
+    assert capsys.readouterr().err.count(f"taking over a stale lock: PID {lock['pid']}") == 1  # said once
+    assert not (finished / LOCK_FILE).exists() and not leftover.exists()
+
+
+@pytest.mark.parametrize("num", ["0", "-3", "x"])
+def test_visualize_num_must_be_positive(finished, capsys, num):
+    with pytest.raises(SystemExit) as info:
+        cli(["visualize", str(finished), "--num", num])
+    assert info.value.code == 2 and "--num" in capsys.readouterr().err
+    assert not (finished / "plots").exists()
 
 
 def test_a_lock_from_another_host_is_not_guessed_at(tmp_path):
@@ -243,6 +292,42 @@ def test_result_affecting_override_refuses_unless_allowed(finished, tiny_train_c
     # train_time_s covers both epochs, the first run's and the resumed one's
     assert results["train_time_s"] == round(log[0]["time"] + log[1]["time"], 1)
     assert first["train_time_s"] == round(log[0]["time"], 1)
+
+
+def test_resume_with_allow_changes_trains_with_the_changed_optimizer_settings(finished, tiny_train_config, capsys):
+    """The checkpoint restores the old lr / momentum / weight decay; the changed config must win and the
+    run must record exactly what was put into the restored state."""
+    import torch
+
+    from backmix_vlm.engine.checkpoint import load_checkpoint
+    from backmix_vlm.engine.trainer import lr_factor
+    from backmix_vlm.config import OptimConfig
+
+    old = load_checkpoint(finished / "last.pt")
+    group = old["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (pytest.approx(0.0), 5e-4, 0.9)
+    steps = old["global_step"]
+    assert cli(["train", str(finished), "--resume", "optim.epochs=3", "optim.lr=1e-3", "optim.weight_decay=0.1",
+                "optim.momentum=0.5", "optim.schedule=constant", "--allow-changes"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer.base_lr 0.05 -> 0.001" in out
+    new = load_checkpoint(finished / "last.pt")
+    group = new["optimizer"]["param_groups"][0]
+    assert (group["initial_lr"], group["weight_decay"], group["momentum"]) == (1e-3, 0.1, 0.5)
+    assert group["lr"] == 1e-3 and new["scheduler"]["base_lrs"] == [1e-3]  # constant schedule: lr = base lr
+    assert new["optim"]["lr"] == 1e-3 and new["epoch"] == 3
+    log = [json.loads(line) for line in (finished / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log[1:]] == [1e-3, 1e-3]
+    applied = json.loads((finished / "run_info.json").read_text())["resumed"][-1]["applied"]
+    assert applied["optimizer.base_lr"] == {"was": 0.05, "now": 1e-3}
+    assert applied["optimizer.weight_decay"] == {"was": 5e-4, "now": 0.1}
+    assert applied["optimizer.momentum"] == {"was": 0.9, "now": 0.5}
+    # at the restored step the old cosine schedule had reached 0; the new constant one gives 1e-3
+    was = 0.05 * lr_factor(steps, steps_per_epoch=steps, cfg=OptimConfig(epochs=1, lr=0.05))
+    assert applied[f"optimizer.lr_at_step_{steps}"] == {"was": pytest.approx(was), "now": 1e-3}
+    assert applied["optim.epochs"] == {"was": 1, "now": 3} and applied["optim.schedule"] == {"was": "cosine",
+                                                                                          "now": "constant"}
+    assert torch.is_tensor(new["optimizer"]["state"][0]["momentum_buffer"])  # the buffers themselves are kept
 
 
 def test_a_failing_resume_leaves_the_records_alone(finished, tiny_train_config, capsys, monkeypatch):

@@ -12,38 +12,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import BackMixConfig
+from ..config import MIXER_NAMES, AugmentConfig, BackMixConfig, active_mixer  # noqa: F401 (re-exported)
 from ..errors import ConfigError
 from ..registry import Registry
 
 MIXERS: Registry[Callable[..., Any]] = Registry("mixer")
-#: every mixer name, in the order the docs list them (the registry's keys)
-MIXER_NAMES = ("backmix", "cutout", "mixup", "cutmix", "none")
-
-
-def active_mixer(name: str, backmix_enabled: bool = True) -> str:
-    """The mixer that actually runs: ``name``, except ``none`` for ``backmix`` with ``backmix.enabled: false``
-    (so a sweep can switch BackMix off with one flag)."""
-    return "none" if name == "backmix" and not backmix_enabled else name
-
-
-@dataclasses.dataclass
-class AugmentConfig:
-    """The ``augment`` section of the train and fewshot jobs: the batch mixer.  ``backmix`` reads
-    the ``backmix`` section; ``backmix.enabled: false`` turns it off (plain training) so a sweep
-    can flip one flag."""
-
-    name: str = "backmix"              # backmix | cutout | mixup | cutmix | none
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}
-
-    def validate(self) -> None:
-        from ..validation import check_choice
-
-        check_choice(self.name, MIXER_NAMES, "augment.name")
-
-    def active(self, backmix_enabled: bool) -> str:
-        return active_mixer(self.name, backmix_enabled)
-
 # Keys of BackMixConfig that configure the engine or the bank, not a mixer's constructor.
 _BACKMIX_FIELDS = {f.name for f in dataclasses.fields(BackMixConfig)}
 

@@ -118,6 +118,28 @@ class ImageDataset(Dataset):
             flags = list(pool.map(bad, range(len(self)), chunksize=64))
         return [i for i, f in enumerate(flags) if f]
 
+    def check_openable(self, workers: int = 4, list_max: int = 5) -> None:
+        """DataError naming the files whose image header cannot be read (headers only: cheap, so an
+        evaluation set can be checked before training instead of failing after it).  Decoding errors
+        further into a file still surface when the image is read."""
+        paths = getattr(self.records, "paths", None)
+        if paths is None:
+            return
+
+        def bad(path: str) -> str | None:
+            try:
+                with Image.open(path):
+                    return None
+            except DECODE_ERRORS as e:
+                return f"{path} ({type(e).__name__})"
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            found = [b for b in pool.map(bad, paths, chunksize=64) if b is not None]
+        if found:
+            shown = ", ".join(found[:list_max]) + (f", ... ({len(found)} in all)" if len(found) > list_max else "")
+            raise DataError(f"{self.name}: cannot read image{'s' * (len(found) > 1)} {shown}. Fix or delete the "
+                            "file, or set on_corrupt: skip to drop unreadable images.")
+
     def drop_unreadable(self, list_max: int = 20) -> "ImageDataset":
         """``on_corrupt: skip``: remove unreadable images, warning once with the count and the files.
 

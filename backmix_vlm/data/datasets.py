@@ -8,6 +8,8 @@ class ids onto the dataset's canonical label order, then applies ``classes`` →
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -300,20 +302,36 @@ def build_dataset(src: DataSource, transform: Callable | None = None) -> ImageDa
     return _build(src, transform, drop_corrupt=True)
 
 
-def check_dataset(src: DataSource, where: str | None = None) -> ImageDataset:
+def check_dataset(src: DataSource, where: str | None = None, *, known: bool = False) -> ImageDataset:
     """Find ``src`` and apply its class / sample filters without decoding any image: the cheap
     up-front check every job runs before it creates a run folder.  Returns the (untransformed) dataset.
 
-    ``where`` (e.g. ``data.train``) prefixes the error so the config key is named.
+    ``where`` (e.g. ``data.train``) prefixes the error so the config key is named.  ``known``: the
+    set holds known classes (a training or known test set), so every one of its classes must have
+    images; a class folder that is missing or empty is an error naming the folder and the classes.
     """
     from ..errors import BackmixError
 
     try:
-        return _build(src, None, drop_corrupt=False)
+        ds = _build(src, None, drop_corrupt=False)
+        if known:
+            check_every_class(ds)
+        return ds
     except BackmixError as e:
         if where is None:
             raise
         raise type(e)(f"{where}: {e}") from None
+
+
+def check_every_class(ds: ImageDataset) -> None:
+    """DataError naming the data's location and every class of ``ds`` that has no image."""
+    counts = Counter(ds.labels)
+    missing = [f"{name} (label {i})" for i, name in enumerate(ds.classes) if counts[i] == 0]
+    if missing:
+        raise DataError(f"{getattr(ds, 'location', ds.name)} has no images of known class"
+                        f"{'es' * (len(missing) > 1)} {', '.join(missing)}; every known class needs images "
+                        "(restore the class folder / files, or leave the class out with another protocol or "
+                        "a 'classes' list)")
 
 
 def _build(src: DataSource, transform: Callable | None, drop_corrupt: bool) -> ImageDataset:
@@ -366,6 +384,7 @@ def _build(src: DataSource, transform: Callable | None, drop_corrupt: bool) -> I
 
     ds = ImageDataset(records, labels, classes, ds_name, transform, src.jpeg_quality,
                       CROP_SIZE if src.resize == "crop" else None, masks=masks)
+    ds.location = where  # for messages about the whole set (e.g. a known class without images)
     if src.on_corrupt == "skip" and drop_corrupt:
         ds = ds.drop_unreadable()
         if len(ds) == 0:

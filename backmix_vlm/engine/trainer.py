@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from ..augment.factory import MIXER_NAMES, active_mixer
 from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimConfig, RunConfig
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, DivergedError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
 from ..runtime import check_autocast_precision, resolve_device, single_process_launch_warning
@@ -352,6 +352,7 @@ class Trainer:
         self._best_pending = False
         self.epochs_this_call = 0
         self.history: list[dict[str, Any]] = []
+        self.resume_applied: dict[str, dict[str, Any]] = {}  # load(): configured optim settings put into the restored state
 
     # ------------------------------------------------------------------ construction
     def _build_mixer(self) -> tuple[nn.Module | None, Callable[..., Any] | None]:
@@ -480,9 +481,11 @@ class Trainer:
                                device=self.device, dtype=torch.float64)
         totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen, skipped]), reduction="sum")
         loss_sum, correct, seen, skipped_all = (float(t) for t in totals)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}; "
-                                     "lower optim.lr, set optim.grad_clip or use run.precision=no")
+        what = (f"training loss became {loss_sum}" if not math.isfinite(loss_sum) else
+                "the model's weights became non-finite" if not self._weights_finite() else None)
+        if what is not None:  # before the epoch is checkpointed: the last checkpoint stays a usable one
+            raise DivergedError(f"{what} in epoch {epoch + 1}; lower optim.lr, set optim.grad_clip or use "
+                                "run.precision=no")
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
                "train_acc": correct / max(seen, 1), "time": time.perf_counter() - start}
         if skipped_all:
@@ -497,6 +500,14 @@ class Trainer:
             row.update({f"mask_{k}": v for k, v in quality.items()})
         return row
 
+    def _weights_finite(self) -> bool:
+        """Every trainable parameter and floating buffer (BatchNorm statistics) finite: a step can overflow
+        them while the step's loss was still finite."""
+        tensors = [*self.task.trainable_parameters(), *(b for b in self.task.model.buffers() if b.is_floating_point())]
+        with torch.no_grad():
+            flags = [torch.isfinite(t).all() for t in tensors]
+            return bool(torch.stack(flags).all()) if flags else True
+
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, stop_after: int | None = None) -> list[dict[str, Any]]:
         """Train to ``optim.epochs`` (from ``last.pt`` with ``resume``); returns the epoch log.
@@ -506,15 +517,19 @@ class Trainer:
         """
         if resume:
             self.load(self.run_dir / LAST)
+            if self.resume_applied:
+                self.accelerator.print("resume: changed settings applied to the restored state: " + "; ".join(
+                    f"{k} {v['was']!r} -> {v['now']!r}" for k, v in self.resume_applied.items()))
         epochs = self.optim_cfg.epochs
         self.epochs_this_call = 0
         while self.epoch < epochs and (stop_after is None or self.epochs_this_call < stop_after):
             row = self.train_epoch(self.epoch)
             self.epoch += 1
             self.epochs_this_call += 1
-            if self.evaluate is not None and (self.epoch == epochs or (self.eval_every and self.epoch % self.eval_every == 0)):
-                row.update(self.run_evaluation())
             self.history.append(row)
+            if self.evaluate is not None and (self.epoch == epochs or (self.eval_every and self.epoch % self.eval_every == 0)):
+                self.save(self.run_dir / LAST)  # the epoch is kept even if its evaluation fails (resume re-evaluates)
+                row.update(self.run_evaluation())
             self._maybe_best(row)
             self.save(self.run_dir / LAST)
             self.write_logs()
@@ -584,6 +599,7 @@ class Trainer:
             "data": {"seed": self.run_cfg.seed, "world_size": self.world, "batch_size": self.optim_cfg.batch_size,
                      "num_samples": len(self.train_set), "steps_per_epoch": self.steps_per_epoch,
                      "num_workers": self.num_workers},
+            "optim": asdict(self.optim_cfg),  # what the schedule was built from (a resume reports changes)
             "history": self.history,
             "best": self.best,
             "meta": self.meta,
@@ -614,8 +630,14 @@ class Trainer:
                           stacklevel=2)
         load_model_state_dict(self.model, state["model"], trainable_only=state.get("trainable_only", False),
                               source=path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another number / size of parameter groups
+            raise ModelError(f"{path}: the optimizer state does not fit the configured optimizer ({e}); "
+                             "optim.name / norm_lr_scale / freeze_after cannot change on --resume") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        self.resume_applied = self._apply_configured_optim(configured, state.get("optim"), path)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -626,10 +648,53 @@ class Trainer:
         if self.lookahead is not None:
             if state.get("lookahead") is None:
                 raise ModelError(f"{path}: the checkpoint has no lookahead state but optim.lookahead is true")
-            self.lookahead.load_state_dict(state["lookahead"])
+            saved_total = int(state["lookahead"]["total_steps"])
+            self.lookahead.load_state_dict({**state["lookahead"], "total_steps": self.lookahead.total_steps})
+            if saved_total != self.lookahead.total_steps:  # optim.epochs changed: the slow copy's schedule follows
+                self.resume_applied["lookahead.total_steps"] = {"was": saved_total, "now": self.lookahead.total_steps}
         restore_rng_state(state["rng"][self.rank], self._generators())
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history, self.best = list(state.get("history", [])), state.get("best")
+
+    def _apply_configured_optim(self, configured: list[dict[str, Any]], saved_optim: dict[str, Any] | None,
+                                path: str | Path) -> dict[str, dict[str, Any]]:
+        """Put the configured optimizer / schedule settings into the restored state; return what changed.
+
+        The checkpoint brings back the optimizer's buffers (momentum, Adam moments) *and* its
+        hyper-parameters; a resume with changed ``optim`` settings (``--allow-changes``) must train with
+        the new ones, so every hyper-parameter of the freshly built optimizer (``lr`` as base LR,
+        momentum, weight decay, nesterov, ...) replaces the restored one, the scheduler's base LRs follow,
+        and the LR of the next step is the new schedule's at the restored step.  Returns
+        ``{name: {"was", "now"}}`` for every value that differs from the restored state.
+        """
+        groups = self.optimizer.param_groups
+        if len(groups) != len(configured) or any(set(g) - {"params"} != set(c) for g, c in zip(groups, configured)):
+            raise ModelError(f"{path}: the optimizer state does not fit the configured optimizer; optim.name / "
+                             "norm_lr_scale / freeze_after cannot change on --resume")
+        applied: dict[str, dict[str, Any]] = {}
+
+        def note(i: int, key: str, was: Any, now: Any) -> None:
+            if was != now:
+                applied[f"optimizer.{key}" if len(groups) == 1 else f"optimizer.group{i}.{key}"] = {"was": was, "now": now}
+
+        step = self.scheduler.last_epoch
+        for i, (group, fresh, fn) in enumerate(zip(groups, configured, self.scheduler.lr_lambdas)):
+            for key, value in fresh.items():
+                if key not in ("lr", "initial_lr"):
+                    note(i, key, group[key], value)
+                    group[key] = value
+            note(i, "base_lr", group["initial_lr"], fresh["initial_lr"])
+            group["initial_lr"] = fresh["initial_lr"]
+            lr = fresh["initial_lr"] * fn(step)  # the (possibly new) schedule at the restored step
+            note(i, f"lr_at_step_{step}", group["lr"], lr)
+            group["lr"] = lr
+        self.scheduler.base_lrs = [g["initial_lr"] for g in groups]
+        self.scheduler._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports
+        now = asdict(self.optim_cfg)
+        for key in ("schedule", "epochs", "warmup_epochs", "warmup_lr", "grad_clip", "label_smoothing"):
+            if saved_optim is not None and key in saved_optim and saved_optim[key] != now[key]:
+                applied[f"optim.{key}"] = {"was": saved_optim[key], "now": now[key]}
+        return applied
 
     # ------------------------------------------------------------------ logs
     def write_logs(self) -> None:

@@ -59,10 +59,12 @@ def build_open_set_data(sources: OpenSetSources, *, image_size: int, mean: Seque
     known = same_classes(build_dataset(sources.test, eval_tf(sources.test)), "data.test")
     shifted = {src.display_name: same_classes(build_dataset(src, eval_tf(src)), f"eval.extra_known {src.display_name!r}")
                for src in extra_known}
+    unknowns = {src.display_name: build_dataset(src, eval_tf(src)) for src in sources.unknowns}
+    for ds in (known, *shifted.values(), *unknowns.values()):  # evaluation sets: a bad file fails now, not after training
+        ds.check_openable()
     return OpenSetData(
         train=train, views=device_views, train_src=sources.train, known=known,
-        unknowns={src.display_name: build_dataset(src, eval_tf(src)) for src in sources.unknowns},
-        eval_transform=eval_tf, extra_known=shifted,
+        unknowns=unknowns, eval_transform=eval_tf, extra_known=shifted,
     )
 
 

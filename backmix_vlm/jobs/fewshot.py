@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..augment.factory import AugmentConfig
-from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
-                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml)
+from ..config import (AugmentConfig, BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
+                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml,
+                      move_data_root)
 from ..engine.adapter_task import SaliencyConfig
 from ..errors import ConfigError
 from ..models.backbone import FAMILIES, FROZEN_WEIGHTS, Backbone, BackboneConfig
@@ -114,7 +114,7 @@ def load_fewshot_config(path: str | Path | None, overrides: list[str] | None = N
 
     An error caused by a command-line override names that override.
     """
-    data = load_yaml(path) if path is not None else {}
+    data = move_data_root(load_yaml(path), list(overrides or [])) if path is not None else {}
     return build_with_overrides(build_fewshot_config, data, list(overrides or []), str(path) if path is not None else "")
 
 
@@ -155,8 +155,8 @@ def preflight(cfg: FewShotConfig) -> None:
 
     build_scores(cfg.eval, None)  # unknown score names / score_params fail now
     check_backbone(cfg.backbone)
-    train = check_dataset(cfg.data.train, "data.train")
-    known = check_dataset(cfg.data.test, "data.test")
+    train = check_dataset(cfg.data.train, "data.train", known=True)
+    known = check_dataset(cfg.data.test, "data.test", known=True)
     if len(known.classes) != len(train.classes):
         raise ConfigError(f"data.test has {len(known.classes)} classes but data.train has {len(train.classes)}")
     for i, src in enumerate(cfg.eval.ood):

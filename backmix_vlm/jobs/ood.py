@@ -82,6 +82,18 @@ class OodConfig:
         build_scores(self.eval, None, offers=offers, job="this run (no `train:` ID training data given)")
 
 
+def random_weights(m: OodModelConfig) -> bool:
+    """True when a timm / torchvision model would run on its random initialisation: no
+    ``model.pretrained`` and no ``model.checkpoint`` (a ``module`` or ``run`` brings its own weights)."""
+    return m.source in ("timm", "torchvision") and not m.pretrained and not m.checkpoint
+
+
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: {name} runs on RANDOM weights (model.pretrained: false and no model.checkpoint): its accuracy "
+    "and OOD numbers mean nothing. For real results give model.checkpoint=/path/to/weights or "
+    "model.pretrained=true")
+
+
 def build_ood_config(data: dict[str, Any]) -> OodConfig:
     return from_dict(OodConfig, data)
 

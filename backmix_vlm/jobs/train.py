@@ -14,14 +14,16 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..augment.factory import AugmentConfig
-from ..config import (BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig, apply_overrides,
-                      build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml)
+from ..config import (AugmentConfig, BackMixConfig, DataSource, EvalConfig, OptimConfig, RunConfig, ViewsConfig,
+                      apply_overrides, build_with_overrides, default_data_root, fill_data_roots, from_dict, load_yaml,
+                      move_data_root)
 from ..errors import ConfigError
 from ..validation import check_choice
-from .data import OpenSetData, build_open_set_data
+
+if TYPE_CHECKING:  # imported where used: the config (and a typo in it) is checked without torch
+    from .data import OpenSetData
 
 JOB = "train"
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]   # = backmix_vlm.data.CIFAR10_MEAN (kept light to import)
@@ -155,7 +157,7 @@ def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) 
         for key, src in keyed:
             ident = repr(src)
             if ident not in seen:
-                seen[ident] = check_dataset(src, where=f"{where}{key}")
+                seen[ident] = check_dataset(src, where=f"{where}{key}", known=key in ("data.train", "data.test"))
             found[key] = seen[ident]
         build_scores(c.eval, c.data.std)  # unknown score names / score_params fail now
         n_train, n_test = len(found["data.train"].classes), len(found["data.test"].classes)
@@ -178,6 +180,7 @@ def resolve_sources(cfg: TrainConfig) -> tuple[DataSource, DataSource, list[Data
 def build_datasets(cfg: TrainConfig) -> OpenSetData:
     """Training set (train transform), known test set, unknown and extra known sets (eval transform)."""
     from ..data import OpenSetSources
+    from .data import build_open_set_data
 
     d = cfg.data
     return build_open_set_data(OpenSetSources(*resolve_sources(cfg)), image_size=d.image_size, mean=d.mean,
@@ -221,7 +224,7 @@ def load_overridden(run_dir: Path, overrides: list[str]) -> tuple[TrainConfig, d
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; pass a run directory written by backmix-vlm train")
-    saved = load_yaml(path)
+    saved = move_data_root(load_yaml(path), list(overrides))  # data_root=... moves every source that read from it
     cfg = build_with_overrides(lambda raw: from_dict(TrainConfig, raw), saved, list(overrides), str(path))
     return cfg, apply_overrides(saved, list(overrides))
 

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_bytes
-from ..runtime import autocast
+from ..runtime import autocast, progress
 from ..validation import check_choice
 
 if TYPE_CHECKING:
@@ -96,7 +95,7 @@ def extract_outputs(
     device = torch.device(device)
     chunks: dict[str, list[Tensor]] = {}
     with torch.inference_mode(), autocast(device, precision):
-        for batch in tqdm(loader, desc=desc or "extract", leave=False, disable=None):
+        for batch in progress(loader, desc or "extract"):
             images, labels, indices = _unpack(batch)
             out = forward(images.to(device, non_blocking=True))
             if isinstance(out, Tensor):
@@ -135,7 +134,7 @@ def image_scores_loader(
     device = torch.device(device)
     chunks = []
     with autocast(device, precision):
-        for batch in tqdm(loader, desc=desc or score.name, leave=False, disable=None):
+        for batch in progress(loader, desc or score.name):
             images, _, _ = _unpack(batch)
             chunks.append(score.image_scores(images.to(device)).detach().float().cpu())
     if not chunks:

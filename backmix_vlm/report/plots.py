@@ -74,6 +74,14 @@ def backmix_grid(
     return _save(fig, path)
 
 
+def panel_grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels: one row up to ``max_cols``, then rows of ``max_cols`` (9 -> 3 x 4
+    rather than one 9-panel strip no screen shows legibly)."""
+    n = max(1, n)
+    cols = min(n, max_cols)
+    return -(-n // cols), cols
+
+
 def score_histograms(
     path: str | Path,
     known: Mapping[str, np.ndarray],
@@ -89,8 +97,11 @@ def score_histograms(
     ``{"auroc": 0.91}``) is written into the panel title when given.
     """
     names = [s for s in known if s in unknown]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.6 * max(1, len(names)), 3.0), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    rows, cols = panel_grid(len(names))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:  # the grid's empty cells
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         k, u = np.asarray(known[name], dtype=np.float64), np.asarray(unknown[name], dtype=np.float64)
         lo, hi = np.nanmin(np.r_[k, u]), np.nanmax(np.r_[k, u])
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)

@@ -60,7 +60,7 @@ def results_to_markdown(
     seeds = results.get("num_seeds")
     acc_line = f"**ID accuracy**: {fmt(results.get('acc'))}%" if results.get("acc") is not None else "**ID accuracy**: –"
     if seeds:
-        acc_line += f" (mean ± std over {seeds} seeds)"
+        acc_line += f" (mean ± std over {seeds} seeds; std is the population std, ddof=0)"
     parts.append(acc_line)
     for name, res in (results.get("extra_known") or {}).items():
         parts.append(f"**Accuracy on {name}** (known classes under a shift): {fmt(res.get('acc'))}%")

@@ -29,9 +29,9 @@ __all__ = ["JOB", "BackboneConfig", "FewShotConfig", "load_fewshot_config", "bui
 
 
 def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, data: OpenSetData, *,
-             accelerator: Any, resume: bool = False) -> dict[str, Any] | None:
+             accelerator: Any, resume: bool = False, applied: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Train + evaluate one seed into ``seed_dir``; returns its results dict on the main process
-    (which evaluates and writes), None on the others."""
+    (which evaluates and writes), None on the others (``applied``: as in ``runners.train.train_run``)."""
     from accelerate.utils import set_seed
 
     from ..adapters import create_adapter
@@ -67,6 +67,8 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
                             "adapter": {"method": cfg.method.name, "config": dataclasses.asdict(adapter_config(cfg))}},
                       accelerator=accelerator, views=data.views)
     trainer.fit(resume=resume and on_main_process((seed_dir / LAST).is_file))
+    if trainer.resume_applied and applied is not None:
+        applied.update(trainer.resume_applied)
     if trainer.epochs_this_call == 0:  # resumed a finished run: evaluate once (every process agrees on this)
         trainer.run_evaluation()
     if not accelerator.is_main_process:  # only the main process evaluated
@@ -81,7 +83,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
 
 
 def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False,
-                reuse_finished: bool | None = None) -> dict[str, Any]:
+                reuse_finished: bool | None = None, applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every seed, then the mean ± std table; returns the aggregated results (on every process).
 
     With ``resume`` a seed that already has ``results.json`` is reused (``reuse_finished``,
@@ -111,7 +113,11 @@ def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False
             per_seed.append(finished)
             continue
         accelerator.print(f"== {cfg.method_label}, {cfg.setting_label}, seed {seed}")
-        per_seed.append(run_seed(cfg, seed, seed_dir, backbone, data, accelerator=accelerator, resume=resume))
+        own: dict[str, Any] = {}
+        per_seed.append(run_seed(cfg, seed, seed_dir, backbone, data, accelerator=accelerator, resume=resume,
+                                 applied=own))
+        if own and applied is not None:
+            applied[f"seed{seed}"] = own
 
     def aggregate() -> dict[str, Any]:
         agg = aggregate_seeds([{k: r[k] for k in ("acc", "results")} for r in per_seed])
@@ -135,7 +141,8 @@ def main(args: Any) -> int:
     cfg, plan = plan_from_args(JOB, args, build=build_fewshot_config)
     preflight(cfg)
     with open_run(plan, cfg) as run_dir, process_group_errors(cfg.run.process_timeout_s):
-        agg = run_fewshot(cfg, run_dir, resume=plan.resume, reuse_finished=not plan.changes)
+        agg = run_fewshot(cfg, run_dir, resume=plan.resume, reuse_finished=not plan.changes,
+                          applied=plan.applied)
     if is_main_process():
         print(results_to_markdown(agg, title=f"{cfg.method_label}, {cfg.setting_label}"))
         print(f"results: {run_dir / 'results.md'}")

@@ -16,14 +16,15 @@ The config lives in :mod:`backmix_vlm.jobs.ood`.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..config import DataSource, to_dict
 from ..errors import ConfigError
 from ..jobs.data import check_distinct_sets
-from ..jobs.ood import (DEFAULT_SCORES, JOB, OodConfig, OodEvalConfig, OodModelConfig, ProbeConfig, build_ood_config,
-                        load_model, preflight)
+from ..jobs.ood import (DEFAULT_SCORES, JOB, RANDOM_WEIGHTS_WARNING, OodConfig, OodEvalConfig, OodModelConfig,
+                        ProbeConfig, build_ood_config, load_model, preflight, random_weights)
 from ..runs import open_run, plan_from_args
 from ..runtime import resolve_device
 
@@ -77,6 +78,8 @@ def run_ood(cfg: OodConfig, run_dir: str | Path) -> dict[str, Any] | None:
         return None
     results["known"] = cfg.data.display_name
     results["model"] = {k: v for k, v in loaded.identity.items() if v not in (None, {}, [])}
+    if random_weights(cfg.model):
+        results["weights"] = "random (untrained: no model.pretrained, no model.checkpoint)"
     return finish_evaluation(run_dir, results, title=_title(cfg, results), evaluator=ev, summary=True,
                              plots=cfg.plots)
 
@@ -91,6 +94,8 @@ def _title(cfg: OodConfig, results: dict[str, Any]) -> str:
     m = cfg.model
     what = Path(m.name).name if m.source == "run" else m.name
     weights = m.checkpoint and Path(m.checkpoint).name or ("pretrained" if m.pretrained else "")
+    if random_weights(m):
+        weights = "RANDOM WEIGHTS, numbers mean nothing"
     probe = ", linear probe" if results.get("probe") else ""
     return f"OOD: {m.source} {what}{f' ({weights})' if weights else ''}{probe}: {cfg.data.display_name} vs unknowns"
 
@@ -101,10 +106,15 @@ def main(args: argparse.Namespace) -> int:
 
     cfg, plan = plan_from_args(JOB, args, build=build_ood_config, can_resume=False)
     preflight(cfg)
+    warning = RANDOM_WEIGHTS_WARNING.format(name=cfg.model.name) if random_weights(cfg.model) else ""
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     with open_run(plan, cfg) as run_dir:
         results = run_ood(cfg, run_dir)
     if results is None:  # not the main process: it writes and prints
         return 0
     print(results_to_markdown(results, title=_title(cfg, results)))
     print(f"results: {run_dir / 'results.md'}")
+    if warning:  # again after the table, where the numbers are read
+        print(warning, file=sys.stderr)
     return 0

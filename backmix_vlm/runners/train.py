@@ -27,8 +27,11 @@ __all__ = ["JOB", "TrainConfig", "load_train_config", "resolve_sources", "varian
 
 
 def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
-              argv: list[str] | None = None) -> dict[str, Any]:
-    """Train + evaluate one config into ``run_dir``; returns the results dict (main process)."""
+              argv: list[str] | None = None, applied: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train + evaluate one config into ``run_dir``; returns the results dict (main process).
+
+    ``applied`` (a resume) receives the changed optimizer / schedule settings put into the restored
+    state (``Trainer.resume_applied``), which the run's ``run_info.json`` records."""
     from accelerate.utils import set_seed
 
     from ..engine.checkpoint import LAST
@@ -59,6 +62,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         accelerator=accelerator, views=data.views,
     )
     trainer.fit(resume=resume)
+    if trainer.resume_applied and applied is not None:
+        applied.update(trainer.resume_applied)
     if trainer.epochs_this_call == 0:  # resumed a finished run: nothing trained, evaluate once
         trainer.run_evaluation()
     if not accelerator.is_main_process:
@@ -77,7 +82,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
 
 
 def run_variants(cfg: TrainConfig, data: dict[str, Any], run_dir: Path, *, resume: bool,
-                 argv: list[str] | None, where: str) -> dict[str, Any]:
+                 argv: list[str] | None, where: str, applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each variant into ``run_dir/<name>``, then the comparison table."""
     from ..engine.checkpoint import LAST
     from ..report.tables import comparison_markdown
@@ -90,7 +95,11 @@ def run_variants(cfg: TrainConfig, data: dict[str, Any], run_dir: Path, *, resum
         sub.run.output_dir, sub.run.name = str(run_dir), name
         if main_process:
             print(f"== variant {name} ({sub.model.name} + {sub.mixer}, {sub.optim.epochs} epochs)")
-        results[name] = train_run(sub, run_dir / name, resume=resume and (run_dir / name / LAST).is_file(), argv=argv)
+        own: dict[str, Any] = {}
+        results[name] = train_run(sub, run_dir / name, resume=resume and (run_dir / name / LAST).is_file(), argv=argv,
+                                  applied=own)
+        if own and applied is not None:
+            applied[name] = own
     if main_process and results and all(results.values()):
         scores = next(iter(configs.values())).eval.scores
         write_json(run_dir / "results.json", {"variants": results})
@@ -108,7 +117,8 @@ def main(args: Any) -> int:
     preflight(cfg, variants)
     with open_run(plan, cfg, sub_configs=variants) as run_dir, process_group_errors(cfg.run.process_timeout_s):
         if cfg.variants:
-            run_variants(cfg, data, run_dir, resume=plan.resume, argv=plan.argv, where=str(run_dir / CONFIG_FILE))
+            run_variants(cfg, data, run_dir, resume=plan.resume, argv=plan.argv, where=str(run_dir / CONFIG_FILE),
+                         applied=plan.applied)
         else:
-            train_run(cfg, run_dir, resume=plan.resume, argv=plan.argv)
+            train_run(cfg, run_dir, resume=plan.resume, argv=plan.argv, applied=plan.applied)
     return 0

@@ -1,0 +1,286 @@
+"""What a new user runs into: missing known classes, data_root for eval, environment faults
+(disk full, read-only folders, non-finite values, config loops) as one line each, a corrupt test
+image found before training, and the small things (progress without a TTY, leftovers)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from backmix_vlm.cli import main as cli
+from conftest import train_config
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar10_folder(root: Path, per_class: int = 2) -> Path:
+    """<root>/cifar10/{train,test}/<class>/*.png: CIFAR-10's class folders with a few tiny images."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in CIFAR10:
+            d = root / "cifar10" / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def protocol_config(tmp: Path, data_root: Path, **extra) -> Path:
+    cfg = {"run": {"output_dir": str(tmp / "runs"), "name": "osr", "device": "cpu"}, "data_root": str(data_root),
+           "data": {"train": {"name": "cifar10"}, "test": {"name": "cifar10", "split": "test"}, "protocol": "cifar10",
+                    "image_size": 16, "num_workers": 0, "views": {"name": "none"}},
+           "model": {"name": "small_cnn", "options": {"width": 4}},
+           "optim": {"epochs": 1, "batch_size": 4}, "eval": {"scores": ["msp"], "num_workers": 0}, "plots": False,
+           **extra}
+    path = tmp / "osr.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ----------------------------------------------------------------------------- known classes without images
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_known_class_missing_from_the_data_is_an_error_naming_it(tmp_path, capsys, split):
+    root = cifar10_folder(tmp_path / "data")
+    shutil.rmtree(root / "cifar10" / split / "truck")  # truck is known in split 0
+    (root / "cifar10" / split / "horse").mkdir(exist_ok=True)
+    for f in (root / "cifar10" / split / "horse").iterdir():
+        f.unlink()  # an empty folder counts as missing too
+    assert cli(["train", str(protocol_config(tmp_path, root))]) == 2
+    err = capsys.readouterr().err
+    assert f"data.{split}:" in err and "truck (label 3)" in err and "horse (label 5)" in err
+    assert str(root / "cifar10") in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "osr").exists()
+
+
+def test_an_unknown_class_missing_is_not_a_known_class_error(tmp_path, capsys):
+    root = cifar10_folder(tmp_path / "data")
+    shutil.rmtree(root / "cifar10" / "train" / "bird")  # unknown in split 0: never trained on
+    assert cli(["train", str(protocol_config(tmp_path, root))]) == 0
+
+
+# ----------------------------------------------------------------------------- eval data_root=
+def test_eval_reads_from_the_data_root_given_on_the_command_line(tmp_path, image_folder, capsys):
+    cfg = train_config(tmp_path, image_folder, data_root=str(image_folder))
+    data = yaml.safe_load(cfg.read_text())
+    for key in ("train", "test"):
+        data["data"][key].pop("root")
+    data["eval"]["ood"][0].pop("root")
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli(["train", str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    moved = tmp_path / "moved"
+    image_folder.rename(moved)
+    capsys.readouterr()
+    assert cli(["eval", str(run), f"data_root={moved}"]) == 0
+    (out,) = run.glob("eval-*")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data_root"] == str(moved)
+    assert {saved["data"]["train"]["root"], saved["data"]["test"]["root"], saved["eval"]["ood"][0]["root"]} == {
+        str(moved)}
+    assert cli(["eval", str(run)]) == 2  # the old root is gone: an error naming it, not a traceback
+    err = capsys.readouterr().err
+    assert str(image_folder) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- faults of the environment
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("backmix-vlm")]
+    assert len(lines) == 1, err
+    return err
+
+
+def _epochs(run: Path) -> int:
+    from backmix_vlm.engine.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(run / "last.pt")["epoch"])
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_path, tiny_train_config, capsys,
+                                                                         monkeypatch):
+    import torch
+
+    from backmix_vlm import runs
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):  # the second checkpoint meets a full disk, as torch reports it
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2176 vs 2064")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert cli(["train", str(tiny_train_config), "optim.epochs=3", "eval.every=0"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    run = tmp_path / "runs" / "tiny"
+    assert f"cannot write {run / 'last.pt'}: the disk is full (ENOSPC)" in err
+    assert f"backmix-vlm train {run} --resume" in err
+    assert _epochs(run) == 1 and not list(run.glob(".*.tmp"))
+    assert json.loads((run / "run_info.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cli(["train", str(run), "--resume"]) == 0 and _epochs(run) == 3
+
+
+def test_read_only_folders_are_one_line_for_train_eval_and_visualize(tmp_path, tiny_train_config, capsys,
+                                                                     monkeypatch):
+    import errno
+    import pathlib
+
+    assert cli(["train", str(tiny_train_config)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    capsys.readouterr()
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only_mkdir(self, *a, **k):  # the runs folder lives on a read-only file system
+        if str(self).startswith(str(tmp_path / "runs")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only_mkdir)
+    for args in (["train", str(tiny_train_config), "run.name=other"], ["eval", str(run)],
+                 ["visualize", str(run)]):
+        assert cli(args) == 2, args
+        err = _one_line(capsys.readouterr().err)
+        assert "the file system is read-only (EROFS)" in err and "write elsewhere" in err
+    assert not (tmp_path / "runs" / "other").exists()
+    with pytest.raises(OSError):
+        cli(["eval", str(run), "--debug"])  # --debug: the traceback
+
+
+def test_a_non_finite_loss_is_one_line_with_the_way_to_resume(tmp_path, tiny_train_config, capsys, monkeypatch):
+    import torch
+
+    from backmix_vlm.engine.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self, *a, **k):
+        out = real(self, *a, **k)
+        return {**out, "loss": out["loss"] * float("nan")} if self.epoch == 1 else out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert cli(["train", str(tiny_train_config), "optim.epochs=2"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    run = tmp_path / "runs" / "tiny"
+    assert "training loss became nan in epoch 2; lower optim.lr" in err
+    assert f"backmix-vlm train {run} --resume optim.lr=<lower> --allow-changes" in err
+    assert _epochs(run) == 1
+    monkeypatch.setattr(Trainer, "train_step", real)
+    assert cli(["train", str(run), "--resume", "optim.lr=0.01", "--allow-changes"]) == 0 and _epochs(run) == 2
+    del torch
+
+
+def test_config_loops_and_infinite_values_are_one_line(tmp_path, tiny_train_config, capsys):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    assert cli(["train", str(tmp_path / "a.yaml")]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "_base_ loop" in err and "a.yaml -> " in err and "b.yaml" in err
+    for value in (".inf", "-.inf", ".nan"):
+        assert cli(["train", str(tiny_train_config), f"optim.lr={value}"]) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert f"override 'optim.lr={value}'" in err and "finite" in err
+
+
+def test_a_corrupt_test_image_fails_before_training(tmp_path, image_folder, capsys, monkeypatch):
+    from backmix_vlm.engine.trainer import Trainer
+
+    bad = image_folder / "test" / "red" / "000.png"
+    bad.write_bytes(b"not a png")
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained before checking the test set"))
+    assert cli(["train", str(train_config(tmp_path, image_folder))]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert str(bad) in err and "on_corrupt: skip" in err
+
+
+def test_the_last_epoch_is_saved_before_its_evaluation(tmp_path, tiny_train_config, capsys, monkeypatch):
+    from backmix_vlm.errors import DataError
+    from backmix_vlm.ood.open_set import OpenSetEvaluator
+
+    def broken(self, *a, **k):
+        raise DataError("cannot read image x.png")
+
+    monkeypatch.setattr(OpenSetEvaluator, "__call__", broken)
+    assert cli(["train", str(tiny_train_config), "optim.epochs=2"]) == 2
+    run = tmp_path / "runs" / "tiny"
+    assert _epochs(run) == 2 and "--resume" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a typo answers before torch loads
+def test_a_train_config_typo_is_reported_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; from backmix_vlm.cli import main; rc = main(['train', 'configs/demo.yaml', 'optim.lrr=1']); "
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in out.stderr
+
+
+# ----------------------------------------------------------------------------- progress in a log file
+def test_progress_without_a_terminal_prints_plain_lines(capsys):
+    import io
+
+    from backmix_vlm.runtime import progress
+
+    log = io.StringIO()  # not a TTY
+    assert list(progress(range(25), "CIFAR-100", lines=5, stream=log)) == list(range(25))
+    lines = log.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines[:-1]] == [f"  CIFAR-100: {i}/25 batches" for i in (5, 10, 15, 20)]
+    assert lines[-1].startswith("  CIFAR-100: 25 batches in ")
+
+
+def test_ood_job_reports_progress_per_set_into_a_log(tmp_path, image_folder, capsys):
+    cfg = {"run": {"output_dir": str(tmp_path), "name": "r", "device": "cpu"},
+           "model": {"source": "timm", "name": "test_resnet", "options": {"num_classes": 3}, "image_size": 16,
+                     "mean": [0.5] * 3, "std": [0.25] * 3},
+           "data": {"name": "imagefolder", "root": str(image_folder), "split": "test", "label": "ID"},
+           "eval": {"batch_size": 4, "num_workers": 0, "scores": ["msp"],
+                    "ood": [{"name": "imagefolder", "root": str(image_folder), "split": "ood", "label": "noise"}]},
+           "plots": False}
+    path = tmp_path / "ood.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["ood", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "  known: 3 batches in " in err and "  noise: 2 batches in " in err, err
+
+
+# ----------------------------------------------------------------------------- figures at any number of panels
+@pytest.mark.parametrize("n, shape", [(1, (1, 1)), (3, (1, 3)), (4, (1, 4)), (9, (3, 4)), (12, (3, 4))])
+def test_score_histograms_wrap_into_a_grid(tmp_path, n, shape):
+    from backmix_vlm.report.plots import panel_grid, score_histograms
+
+    assert panel_grid(n) == shape
+    rng = np.random.default_rng(0)
+    scores = {f"s{i}": rng.normal(size=50) for i in range(n)}
+    path = score_histograms(tmp_path / "h.png", scores, {k: v - 1 for k, v in scores.items()}, set_name="x")
+    width, height = Image.open(path).size
+    assert width <= 4 * 3.6 * 110 + 1 and height <= (3.0 * shape[0] + 0.4) * 110 + 1  # 9 panels: ~1584 x 1034
+    assert width / height < 4.5  # one 9-panel strip was 3564 x 330 (10.8)
+
+
+# ----------------------------------------------------------------------------- the README's own-loop snippet
+def test_the_readme_own_loop_snippet_runs_as_written():
+    """scripts/own_loop.py holds the README's lines verbatim, with a model, data and an optimizer."""
+    import importlib.util
+    import math
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (repo / "scripts" / "own_loop.py").read_text()
+    readme = (repo / "README.md").read_text()
+    snippet = readme.split("### Using BackMix in your own loop")[1].split("```python")[1].split("```")[0]
+    body = [line.strip() for line in snippet.splitlines() if line.strip() and not line.startswith("from ")]
+    assert body and all(line in script for line in body)
+    spec = importlib.util.spec_from_file_location("own_loop", repo / "scripts" / "own_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert math.isfinite(module.main(["--epochs", "1"]))

@@ -501,9 +501,11 @@ class Trainer:
         return row
 
     def _weights_finite(self) -> bool:
-        """Every trainable parameter and floating buffer (BatchNorm statistics) finite: a step can overflow
-        them while the step's loss was still finite."""
-        tensors = [*self.task.trainable_parameters(), *(b for b in self.task.model.buffers() if b.is_floating_point())]
+        """Every trainable parameter and normalisation statistic finite: a step can overflow them while the
+        step's loss was still finite.  (Other buffers may hold -inf by design, e.g. CLIP's causal mask.)"""
+        stats = [b for m in self.task.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                 for b in (m.running_mean, m.running_var) if b is not None]
+        tensors = [*self.task.trainable_parameters(), *stats]
         with torch.no_grad():
             flags = [torch.isfinite(t).all() for t in tensors]
             return bool(torch.stack(flags).all()) if flags else True

@@ -45,7 +45,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args, extra = p.parse_known_args()  # overrides (key=value) may follow the options
+    args.overrides += [e for e in extra if e != "--"]
     out = Path(tempfile.mkdtemp(prefix="bench_eval_processes_"))
     base = [args.job, args.config, f"run.output_dir={out}", "eval.cache_features=false", *args.overrides]
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "

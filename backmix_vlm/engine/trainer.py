@@ -503,7 +503,7 @@ class Trainer:
     def _weights_finite(self) -> bool:
         """Every trainable parameter and normalisation statistic finite: a step can overflow them while the
         step's loss was still finite.  (Other buffers may hold -inf by design, e.g. CLIP's causal mask.)"""
-        stats = [b for m in self.task.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        stats = [b for m in self.task.model.modules() if getattr(m, "track_running_stats", False)
                  for b in (m.running_mean, m.running_var) if b is not None]
         tensors = [*self.task.trainable_parameters(), *stats]
         with torch.no_grad():

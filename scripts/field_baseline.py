@@ -189,6 +189,27 @@ def _ms(values: list[float]) -> str:
     return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
 
 
+def per_model(rows: list[dict]) -> str:
+    """One line per trained model of the open-set protocols (what every mean above is made of)."""
+    rows = sorted((r for r in rows if r["protocol"] != "cifar10_vs_cifar100"),
+                  key=lambda r: (r["recipe"], r["protocol"], r["split"], r["seed"], r["variant"]))
+    if not rows:
+        return ""
+    extra = sorted({k for r in rows for k in r.get("sets", {}) if not k.startswith(("cifar10 unknown", "unknown"))})
+    md = ("\nPer model (MaxLogit AUROC on the extra unknown sets too):\n\n"
+          "| recipe | protocol | split | seed | variant | Acc | AUROC MSP | AUROC MaxLogit | "
+          + "".join(f"{k} MaxLogit | " for k in extra) + "train s | date |\n"
+          "|---|---|---:|---:|---|---:|---:|---:|" + "---:|" * len(extra) + "---:|---|\n")
+    for r in rows:
+        sets = r.get("sets", {})
+        md += (f"| {r['recipe']} | {r['protocol']} | {r['split']} | {r['seed']} | {r['variant']} | "
+               f"{r['accuracy']:.1f} | {r['auroc_msp']:.1f} | {r['auroc_maxlogit']:.1f} | "
+               + "".join(f"{sets[k]['maxlogit']['auroc']:.1f} | " if k in sets else "– | " for k in extra)
+               + (f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "–")
+               + f" | {r.get('date', '–')} |\n")
+    return md
+
+
 def table(rows: list[dict]) -> str:
     """Per (recipe, protocol, variant): mean ± std over splits x seeds; paired + BackMix − Plain."""
     rows = [r for r in rows if not r.get("smoke")]
@@ -214,6 +235,7 @@ def table(rows: list[dict]) -> str:
                                      for k in ("accuracy", "auroc_msp", "auroc_maxlogit")) + " |")
     md = "\n".join(lines) + "\n\nPaired + BackMix − Plain (same split, seed, data order, schedule), points:\n\n" \
         + "\n".join(diff) + "\n"
+    md += per_model(rows)
     t6 = [r for r in rows if r["protocol"] == "cifar10_vs_cifar100"]
     if t6:
         md += ("\n10-class CIFAR-10 vs CIFAR-100 (Table VI's metrics, MaxLogit) and the OpenOOD v1.5 layout "

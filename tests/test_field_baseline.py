@@ -48,6 +48,9 @@ def test_table_pairs_backmix_with_plain_of_the_same_split_and_seed():
     # differences +1 and +4: mean 2.5, sample std 2.1
     assert "| field | cifar10_6_4 | 2 | 0.0 ± 0.0 | 2.5 ± 2.1 | 2.5 ± 2.1 |" in md
     assert "| field | cifar10_6_4 | plain | 2 ([0, 1] / [0]) | 95.0 ± 0.0 | 85.0 ± 7.1 | 85.0 ± 7.1 | 10.0 ± 0.0 |" in md
+    # every model also on a line of its own, unpaired ones included
+    assert "| field | cifar10_6_4 | 1 | 0 | backmix | 95.0 | 84.0 | 84.0 | 10 | – |" in md
+    assert "| field | cifar10_6_4 | 7 | 0 | backmix | 95.0 | 90.0 | 90.0 | 10 | – |" in md
 
 
 def test_append_replaces_the_same_model_only(tmp_path):

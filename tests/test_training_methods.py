@@ -183,7 +183,9 @@ def test_method_registry_and_options_are_checked():
 
 
 # ----------------------------------------------------------------------------- through the train job
-@pytest.mark.parametrize("name,options", [("logitnorm", {}), ("oe", {}), ("rotpred", {}), ("arpl", {})])
+@pytest.mark.parametrize("name,options", [pytest.param("logitnorm", {}, marks=pytest.mark.slow),
+                                          pytest.param("oe", {}, marks=pytest.mark.slow), ("rotpred", {}),
+                                          pytest.param("arpl", {}, marks=pytest.mark.slow)])
 def test_each_method_trains_with_backmix_through_the_train_job(tmp_path, image_folder, name, options):
     from conftest import train_config
 
@@ -222,3 +224,54 @@ def test_config_errors_name_the_method_key(tmp_path, image_folder):
     cfg = train_config(tmp_path, image_folder, method={"name": "oe"})
     with pytest.raises(ConfigError, match="method.outliers: method oe needs an auxiliary outlier dataset"):
         main(["train", str(cfg), "--debug"])
+
+
+# ----------------------------------------------------------------------------- exact resume, several processes
+def _oe_trainer(run_dir):
+    from test_resume import K, SIZE, rng_hungry_eval, tiny_dataset
+
+    from backmix_vlm.augment.geometry import build_views
+    from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
+    from backmix_vlm.engine.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = create_cnn("small_cnn", K, width=4)
+    views = build_views("crop_flip", {"padding": 2}, (0.5,) * 3, (0.25,) * 3)
+    return Trainer(ClassifierTask(model, SIZE), tiny_dataset(train_tf=False), optim=OptimConfig(epochs=2, batch_size=8,
+                   lr=0.05), run=RunConfig(device="cpu", seed=3), run_dir=run_dir, num_classes=K, augment="backmix",
+                   backmix=BackMixConfig(mode="alongside"), evaluate=rng_hungry_eval, eval_every=1, views=views,
+                   method=OutlierExposure(outlier_batch_ratio=0.5), outliers=tiny_dataset(train_tf=False))
+
+
+def test_oe_resume_is_bitwise_exact(tmp_path):
+    """The outlier stream is a function of (seed, epoch, rank) and its view generator is checkpointed."""
+    from test_resume import assert_same_state, strip_time
+
+    full = _oe_trainer(tmp_path / "full")
+    full.fit()
+    _oe_trainer(tmp_path / "split").fit(stop_after=1)
+    resumed = _oe_trainer(tmp_path / "split")
+    resumed.fit(resume=True)
+    assert_same_state(full, resumed)
+    assert strip_time(full.history) == strip_time(resumed.history)
+
+
+@pytest.mark.slow  # one torchrun launch of 2 processes, 4 variants: ~1-2 min on 2 busy cores
+def test_every_method_with_backmix_on_two_processes(tmp_path, image_folder):
+    """Each method as a variant of one train run on 2 processes: weights (heads included) and banks agree on
+    both processes, and the results carry each method's intended score."""
+    from conftest import train_config
+    from test_ddp_jobs import assert_same_on_every_process, launch
+
+    outliers = "{name: imagefolder, root: %s, split: ood}" % image_folder
+    variants = {"logitnorm": ["method.name=logitnorm"], "rotpred": ["method.name=rotpred"],
+                "arpl": ["method.name=arpl"],
+                "oe": ["method.name=oe", f"method.outliers={outliers}", "method.options={outlier_batch_ratio: 0.75}"]}
+    cfg = train_config(tmp_path, image_folder, optim={"epochs": 1, "batch_size": 8, "lr": 0.05}, variants=variants)
+    launch(tmp_path, 2, ["train", str(cfg), f"run.output_dir={tmp_path / 'runs'}", "run.name=two"], probe="p")
+    for name in variants:
+        state = assert_same_on_every_process(tmp_path / "p", name)
+        assert state["bank"] is not None
+        res = json.loads((tmp_path / "runs" / "two" / name / "results.json").read_text())
+        assert res["processes"] == 2 and res["method"] == name
+    assert "rotation_head.weight" in assert_same_on_every_process(tmp_path / "p", "rotpred")["model"]

@@ -84,3 +84,25 @@ def test_smoke_pass_writes_one_record_per_model(tmp_path):
         assert set(r["auroc"]) == {"cifar10 unknown (split 0)"} and r["auroc_protocol"] == r["auroc"]["cifar10 unknown (split 0)"]
         assert isinstance(r["train_seconds"], float) and "--smoke" in r["command"]
     assert (tmp_path / "runs.md").is_file()
+
+
+@pytest.mark.slow
+def test_device_script_smoke_writes_records(tmp_path):
+    import os
+    import subprocess
+
+    from test_field_baseline import _cifar_folder
+
+    data = tmp_path / "data"
+    _cifar_folder(data)
+    env = dict(os.environ, DATA=str(data), OUT=str(tmp_path / "out"), METHODS="rotpred arpl")
+    cmd = ["bash", str(REPO / "scripts" / "device" / "training_methods.sh"), "--smoke",
+           "--set", "model.name=small_cnn", "--set", "model.options={width: 4}", "--set", "optim.batch_size=12"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=900, env=env)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "methods" / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["backmix"]) for r in rows) == [("arpl", False), ("arpl", True),
+                                                                 ("rotpred", False), ("rotpred", True)]
+    for r in rows:
+        assert r["recipe"] == "resnet18" and r["smoke"] is True and r["epochs"] == 1
+        assert r["score"] == {"arpl": "maxlogit", "rotpred": "rotpred"}[r["method"]]
+        assert 0 <= r["auroc_protocol"] <= 100

@@ -377,6 +377,9 @@ class Trainer:
             raise ConfigError(f"method.outliers: {len(outliers)} images cannot fill one outlier batch of "
                               f"{self.outlier_batch} per process")
         self.outlier_generator = torch.Generator()
+        self.outlier_loader = DataLoader(outliers, batch_size=self.outlier_batch, sampler=self.outlier_sampler,
+                                         num_workers=self.num_workers, drop_last=True, generator=self.outlier_generator,
+                                         persistent_workers=self.num_workers > 0)  # restarted often: keep its workers
         self.outlier_view_generator = torch.Generator().manual_seed(epoch_seed(self.run_cfg.seed, 0, self.rank, stream=5))
 
     def _next_outliers(self) -> Tensor:
@@ -386,9 +389,7 @@ class Trainer:
             self._outlier_pass = getattr(self, "_outlier_pass", 0) + 1
             self.outlier_sampler.set_epoch(self.epoch * 1000 + self._outlier_pass)
             self.outlier_generator.manual_seed(epoch_seed(self.run_cfg.seed, self.epoch, self.rank, stream=4))
-            self._outlier_iter = iter(DataLoader(self.outliers, batch_size=self.outlier_batch,
-                                                 sampler=self.outlier_sampler, num_workers=self.num_workers,
-                                                 drop_last=True, generator=self.outlier_generator))
+            self._outlier_iter = iter(self.outlier_loader)
             batch = next(self._outlier_iter)
         images, _, indices = batch
         images = images.to(self.device, non_blocking=True)

@@ -297,6 +297,8 @@ class Trainer:
         meta: dict[str, Any] | None = None,
         accelerator: Any = None,
         views: Any = None,
+        method: Any = None,
+        outliers: Dataset | None = None,
     ) -> None:
         check_choice(augment, MIXER_NAMES, "augment")
         self.backmix = backmix or BackMixConfig()
@@ -333,6 +335,7 @@ class Trainer:
         self.views = views
         self.view_generator = torch.Generator().manual_seed(epoch_seed(run.seed, 0, self.rank, stream=3))
         self.true_masks = getattr(train_set, "foreground_masks", None)  # datasets with known foregrounds
+        self._init_method(method, outliers)
 
         self.bank, self.mixer = self._build_mixer()
         optimizer = build_optimizer(task.trainable_parameters(), optim, norm_parameters(task.model),
@@ -355,6 +358,46 @@ class Trainer:
         self.resume_applied: dict[str, dict[str, Any]] = {}  # load(): configured optim settings put into the restored state
 
     # ------------------------------------------------------------------ construction
+    def _init_method(self, method: Any, outliers: Dataset | None) -> None:
+        """The training method (:mod:`.methods`; plain CE by default) and, for one that needs it, the outlier
+        loader: its own sampler shard per process, batch ``outlier_batch_ratio`` x the per-process batch,
+        drawn afresh each epoch from (seed, epoch, rank) like the training loader (exact resume)."""
+        from .methods import TrainingMethod
+
+        self.method = method if method is not None else TrainingMethod()
+        self.outliers, self._outlier_iter = outliers, None
+        if self.method.needs_outliers and outliers is None:
+            raise ConfigError(f"method {self.method.name}: needs an auxiliary outlier set (method.outliers)")
+        if outliers is None:
+            return
+        self.outlier_batch = max(1, round(self.batch_size * getattr(self.method, "outlier_batch_ratio", 1.0)))
+        self.outlier_sampler = DistributedSampler(outliers, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                                  seed=self.run_cfg.seed, drop_last=True)
+        if len(self.outlier_sampler) < self.outlier_batch:
+            raise ConfigError(f"method.outliers: {len(outliers)} images cannot fill one outlier batch of "
+                              f"{self.outlier_batch} per process")
+        self.outlier_generator = torch.Generator()
+        self.outlier_loader = DataLoader(outliers, batch_size=self.outlier_batch, sampler=self.outlier_sampler,
+                                         num_workers=self.num_workers, drop_last=True, generator=self.outlier_generator,
+                                         persistent_workers=self.num_workers > 0)  # restarted often: keep its workers
+        self.outlier_view_generator = torch.Generator().manual_seed(epoch_seed(self.run_cfg.seed, 0, self.rank, stream=5))
+
+    def _next_outliers(self) -> Tensor:
+        """The next outlier batch on the device (the loader restarts, reshuffled, when it runs out)."""
+        batch = next(self._outlier_iter, None) if self._outlier_iter is not None else None
+        if batch is None:
+            self._outlier_pass = getattr(self, "_outlier_pass", 0) + 1
+            self.outlier_sampler.set_epoch(self.epoch * 1000 + self._outlier_pass)
+            self.outlier_generator.manual_seed(epoch_seed(self.run_cfg.seed, self.epoch, self.rank, stream=4))
+            self._outlier_iter = iter(self.outlier_loader)
+            batch = next(self._outlier_iter)
+        images, _, indices = batch
+        images = images.to(self.device, non_blocking=True)
+        if self.views is not None:
+            images, _ = self.views(images, self.outlier_view_generator, indices=torch.as_tensor(indices).to(self.device),
+                                   epoch=self.epoch, seed=self.run_cfg.seed)
+        return images
+
     def _build_mixer(self) -> tuple[nn.Module | None, Callable[..., Any] | None]:
         if active_mixer(self.augment, self.backmix.enabled) == "none":
             return None, None
@@ -416,10 +459,16 @@ class Trainer:
             if cfg.mode == "alongside":
                 mix = alongside(images, labels, mix)
         self.optimizer.zero_grad(set_to_none=True)
+        # the method's extra rows (RotPred's rotations, OE's outliers) join the same forward, after the batch
+        extra = self.method.extra_inputs(mix.images, self._next_outliers() if self.outliers is not None else None)
+        inputs = mix.images if extra is None else torch.cat([mix.images, extra.to(mix.images.dtype)])
         with acc.autocast():  # 2. the training forward (keeps what the plan asks for)
-            out = _as_output(task.forward(self.model, mix.images, plan))
+            out = _as_output(task.forward(self.model, inputs, plan))
         out = output_to_fp32(out)
-        loss = task.loss(out, mix)  # 3. loss, backward, optimizer step
+        extra_out = None
+        if extra is not None:
+            out, extra_out = _slice_output(out, slice(0, len(mix))), _slice_output(out, slice(len(mix), None))
+        loss = self.method.loss(task, out, mix, extra_out)  # 3. loss, backward, optimizer step
         grad_scale = _loss_scale(acc) if plan is not None else 1.0  # read before step(): update() changes it
         acc.backward(loss)
         if self.optim_cfg.grad_clip:
@@ -448,6 +497,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns mean loss / accuracy over all processes."""
         self.model.train()
+        self._outlier_iter, self._outlier_pass = None, 0  # the epoch's outlier stream = f(seed, epoch, rank)
         start = time.perf_counter()
         # the schedule's base LR (not a 64x norm group's or one frozen by optim.freeze_after)
         lr = self.optim_cfg.lr * lr_factor(self.global_step, steps_per_epoch=self.steps_per_epoch, cfg=self.optim_cfg)
@@ -574,6 +624,8 @@ class Trainer:
         gens = {"mixer": self.mix_generator, "loader": self.loader_generator}
         if self.views is not None:
             gens["views"] = self.view_generator
+        if self.outliers is not None:
+            gens["outlier_views"] = self.outlier_view_generator
         return gens
 
     def state_dict(self) -> dict[str, Any]:

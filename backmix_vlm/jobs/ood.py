@@ -164,7 +164,10 @@ def load_run_classifier(run_dir: str | Path, *, head_layer: str | None = None,
     cfg = _run_model_config(run_dir)
     state = load_checkpoint(run_dir / LAST)
     classes = state.get("meta", {}).get("classes")
+    from ..engine.methods import build_method
+
     net = create_cnn(cfg["name"], len(classes) if classes else _num_classes(state), **cfg["options"])
+    build_method(cfg["method"], cfg["method_options"]).attach(net, net.num_classes)  # its heads (training methods)
     load_model_state_dict(net, state["model"], trainable_only=state.get("trainable_only", False),
                           source=run_dir / LAST)
     net.eval()
@@ -201,7 +204,9 @@ def _run_model_config(run_dir: Path) -> dict[str, Any]:
     saved = load_yaml(path)
     try:
         model, data = saved["model"], saved["data"]
+        method = saved.get("method") or {}
         return {"name": str(model["name"]), "options": dict(model.get("options") or {}),
+                "method": str(method.get("name", "plain")), "method_options": dict(method.get("options") or {}),
                 "image_size": int(data["image_size"]), "mean": [float(v) for v in data["mean"]],
                 "std": [float(v) for v in data["std"]]}
     except (KeyError, TypeError, ValueError) as e:

@@ -76,6 +76,33 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    """The training method (:mod:`backmix_vlm.engine.methods`): ``plain`` | ``logitnorm`` | ``oe`` | ``rotpred`` |
+    ``arpl``, its ``options`` (e.g. ``{temperature: 0.04}``) and, for ``oe``, the auxiliary ``outliers`` set.
+    Any mixer (``augment`` / ``backmix``) composes with any method."""
+
+    name: str = "plain"
+    options: dict[str, Any] = field(default_factory=dict)
+    outliers: DataSource | None = None    # OE's auxiliary outliers, e.g. {name: tinyimagenet, split: val}
+
+
+OUTLIER_FLAG = "outlier distribution seen in training"
+
+
+def outlier_seen_sets(outliers: DataSource | None, unknowns: list[DataSource]) -> list[str]:
+    """Display names of the unknown sets drawn from the outlier set's source (the same dataset name and
+    root, any split or class subset): their results are flagged ``OUTLIER_FLAG`` and kept out of headline means."""
+    if outliers is None:
+        return []
+
+    def source(src: DataSource) -> tuple[str, str]:
+        root = str(Path(src.root).expanduser().resolve()) if src.root else ""
+        return src.name.lower().replace("-", "").replace("_", ""), root
+
+    return [u.display_name for u in unknowns if source(u) == source(outliers)]
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data_root: str = field(default_factory=default_data_root)  # every data source without a root reads from here
@@ -83,6 +110,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     backmix: BackMixConfig = field(default_factory=BackMixConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)  # the training method (loss / heads / score)
     optim: OptimConfig = field(default_factory=OptimConfig)   # paper recipe: SGD Nesterov 0.9, lr 0.1, wd 5e-4, cosine, 128
     eval: EvalConfig = field(default_factory=EvalConfig)
     plots: bool = True                 # write plots/ (BackMix grid, score histograms) at the end
@@ -159,11 +187,41 @@ def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) 
             if ident not in seen:
                 seen[ident] = check_dataset(src, where=f"{where}{key}", known=key in ("data.train", "data.test"))
             found[key] = seen[ident]
-        build_scores(c.eval, c.data.std)  # unknown score names / score_params fail now
+        method = check_method(c, where)
+        if c.method.outliers is not None:
+            key = "method.outliers"
+            found[key] = check_dataset(c.method.outliers, where=f"{where}{key}", known=False)
+        build_scores(eval_config(c, method), c.data.std)  # unknown score names / score_params fail now
         n_train, n_test = len(found["data.train"].classes), len(found["data.test"].classes)
         if n_train != n_test:
             raise ConfigError(f"{where}data.test has {n_test} classes but data.train has {n_train}; "
                               "the known test set must use the training classes")
+
+
+def check_method(cfg: TrainConfig, where: str = "") -> Any:
+    """The configured training method built (an unknown name / option names ``method``); an outlier set
+    exactly when the method needs one."""
+    from ..engine.methods import build_method
+
+    try:
+        method = build_method(cfg.method.name, cfg.method.options)
+    except Exception as e:  # RegistryError / ConfigError: name the key
+        raise type(e)(f"{where}method: {e}") from None
+    if method.needs_outliers and cfg.method.outliers is None:
+        raise ConfigError(f"{where}method.outliers: method {method.name} needs an auxiliary outlier dataset, "
+                          "e.g. {name: tinyimagenet, split: val}")
+    if not method.needs_outliers and cfg.method.outliers is not None:
+        raise ConfigError(f"{where}method.outliers: method {method.name} uses no outlier set; remove it")
+    return method
+
+
+def eval_config(cfg: TrainConfig, method: Any) -> EvalConfig:
+    """``cfg.eval`` with the method's intended score added to ``scores`` when it is missing."""
+    import dataclasses
+
+    if method.score is None or method.score in cfg.eval.scores:
+        return cfg.eval
+    return dataclasses.replace(cfg.eval, scores=[*cfg.eval.scores, method.score])
 
 
 # ----------------------------------------------------------------------------- data
@@ -186,6 +244,26 @@ def build_datasets(cfg: TrainConfig) -> OpenSetData:
     return build_open_set_data(OpenSetSources(*resolve_sources(cfg)), image_size=d.image_size, mean=d.mean,
                                std=d.std, views=d.views, crop_padding=d.crop_padding, cache=d.cache,
                                num_workers=d.num_workers, extra_known=cfg.eval.extra_known)
+
+
+def build_outliers(cfg: TrainConfig) -> Any:
+    """``method.outliers`` in the training set's form (the same per-sample transform / uint8 cache, so the
+    trainer's device views augment and normalise it like the training images), or None."""
+    src = cfg.method.outliers
+    if src is None:
+        return None
+    from ..augment.geometry import train_pipeline
+    from ..data import build_dataset
+
+    d = cfg.data
+    tf, _ = train_pipeline(d.views, d.image_size, d.mean, d.std, resize=src.resize, crop_padding=d.crop_padding,
+                           uint8=d.cache == "memory")
+    ds = build_dataset(src, tf)
+    if d.cache == "memory":
+        from ..data.memory import InMemoryDataset
+
+        ds = InMemoryDataset.decode(ds, num_workers=d.num_workers)
+    return ds
 
 
 def training_images(train: Any, views: Any, n: int) -> Any:

@@ -16,6 +16,7 @@ number per sample, **higher = more likely known**.  Every score has the same two
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -290,6 +291,51 @@ class ODIN(Score):
         with torch.no_grad():
             perturbed = images.detach() - self.epsilon * step
             return (logits_of(perturbed) / t).softmax(dim=-1).amax(dim=-1)
+
+
+@_register("rotpred")
+class RotPred(Score):
+    """RotPred's score (Hendrycks et al., NeurIPS 2019; OpenOOD v1.5's ``RotPredPostprocessor``):
+    ``KL(uniform || softmax(logits)) - mean_r CE(rotation_head(features(rot_r(x))), r)`` over the four
+    rotations r = 0, 90, 180, 270 degrees; the class logits are those of the unrotated image.
+    Needs a model trained with ``method: rotpred`` (its ``rotation_head`` on the pooled features).
+    The authors' ss-ood code takes both terms in bits (log2): the same ranking (one common factor).
+    """
+
+    uses = ("forward",)
+
+    def __init__(self) -> None:
+        self._forward: Callable[[Tensor], Any] | None = None
+
+    def _setup(self, inputs: ScoreSetup) -> None:
+        self._forward = inputs.forward
+
+    def postprocess(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        if outputs.get(self.name) is None:
+            raise ConfigError("score 'rotpred' runs the model on rotated images; run it through ScoringPipeline")
+        return outputs[self.name].float()
+
+    def image_scores(self, images: Tensor) -> Tensor:
+        model = self._forward
+        while isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        head = getattr(model, "rotation_head", None)
+        if head is None:
+            raise ConfigError("score 'rotpred' needs a model trained with method: rotpred (a rotation_head)")
+        return rotpred_score(model, head, images)
+
+
+def rotpred_score(forward: Callable[[Tensor], Any], rotation_head: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """The RotPred score of one batch (see :class:`RotPred`); higher = more likely known."""
+    n = images.shape[0]
+    batch = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+    out = forward(batch)
+    logits = out.logits[:n].float().log_softmax(-1)
+    kl_uniform = (-math.log(logits.shape[-1]) - logits).mean(-1)   # KL(U || p) = sum_k (1/K) log((1/K) / p_k)
+    rot = rotation_head(out.features.float()).float()
+    target = torch.arange(4, device=rot.device).repeat_interleave(n)
+    rot_loss = F.cross_entropy(rot, target, reduction="none").view(4, n).mean(0)
+    return kl_uniform - rot_loss
 
 
 # ----------------------------------------------------------------------------- feature scores

@@ -65,9 +65,13 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
                           f"{len(data.train.classes)}; overrides may not change the known classes")
     device = process_device(resolve_device(cfg.run.device))
     model = create_cnn(cfg.model.name, len(classes), **cfg.model.options)
+    from ..jobs.train import check_method, eval_config
+
+    method = check_method(cfg)
+    method.attach(model, len(classes))  # a training method's heads (rotation head, ARPL's points)
     load_model_state_dict(model, state["model"], trainable_only=state.get("trainable_only", False), source=checkpoint)
     model.to(device).eval()
-    evaluator = OpenSetEvaluator(data.known, data.unknowns, cfg.eval, device=device,
+    evaluator = OpenSetEvaluator(data.known, data.unknowns, eval_config(cfg, method), device=device,
                                  precision=cfg.run.precision, std=cfg.data.std, fit_set=data.train_eval,
                                  extra_known=data.extra_known, processes=processes)
     torch.manual_seed(cfg.run.seed)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
-from ..jobs.train import (JOB, TrainConfig, build_datasets, build_train_config, load_train_config, preflight,
-                          resolve_sources, training_images, variant_configs, write_plots)
+from ..jobs.train import (JOB, OUTLIER_FLAG, TrainConfig, build_datasets, build_outliers, build_train_config,
+                          check_method, eval_config, load_train_config, outlier_seen_sets, preflight, resolve_sources,
+                          training_images, variant_configs, write_plots)
 from ..runs import CONFIG_FILE, open_run, plan_from_args, record_run, write_json
 from ..runtime import process_group_errors
 
@@ -51,7 +52,9 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     model = create_cnn(cfg.model.name, len(train.classes), **cfg.model.options)
     if hasattr(model.backbone, "init_from_data"):  # e.g. airbench's whitening conv: from 5,000 training images
         model.backbone.init_from_data(training_images(train, data.views, 5000))
-    evaluator = OpenSetEvaluator(data.known, data.unknowns, cfg.eval, device=accelerator.device,
+    method = check_method(cfg)
+    method.attach(model, len(train.classes))  # the method's own parameters (heads) live in the model
+    evaluator = OpenSetEvaluator(data.known, data.unknowns, eval_config(cfg, method), device=accelerator.device,
                                  precision=cfg.run.precision, std=cfg.data.std, fit_set=data.train_eval,
                                  extra_known=data.extra_known)
     trainer = Trainer(
@@ -59,7 +62,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,
         augment_options=cfg.augment.options, num_workers=cfg.data.num_workers, evaluate=evaluator,
         eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)},
-        accelerator=accelerator, views=data.views,
+        accelerator=accelerator, views=data.views, method=method, outliers=build_outliers(cfg),
     )
     trainer.fit(resume=resume)
     if trainer.resume_applied and applied is not None:
@@ -69,10 +72,14 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     if not accelerator.is_main_process:
         return {}
     results = {**evaluator.result, "model": cfg.model.name, "augment": cfg.mixer, "epochs": trainer.epoch,
+               "method": method.name, "intended_score": method.score,
                "processes": accelerator.num_processes,  # that trained it (evaluation: the main process)
                "train_time_s": round(sum(r.get("time", 0.0) for r in trainer.history), 1),  # all epochs, all resumes
                "final_train": ({k: trainer.history[-1][k] for k in ("train_loss", "train_acc")}
                                if trainer.history else None)}
+    seen = outlier_seen_sets(cfg.method.outliers, resolve_sources(cfg)[2])
+    if seen:  # OE: these sets share the outlier set's source; never part of a headline number
+        results["seen_in_training"] = {name: OUTLIER_FLAG for name in seen}
     finish_evaluation(run_dir, results, title=f"{cfg.model.name} + {cfg.mixer} on {data.train_src.display_name}",
                       evaluator=evaluator, epoch=trainer.epoch)
     if cfg.plots:

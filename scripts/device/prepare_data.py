@@ -25,6 +25,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "data" / "device")
     p.add_argument("--per-class", type=int, default=20, help="CIFAR-100 test images per class (100 classes)")
     p.add_argument("--tin", type=int, default=2000, help="Tiny-ImageNet test images")
+    p.add_argument("--tin-val", type=int, default=2000, help="Tiny-ImageNet val images (Outlier Exposure's outliers)")
+    p.add_argument("--far", action=argparse.BooleanOptionalAction, default=True,
+                   help="also MNIST test (idx files) and the partial DTD archive (Textures), the far-OOD sets")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(a.shared / "cifar10_jpg.tar.gz", a.out / "cifar10_jpg.tar.gz")
@@ -38,19 +41,36 @@ def main() -> int:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(tar.extractfile(m).read())
     with tarfile.open(a.shared / "tinyimagenet_val_test.tar.gz") as tar:
-        n = 0
+        n, val = 0, []
+        annotations = ""
         for m in tar.getmembers():
             name = m.name.split("/", 1)[-1] if m.name.startswith("tiny-imagenet-200/") else None
             if not m.isfile() or name is None:
                 continue
-            keep = name in ("wnids.txt", "words.txt") or (name.startswith("test/images/") and n < a.tin)
+            if name == "val/val_annotations.txt":
+                annotations = tar.extractfile(m).read().decode()
+                continue
+            is_val = name.startswith("val/images/") and len(val) < a.tin_val
+            keep = name in ("wnids.txt", "words.txt") or (name.startswith("test/images/") and n < a.tin) or is_val
             if keep:
                 n += name.startswith("test/images/")
+                if is_val:
+                    val.append(Path(name).name)
                 dst = a.out / "tiny-imagenet-200" / name
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(tar.extractfile(m).read())
+        if val:  # the annotation lines of the copied val images only
+            kept_val = set(val)
+            (a.out / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text(
+                "".join(line + "\n" for line in annotations.splitlines() if line.split("\t", 1)[0] in kept_val))
+    if a.far:
+        (a.out / "mnist").mkdir(exist_ok=True)
+        for f in (a.shared / "mnist").glob("t10k-*"):
+            shutil.copy2(f, a.out / "mnist" / f.name)
+        shutil.copy2(a.shared / "dtd_partial_160px.tar.gz", a.out / "dtd_partial_160px.tar.gz")
     size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file()) / 2**20
-    print(f"data/device ready: {size:.1f} MiB ({sum(kept.values())} CIFAR-100, {n} Tiny-ImageNet test images)")
+    print(f"data/device ready: {size:.1f} MiB ({sum(kept.values())} CIFAR-100, {n} Tiny-ImageNet test, "
+          f"{len(val)} Tiny-ImageNet val images{', MNIST test, DTD archive' if a.far else ''})")
     return 0
 
 

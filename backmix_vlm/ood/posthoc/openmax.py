@@ -70,7 +70,7 @@ class OpenMax(Score):
     ``(alpha - r) / alpha`` (rank r = 0, 1, ...), ``z'_c = z_c (1 - w_c omega_c)``, unknown logit
     ``sum_c (z_c - z'_c)``; score = minus its softmax share.  tail = 20, alpha = 3, Euclidean
     distance: OpenOOD's settings (the paper: tail 20, alpha 10 for ImageNet, "eucos" distance).
-    Every class needs at least two correctly classified training samples.
+    Every class needs at least three correctly classified training samples.
     """
 
     requires = ("logits",)
@@ -89,13 +89,16 @@ class OpenMax(Score):
         mavs, params = [], []
         for c in range(k):
             av = z[correct & (y == c)]
-            if av.shape[0] < 2:
+            if av.shape[0] < 3:
                 raise ConfigError(f"score 'openmax': class {c} has {av.shape[0]} correctly classified training "
-                                  f"sample(s); its Weibull fit needs at least 2")
+                                  f"sample(s); its Weibull fit needs at least 3 (two distances to their mean differ)")
             mav = av.mean(dim=0)
             dist = (av - mav).norm(dim=1).numpy()
             mavs.append(mav)
-            params.append(fit_high(np.sort(dist)[-self.tail:]))
+            try:
+                params.append(fit_high(np.sort(dist)[-self.tail:]))
+            except ConfigError as e:
+                raise ConfigError(f"score 'openmax', class {c}: {e}") from None
         p = torch.tensor(params, dtype=torch.float64)
         self._fit = (torch.stack(mavs), p[:, 0], p[:, 1], p[:, 2])
 

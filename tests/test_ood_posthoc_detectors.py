@@ -195,7 +195,6 @@ def test_gradnorm_equals_the_reference_backward_pass():
     fc = nn.Linear(7, 5).double()
     fc.weight.data[...] = head.weight
     fc.bias.data[...] = head.bias
-    ref = []
     for t in (1.0, 2.0):
         ref = []
         for x in train["features"]:
@@ -449,7 +448,7 @@ def test_jobs_refuse_a_detector_whose_input_they_lack():
         with pytest.raises(ConfigError, match=rf"eval.scores: '{name}' .*{what}.*a zero-shot run"):
             build_scores(["msp", name], offers=OFFERS, job="a zero-shot run")
     # what does not need the missing input is accepted
-    ok = build_scores(["entropy", "rankfeat"], {"tempscale": {"temperature": 2.0}} and None, offers=OFFERS)
+    ok = build_scores(["entropy", "rankfeat"], offers=OFFERS)
     assert [s.name for s in ok] == ["entropy", "rankfeat"]
     assert build_scores(["tempscale"], {"tempscale": {"temperature": 2.0}}, offers=OFFERS)[0].uses == ()
     assert build_scores(["fdbd"], {"fdbd": {"distance_as_normalizer": False}}, offers=("head",))[0].uses == ("head",)

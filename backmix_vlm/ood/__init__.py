@@ -10,6 +10,7 @@ from .metrics import MetricInputError, ood_metrics
 from .open_set import OpenSetEvaluator, load_scores, save_scores
 from .pipeline import ScoringPipeline
 from .scores import SCORES, Score, ScoreSetup, TextSide, build_scores, get_score
+from . import posthoc  # noqa: F401,E402  (registers the post-hoc detectors in SCORES)
 
 __all__ = [
     "SCORES", "Score", "ScoreSetup", "TextSide", "get_score", "build_scores", "ood_metrics", "MetricInputError",

@@ -435,6 +435,16 @@ def _percentile(value: float, what: str, *, upper_open: bool = False) -> float:
     return float(value)
 
 
+def kept_count(n: int, percentile: float, key: str) -> int:
+    """``n - round(n p / 100)`` (round-half-even, as ``np.round``): how many of ``n`` activations a
+    top-k percentile score (ASH, SCALE) keeps; refuses a percentile that keeps none, naming ``key``."""
+    k = n - int(round(n * percentile / 100.0))
+    if k < 1:
+        raise ConfigError(f"{key} = {percentile:g} keeps {k} of {n} activations per sample (k = n - round(n*p/100)); "
+                          f"with {n} activations choose a percentile of at most {100.0 * (n - 1) / n:g} (keeps 1)")
+    return k
+
+
 def _device(device: str | None, default: torch.device) -> torch.device:
     """A score's ``device`` option: unset / ``auto`` = where the data already is, else
     :func:`backmix_vlm.runtime.resolve_device`."""
@@ -630,7 +640,7 @@ def ash(x: Tensor, percentile: float, variant: str) -> Tensor:
         raise ConfigError(f"ash variant {variant!r}; choose one of {', '.join(ASH_VARIANTS)}")
     _percentile(percentile, "ash percentile", upper_open=True)
     n = x.shape[1]
-    k = n - int(round(n * percentile / 100.0))
+    k = kept_count(n, percentile, f"score_params.ash_{v}.percentile")
     values, idx = x.topk(k, dim=1)
     s1 = x.sum(dim=1, keepdim=True)
     if v == "b":
@@ -661,6 +671,8 @@ class _ASH(Score):
 
     def _setup(self, inputs: ScoreSetup) -> None:
         self._head = inputs.head
+        if self._head is not None:  # refuse a percentile that keeps nothing before any set is scored
+            kept_count(self._head.in_features, self.percentile, f"score_params.{self.name}.percentile")
 
     def _score(self, outputs: Mapping[str, Tensor]) -> Tensor:
         if self._head is None:

@@ -22,7 +22,8 @@ def test_registry_names_and_unknown_name():
     assert SCORES.names() == sorted(["msp", "maxlogit", "energy", "odin", "mahalanobis", "featnorm", "mcm", "glmcm",
                                      "knn", "vim", "react", "ash_p", "ash_b", "ash_s", "gen", "neglabel"]
                                     + ["entropy", "tempscale", "klm", "scale", "dice", "fdbd", "gradnorm", "rmds",
-                                       "she", "nnguide", "openmax", "rankfeat"])  # ood/posthoc
+                                       "she", "nnguide", "openmax", "rankfeat"]  # ood/posthoc
+                                    + ["rotpred"])  # engine/methods (RotPred's own score)
     with pytest.raises(RegistryError, match="unknown score 'vimm'; available: ash_b, ash_p, ash_s, dice, energy"):
         get_score("vimm")
     s = get_score("Energy", temperature=2)

@@ -10,7 +10,7 @@ from .metrics import MetricInputError, ood_metrics
 from .open_set import OpenSetEvaluator, load_scores, save_scores
 from .pipeline import ScoringPipeline
 from .scores import SCORES, Score, ScoreSetup, TextSide, build_scores, get_score
-from . import csp  # noqa: E402,F401  (registers the CLIP negative-label scores beyond NegLabel)
+from . import adaneg, csp  # noqa: E402,F401  (registers the CLIP negative-label scores beyond NegLabel)
 
 __all__ = [
     "SCORES", "Score", "ScoreSetup", "TextSide", "get_score", "build_scores", "ood_metrics", "MetricInputError",

@@ -232,3 +232,23 @@ def test_zeroshot_job_without_word_lists(tmp_path):
     rc = cli.main(["zeroshot", str(CONFIG), f"run.output_dir={tmp_path}", "run.name=r2", "data.max_samples=8",
                    "eval.scores=[csp]", "eval.score_params={csp: {lexnames: [noun.Tops], words: /x.txt}}"])
     assert rc == 2  # a word file and lexnames: one clear message
+
+
+def test_configs_carry_the_authors_settings():
+    from backmix_vlm.config import load_config
+    from backmix_vlm.jobs.zeroshot import build_scores
+    from backmix_vlm.ood.csp import CSP_NOUN_TEMPLATES
+    from backmix_vlm.runners.zeroshot import ZeroShotConfig
+
+    root = CONFIG.parents[1]
+    csp_cfg = load_config(ZeroShotConfig, root / "imagenet" / "zeroshot" / "clip_vitb16_csp.yaml")
+    assert list(csp_cfg.model.templates) == list(CSP_NOUN_TEMPLATES)
+    csp = build_scores(csp_cfg.eval, None)[0]
+    assert (csp.name, csp.ratio, csp.percentile, csp.exclude_above, csp.ngroup, csp.temperature) == \
+        ("csp", 0.15, 0.95, 0.95, 100, 0.01)
+    ada_cfg = load_config(ZeroShotConfig, root / "imagenet" / "zeroshot" / "clip_vitb16_adaneg.yaml")
+    ada = build_scores(ada_cfg.eval, None)[0]
+    assert (ada.memory_size, ada.thres, ada.gap, ada.lambda_, ada.ngroup, ada.batch_size, ada.sample_adaptive,
+            ada.stream_ratio, ada.order) == (10, 0.5, 0.5, 0.1, 5, 256, False, 1.0, "shuffled")
+    demo = load_config(ZeroShotConfig, root / "zeroshot" / "tiny_negatives.yaml")
+    assert demo.eval.scores == ["mcm", "neglabel", "csp", "adaneg"]

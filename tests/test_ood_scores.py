@@ -20,8 +20,9 @@ LN3 = math.log(3.0)
 
 def test_registry_names_and_unknown_name():
     assert SCORES.names() == sorted(["msp", "maxlogit", "energy", "odin", "mahalanobis", "featnorm", "mcm", "glmcm",
-                                     "knn", "vim", "react", "ash_p", "ash_b", "ash_s", "gen", "neglabel"])
-    with pytest.raises(RegistryError, match="unknown score 'vimm'; available: ash_b, ash_p, ash_s, energy"):
+                                     "knn", "vim", "react", "ash_p", "ash_b", "ash_s", "gen", "neglabel", "csp",
+                                     "adaneg"])
+    with pytest.raises(RegistryError, match="unknown score 'vimm'; available: adaneg, ash_b, ash_p, ash_s"):
         get_score("vimm")
     s = get_score("Energy", temperature=2)
     assert isinstance(s, Score) and s.name == "energy" and s.temperature == 2.0

@@ -215,6 +215,9 @@ def test_adaneg_stream_mix_and_order():
     arrays = scored.per_sample()
     assert "known::adaneg" not in arrays and arrays["stream::u::adaneg::known"].shape == (20,)
     assert scored.set_score_names == ["msp"]
+    from backmix_vlm.report.tables import results_to_markdown
+    assert "scored on a test stream of 20 known + 20 unknown samples (known:unknown 20:20), shuffled (seed 0)" \
+        in results_to_markdown(res)
     with pytest.raises(ConfigError, match="test stream"):
         s.postprocess(known)
 

@@ -65,6 +65,7 @@ def _csp_authors_select(pos, neg, noun_length, topk=0.15, pct=0.95, chunk=1000):
                       neg[noun_length:][ind_adj[:int(len(ind_adj) * topk)]]])
 
 
+@pytest.mark.slow
 def test_csp_matches_the_authors_selection_on_a_random_tiny_clip():
     torch.manual_seed(0)
     bundle = load_clip(TINY_CLIP, pretrained=None)
@@ -72,8 +73,13 @@ def test_csp_matches_the_authors_selection_on_a_random_tiny_clip():
     nouns, adjs = wordnet_pool(SMALL)
     noun_tpl = ["a photo of the nice {}.", "the {}"]
 
-    def encode(words, tpl):
-        return build_text_features(bundle, words, tpl)
+    memo = {}
+
+    def encode(words, tpl):  # each (words, templates) encoded once: ours and the reference share the embeddings
+        key = (tuple(words), tuple(tpl))
+        if key not in memo:
+            memo[key] = build_text_features(bundle, words, tpl)
+        return memo[key]
     pos = encode(classes, noun_tpl)
     ours, words = csp_text_features(encode, pos, nouns, adjs, noun_templates=noun_tpl, ratio=0.2, seed=3)
     phrases = _csp_authors_pool(adjs, 3)
@@ -223,6 +229,7 @@ def test_adaneg_stream_mix_and_order():
 
 
 # ----------------------------------------------------------------------------- the zero-shot job
+@pytest.mark.slow
 def test_zeroshot_job_without_word_lists(tmp_path):
     params = "{" + ", ".join(f"{n}: {{lexnames: [{', '.join(SMALL)}], ngroup: 5}}" for n in ("neglabel", "csp", "adaneg")) + "}"
     rc = cli.main(["zeroshot", str(CONFIG), f"run.output_dir={tmp_path}", "run.name=r", "data.max_samples=24",

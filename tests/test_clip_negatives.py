@@ -16,10 +16,10 @@ from backmix_vlm import cli
 from backmix_vlm.data.wordnet import CSP_LEXNAMES, NEGLABEL_LEXNAMES, wordnet_lexnames, wordnet_pool, wordnet_words
 from backmix_vlm.errors import ConfigError
 from backmix_vlm.models.clip import TINY_CLIP, build_text_features, load_clip
-from backmix_vlm.ood.adaneg import AdaNeg, adaneg_scores, stream_indices
+from backmix_vlm.ood.adaneg import adaneg_scores, stream_indices
 from backmix_vlm.ood.csp import CSP_ADJ_TEMPLATES, CSP_SUPERCLASS_TEMPLATES, conjugate, csp_text_features
 from backmix_vlm.ood.evaluate import score_outputs
-from backmix_vlm.ood.scores import ScoreSetup, TextSide, get_score
+from backmix_vlm.ood.scores import get_score
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zeroshot" / "tiny_demo.yaml"
 SMALL = ["noun.Tops", "noun.motive", "adj.ppl"]  # 50 + 41 + 60 words: seconds on the tiny CLIP

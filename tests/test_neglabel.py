@@ -118,5 +118,5 @@ def test_zeroshot_job_with_neglabel(tmp_path):
     assert "| neglabel |" in (tmp_path / "r" / "summary.md").read_text()  # FPR95 / AUROC + average table
     rc = cli.main(["zeroshot", str(CONFIG), f"run.output_dir={tmp_path}", "run.name=r2", "data.max_samples=8",
                    "eval.ood=[{name: demo, split: ood-cifar100, label: c100, max_samples: 8}]",
-                   "eval.scores=[neglabel]"])
-    assert rc == 2  # no word list: one clear message
+                   "eval.scores=[neglabel]", "eval.score_params={neglabel: {words: /no/such/words.txt}}"])
+    assert rc == 2  # a missing word list: one clear message (no list at all = the shipped WordNet words)

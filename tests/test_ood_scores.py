@@ -23,8 +23,9 @@ def test_registry_names_and_unknown_name():
                                      "knn", "vim", "react", "ash_p", "ash_b", "ash_s", "gen", "neglabel"]
                                     + ["entropy", "tempscale", "klm", "scale", "dice", "fdbd", "gradnorm", "rmds",
                                        "she", "nnguide", "openmax", "rankfeat"]  # ood/posthoc
+                                    + ["csp", "adaneg"]  # ood/csp.py, ood/adaneg.py
                                     + ["rotpred"])  # engine/methods (RotPred's own score)
-    with pytest.raises(RegistryError, match="unknown score 'vimm'; available: ash_b, ash_p, ash_s, dice, energy"):
+    with pytest.raises(RegistryError, match="unknown score 'vimm'; available: adaneg, ash_b, ash_p, ash_s, csp, dice"):
         get_score("vimm")
     s = get_score("Energy", temperature=2)
     assert isinstance(s, Score) and s.name == "energy" and s.temperature == 2.0

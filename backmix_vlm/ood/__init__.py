@@ -11,6 +11,7 @@ from .open_set import OpenSetEvaluator, load_scores, save_scores
 from .pipeline import ScoringPipeline
 from .scores import SCORES, Score, ScoreSetup, TextSide, build_scores, get_score
 from . import posthoc  # noqa: F401,E402  (registers the post-hoc detectors in SCORES)
+from . import adaneg, csp  # noqa: E402,F401  (registers the CLIP negative-label scores beyond NegLabel)
 
 __all__ = [
     "SCORES", "Score", "ScoreSetup", "TextSide", "get_score", "build_scores", "ood_metrics", "MetricInputError",

@@ -51,10 +51,18 @@ class Scored:
     positive: str = "known"
     closed_set: bool = True
     score_names: list[str] = field(default_factory=list)
+    #: stream scores (AdaNeg): ``streams[unknown set][score]`` = that set's stream (indices, scores, info)
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def unknown_names(self) -> list[str]:
         return [name for name in self.scores if name != KNOWN]
+
+    @property
+    def set_score_names(self) -> list[str]:
+        """The scores computed once per set (not per stream): those with ``known::<score>`` arrays."""
+        streamed = {n for per in self.streams.values() for n in per}
+        return [n for n in self.score_names if n not in streamed]
 
     def results(self) -> dict[str, Any]:
         """Every metric for every (unknown set, score): ``{"acc", "positive", "counts", "results":
@@ -67,11 +75,20 @@ class Scored:
         for ood in self.unknown_names:
             result["counts"][ood] = self.counts[ood]
             unknown_preds = self.preds.get(ood) if known_preds is not None else None
-            result["results"][ood] = {
-                name: ood_metrics(self.scores[KNOWN][name], self.scores[ood][name], known_preds=known_preds,
-                                  known_labels=labels, unknown_preds=unknown_preds, positive=self.positive)
-                for name in self.score_names
-            }
+            result["results"][ood] = {}
+            for name in self.score_names:
+                st = self.streams.get(ood, {}).get(name)
+                if st is None:
+                    result["results"][ood][name] = ood_metrics(
+                        self.scores[KNOWN][name], self.scores[ood][name], known_preds=known_preds,
+                        known_labels=labels, unknown_preds=unknown_preds, positive=self.positive)
+                    continue
+                ki, ui = st.known_index, st.unknown_index
+                result["results"][ood][name] = ood_metrics(
+                    st.known, st.unknown, known_preds=None if known_preds is None else known_preds[ki],
+                    known_labels=None if labels is None else labels[ki],
+                    unknown_preds=None if unknown_preds is None else unknown_preds[ui], positive=self.positive)
+                result.setdefault("streams", {}).setdefault(ood, {})[name] = dict(st.info)
         return result
 
     def per_sample(self) -> dict[str, np.ndarray]:
@@ -82,10 +99,15 @@ class Scored:
         out: dict[str, np.ndarray] = {"known::labels": self.labels.numpy().astype(np.int64)}
         if self.preds.get(KNOWN) is not None:
             out["known::preds"] = self.preds[KNOWN].numpy().astype(np.int64)  # type: ignore[union-attr]
-        for name in self.score_names:
+        for name in self.set_score_names:
             out[f"known::{name}"] = self.scores[KNOWN][name].float().numpy()
             for ood in self.unknown_names:
                 out[f"unknown::{ood}::{name}"] = self.scores[ood][name].float().numpy()
+        for ood, per in self.streams.items():  # stream scores: each set's stream samples (indices) and scores
+            for name, st in per.items():
+                for key in ("known_index", "known", "unknown_index", "unknown"):
+                    value = getattr(st, key)
+                    out[f"stream::{ood}::{name}::{key}"] = value.numpy().astype(np.int64 if key.endswith("index") else np.float32)
         return out
 
 
@@ -99,7 +121,12 @@ def score_outputs(known: Outputs, unknowns: Mapping[str, Outputs], scores: Seque
     sets = {KNOWN: known, **unknowns}
     counts = {name: _num_samples(out, name) for name, out in sets.items()}
     per_set: dict[str, dict[str, Tensor]] = {name: {} for name in sets}
+    streams: dict[str, dict[str, Any]] = {}
     for s in scores:
+        if getattr(s, "stream", False):  # AdaNeg: one stream (known + that set) per unknown set
+            for name, out in unknowns.items():
+                streams.setdefault(name, {})[s.name] = s.score_stream(known, out)  # type: ignore[attr-defined]
+            continue
         for name, out in sets.items():
             values = s.postprocess(out)
             if len(values) != counts[name]:
@@ -107,7 +134,7 @@ def score_outputs(known: Outputs, unknowns: Mapping[str, Outputs], scores: Seque
                                        f"'{name}'")
             per_set[name][s.name] = values
     return Scored(per_set, known.get("labels"), {name: predictions(out) for name, out in sets.items()}, counts,
-                  positive=positive, closed_set=closed_set, score_names=names)
+                  positive=positive, closed_set=closed_set, score_names=names, streams=streams)
 
 
 def evaluate_open_set(known: Outputs, unknowns: Mapping[str, Outputs], scores: Sequence[Score], *,

@@ -1,8 +1,9 @@
 """NegLabel (Jiang et al., ICLR 2024): zero-shot CLIP OOD detection with mined negative labels.
 
-1. **Candidates**: a large English word list (one word per line; the paper uses WordNet nouns
-   and adjectives, ~70 k words).  Nouns take the ID prompts' templates, adjectives the
-   authors' "This is a {} photo".
+1. **Candidates**: WordNet 3.0 nouns and adjectives (~70 k words, shipped with the package:
+   :mod:`backmix_vlm.data.wordnet`; the authors' lexicographer files by default), or a user's
+   word lists (one word per line), which replace them.  Nouns take the ID prompts' templates,
+   adjectives the authors' "This is a {} photo".
 2. **Selection** (:func:`select_negative_labels`): for each candidate, the ``percentile``
    (η = 0.95) quantile of its cosine similarities to the ID class embeddings; the
    ``ratio`` (15 %) of candidates with the *lowest* such value — the farthest from every
@@ -49,22 +50,44 @@ def load_words(path: str | Path) -> list[str]:
     return list(seen)
 
 
+def candidate_pool(words: str | Path | None, adjectives: str | Path | None, lexnames: Sequence[str] | None,
+                   default: Sequence[str], where: str) -> tuple[list[str], list[str]]:
+    """``(nouns, adjectives)``: the user's word files when given (they replace the whole pool),
+    else the shipped WordNet words of ``lexnames`` (default: ``default``, the authors' files)."""
+    if words or adjectives:
+        if lexnames:
+            raise ConfigError(f"{where}: give word files (words / adjectives) or WordNet lexnames, not both")
+        return (load_words(words) if words else []), (load_words(adjectives) if adjectives else [])
+    from ..data.wordnet import wordnet_pool
+
+    return wordnet_pool(list(lexnames or default), where=f"{where}.lexnames")
+
+
 def select_negative_labels(pos: Tensor, cand: Tensor, *, ratio: float = 0.15, percentile: float = 0.95,
-                           kinds: Sequence[int] | Tensor | None = None, chunk: int = 1000) -> Tensor:
+                           kinds: Sequence[int] | Tensor | None = None, chunk: int = 1000,
+                           exclude_above: float | None = None) -> Tensor:
     """Indices of the negative labels among ``cand`` (M, D), given ID embeddings ``pos`` (K, D).
 
     Both are unit-norm.  Per candidate: ``torch.quantile`` (linear) of its similarities to the
     K ID labels at ``percentile``; keep the ``int(n * ratio)`` lowest per kind (``kinds``: a
     word-type id per candidate, e.g. 0 = noun, 1 = adjective; one kind by default), kinds in
-    increasing id order, each sorted by increasing similarity.
+    increasing id order, each sorted by increasing similarity.  ``exclude_above`` (CSP: 0.95):
+    a candidate whose largest ID similarity exceeds it gets similarity 1 (a near-synonym of an
+    ID label is never picked unless the ratio reaches it).
     """
     if not 0 < ratio <= 1:
         raise ConfigError(f"neglabel ratio must be in (0, 1], got {ratio!r}")
     if not 0 <= percentile <= 1:
         raise ConfigError(f"neglabel percentile must be in [0, 1] (a quantile, the paper's eta = 0.95), got {percentile!r}")
     pos, cand = pos.float(), cand.float()
-    sims = torch.cat([torch.quantile(cand[i:i + chunk] @ pos.T, percentile, dim=-1)
-                      for i in range(0, cand.shape[0], chunk)])
+    def chunk_sims(block: Tensor) -> Tensor:
+        s = block @ pos.T
+        q = torch.quantile(s, percentile, dim=-1)
+        if exclude_above is not None:
+            q[s.amax(dim=-1) > exclude_above] = 1.0
+        return q
+
+    sims = torch.cat([chunk_sims(cand[i:i + chunk]) for i in range(0, cand.shape[0], chunk)])
     kinds_t = torch.zeros(cand.shape[0], dtype=torch.long) if kinds is None else torch.as_tensor(kinds).long().cpu()
     picked = []
     for kind in torch.unique(kinds_t).tolist():
@@ -106,21 +129,27 @@ def neglabel_score(pos_cos: Tensor, neg_cos: Tensor, *, temperature: float = 0.0
 
 def negative_text_features(encode: Callable[[list[str], Sequence[str]], Tensor], pos: Tensor, nouns: Sequence[str],
                            templates: Sequence[str], *, adjectives: Sequence[str] = (), ratio: float = 0.15,
-                           percentile: float = 0.95, exclude: Sequence[str] = ()) -> tuple[Tensor, list[str]]:
+                           percentile: float = 0.95, exclude: Sequence[str] = (),
+                           adj_templates: Sequence[str] = (ADJ_TEMPLATE,),
+                           exclude_above: float | None = None) -> tuple[Tensor, list[str]]:
     """Encode candidate words with ``encode(words, templates) -> (M, D)`` and keep the negatives.
 
     Words equal to an ID class name (``exclude``, case-insensitive) are dropped first.
+    Nouns take ``templates``, adjectives ``adj_templates`` (averaged when several).
     Returns ``(unit-norm embeddings (M', D), the selected words)``, nouns first.
     """
     banned = {w.lower() for w in exclude}
     nouns = [w for w in nouns if w.lower() not in banned]
-    adjectives = [w for w in adjectives if w.lower() not in banned and w not in set(nouns)]
-    feats = [encode(list(nouns), list(templates))]
+    noun_set = set(nouns)
+    adjectives = [w for w in adjectives if w.lower() not in banned and w not in noun_set]
+    if not nouns and not adjectives:
+        raise ConfigError("negative labels: the candidate word lists are empty (after dropping the ID class names)")
+    feats = [encode(list(nouns), list(templates))] if nouns else []
     if adjectives:
-        feats.append(encode(list(adjectives), [ADJ_TEMPLATE]))
+        feats.append(encode(list(adjectives), list(adj_templates)))
     cand = F.normalize(torch.cat(feats).float(), dim=-1)
     kinds = [0] * len(nouns) + [1] * len(adjectives)
     idx = select_negative_labels(F.normalize(pos.float(), dim=-1).to(cand.device), cand, ratio=ratio,
-                                 percentile=percentile, kinds=kinds)
+                                 percentile=percentile, kinds=kinds, exclude_above=exclude_above)
     words = list(nouns) + list(adjectives)
     return cand[idx.to(cand.device)], [words[i] for i in idx.tolist()]

@@ -725,8 +725,10 @@ class GEN(Score):
 class NegLabel(Score):
     """NegLabel (Jiang et al. 2024): ID-label share of the softmax over ID + mined negative labels.
 
-    ``words``: a text file of candidate words (one per line; nouns), ``adjectives``: optional
-    second file (prompted "This is a {} photo").  ``setup`` encodes and selects them once with the
+    Candidates: the shipped WordNet 3.0 nouns and adjectives of ``lexnames`` (default: the
+    authors' lexicographer files, :data:`backmix_vlm.data.wordnet.NEGLABEL_LEXNAMES`), or the
+    user's ``words`` (a text file, one word per line; nouns) and ``adjectives`` (optional second
+    file, prompted "This is a {} photo"), which replace them.  ``setup`` encodes and selects them once with the
     zero-shot job's text encoder (``text``, see :mod:`backmix_vlm.ood.neglabel`); the score then
     reads the cached ID ``cosine`` and the image embedding ``features``.  Defaults are the paper's: 15 % of the
     words kept at the 0.95 similarity quantile, τ = 0.01, 100 groups.
@@ -735,9 +737,11 @@ class NegLabel(Score):
     requires = ("cosine", "features")
     uses = ("text",)
 
-    def __init__(self, words: str | None = None, adjectives: str | None = None, ratio: float = 0.15,
-                 percentile: float = 0.95, temperature: float = 0.01, ngroup: int = 100, seed: int = 0) -> None:
+    def __init__(self, words: str | None = None, adjectives: str | None = None, lexnames: list[str] | None = None,
+                 ratio: float = 0.15, percentile: float = 0.95, temperature: float = 0.01, ngroup: int = 100,
+                 seed: int = 0) -> None:
         self.words, self.adjectives = words, adjectives
+        self.lexnames = None if lexnames is None else list(lexnames)
         self.ratio, self.percentile = float(ratio), float(percentile)
         self.temperature = _positive(temperature, "neglabel temperature")
         if isinstance(ngroup, bool) or int(ngroup) != ngroup or ngroup < 1:
@@ -753,16 +757,14 @@ class NegLabel(Score):
 
     def _setup(self, inputs: ScoreSetup) -> None:
         """Encode the word lists with the text encoder and keep the negative labels."""
-        from .neglabel import load_words, negative_text_features
+        from ..data.wordnet import NEGLABEL_LEXNAMES
+        from .neglabel import candidate_pool, negative_text_features
 
         text = inputs.text
         assert text is not None
-
-        if not self.words:
-            raise ConfigError("score 'neglabel' needs a word list: eval.score_params.neglabel.words=/path/words.txt "
-                              "(one English word per line)")
-        adjectives = load_words(self.adjectives) if self.adjectives else []
-        feats, words = negative_text_features(text.encode, text.class_features, load_words(self.words),
+        nouns, adjectives = candidate_pool(self.words, self.adjectives, self.lexnames, NEGLABEL_LEXNAMES,
+                                           f"score_params.{self.name}")
+        feats, words = negative_text_features(text.encode, text.class_features, nouns,
                                               text.templates, adjectives=adjectives, ratio=self.ratio,
                                               percentile=self.percentile, exclude=list(text.classnames))
         self.set_negatives(feats, words)

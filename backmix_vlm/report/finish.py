@@ -52,7 +52,7 @@ def finish_evaluation(out_dir: str | Path, results: Mapping[str, Any], *, title:
     if summary:
         atomic_write_text(out_dir / "summary.md", f"# {title}\n\n" + ood_summary_table(results))
     if scored is not None:
-        per_sample, meta = scored.per_sample(), {"scores": list(scored.score_names),
+        per_sample, meta = scored.per_sample(), {"scores": list(scored.set_score_names),
                                                  "unknown_sets": scored.unknown_names, "positive": scored.positive}
     elif evaluator is not None:
         per_sample, meta = evaluator.per_sample, {"scores": [s.name for s in evaluator.scores],

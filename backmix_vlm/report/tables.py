@@ -72,6 +72,9 @@ def results_to_markdown(
         header = ["Score"] + [HEADERS.get(m, m) + (" ↓" if m in LOWER_IS_BETTER else "") for m in metrics]
         rows = [[name] + [fmt(vals.get(m)) for m in metrics] for name, vals in per_score.items()]
         parts += [heading, _md_table(header, rows)]
+        for score, st in ((results.get("streams") or {}).get(ood_name) or {}).items():  # stream scores (AdaNeg)
+            parts.append(f"`{score}`: scored on a test stream of {st['known']} known + {st['unknown']} unknown samples "
+                         f"(known:unknown {st['ratio']}), {st['order']}, batches of {st['batch_size']}, {st['memory']}.")
     parts.append(f"Values in %. {'Knowns' if results.get('positive', 'known') == 'known' else 'Unknowns'} "
                  "are the positive class for FPR95.")
     return "\n\n".join(parts) + "\n"

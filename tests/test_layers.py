@@ -20,9 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "backmix_vlm"
 #: "" is the package itself (``backmix_vlm/__init__.py``: ``__version__``).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "errors"),                                        # foundations: imported by anyone ...
-    ("registry", "validation", "runtime", "compat", "perf"),
-    ("config",),
-    ("runs",),                                             # ... run directories (reads config)
+    ("registry", "validation", "runtime", "compat", "perf", "atomic"),
+    ("config",),                                           # ... the shared config sections
     ("data",),                                             # the data flow, top to bottom
     ("augment",),
     ("saliency",),
@@ -98,7 +97,7 @@ def _upward_imports(root: Path = PACKAGE) -> list[str]:
 def test_import_parser_resolves_relative_imports(tmp_path):
     """The parser above, on known lines of the package (so the tests below can be trusted)."""
     got = _imports(PACKAGE / "runners" / "train.py")
-    assert "backmix_vlm.jobs.train" in got and "backmix_vlm.runs" in got and "backmix_vlm.engine.trainer" in got
+    assert "backmix_vlm.jobs.train" in got and "backmix_vlm.jobs.runs" in got and "backmix_vlm.engine.trainer" in got
     assert "backmix_vlm.errors" in _imports(PACKAGE / "config.py")
 
 

@@ -307,7 +307,7 @@ def test_fewshot_lora_clip_backmix_maps_from_the_training_backward(tmp_path):
     from safetensors.torch import load_file
 
     from backmix_vlm.runners.fewshot import adapter_config, build_backbone
-    from backmix_vlm.runs import record_run
+    from backmix_vlm.jobs.runs import record_run
 
     cfg = _fewshot(tmp_path, "method.options={rank: 2}")
     record_run(tmp_path / "run", cfg, "fewshot", None)  # what `backmix-vlm fewshot` writes beside the seeds

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from ..runs import atomic_write_text
+from ..atomic import atomic_write_text
 
 
 def sample_fewshot(labels: Sequence[int], shots: int, seed: int, *, allow_fewer: bool = False,

@@ -123,7 +123,7 @@ def main() -> int:
 def micro(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from backmix_vlm.adapters.lora import SplitAttention
+    from backmix_vlm.models.split_attention import SplitAttention
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from backmix_vlm.adapters import LoRA, LoRAConfig, SplitAttention, SplitQKV, create_adapter, lora_default_schedule
+from backmix_vlm.adapters import LoRA, LoRAConfig, create_adapter, lora_default_schedule
 from backmix_vlm.errors import ConfigError, ModelError
 from backmix_vlm.models.clip import TINY_CLIP, build_text_features, encode_image_global_local, load_clip
+from backmix_vlm.models.split_attention import SplitAttention, SplitQKV
 from backmix_vlm.saliency.attention import AttentionRelevance, clip_logits_fn
 
 pytest.importorskip("peft")

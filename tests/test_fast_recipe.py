@@ -1,4 +1,4 @@
-"""The fast CNN recipe (issue 8): airbench-class net, TTA, schedule, optimizer groups, uint8 cache."""
+"""The fast CNN recipe: airbench-class net, TTA, schedule, optimizer groups, uint8 cache."""
 from __future__ import annotations
 
 import functools

@@ -138,8 +138,8 @@ def is_run_dir(path: str | Path) -> bool:
 def run_status(run_dir: str | Path) -> str | None:
     """``finished`` | ``running`` | ``interrupted`` | ``failed`` | ``unknown``; None if not a run.
 
-    ``running`` with a lock whose process is gone (or no lock) reads as ``interrupted``.  Runs
-    written before statuses were recorded count as finished when they have ``results.json``.
+    ``running`` with a lock whose process is gone (or no lock) reads as ``interrupted``.  A run
+    without a recorded status counts as finished when it has ``results.json``.
     """
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..jobs.train import load_overridden
 from ..jobs.runs import fresh_output_dir, run_status, unique_subdir
+from ..jobs.train import load_overridden
 from ..ood.shards import SINGLE, Processes, launched_processes, process_device
 from ..runtime import resolve_device
 
@@ -48,10 +48,10 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
     """Load ``checkpoint`` into the configured model, evaluate, write results into ``out_dir``
     (main process; the others return None)."""
     from ..engine.checkpoint import load_checkpoint, load_model_state_dict
+    from ..jobs.runs import record_run
     from ..jobs.train import build_datasets, build_model
     from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
-    from ..jobs.runs import record_run
 
     state = load_checkpoint(checkpoint, require=("model",))
     epoch = int(state.get("epoch", 0))
@@ -85,10 +85,10 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path, arg
     """Re-evaluate every seed of a ``fewshot`` run (adapter weights from ``seed<k>/last.pt``)."""
     from ..engine.checkpoint import LAST, load_checkpoint
     from ..jobs.fewshot import build_adapter, build_backbone, build_datasets, load_fewshot_config
+    from ..jobs.runs import record_run
     from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
     from ..report.tables import aggregate_seeds, write_results
-    from ..jobs.runs import record_run
 
     cfg = load_fewshot_config(run_dir / "config.yaml", overrides)
     ckpts = {seed: run_dir / f"seed{seed}" / LAST for seed in cfg.data.seeds}
@@ -170,10 +170,10 @@ def main(args: Any) -> int:
 def _evaluate(cfg: Any, data: dict[str, Any], run_dir: Path, out: Path, argv: list[str] | None,
               processes: Processes) -> None:
     """A train run, or each variant of a comparison run with the comparison table on top."""
+    from ..atomic import atomic_write_text, write_json
     from ..engine.checkpoint import LAST
     from ..jobs.train import variant_configs
     from ..report.tables import comparison_markdown
-    from ..atomic import atomic_write_text, write_json
 
     if not cfg.variants:
         evaluate_run(cfg, run_dir / LAST, out, argv, processes)

@@ -92,9 +92,9 @@ def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False
     reuse_finished = resume if reuse_finished is None else reuse_finished
     import json
 
+    from ..atomic import atomic_write_text
     from ..engine.trainer import build_accelerator
     from ..report.tables import aggregate_seeds, paper_table_v, write_results
-    from ..atomic import atomic_write_text
 
     run_dir = Path(run_dir)
     accelerator = build_accelerator(cfg.run)

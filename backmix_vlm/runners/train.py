@@ -84,9 +84,9 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
 def run_variants(cfg: TrainConfig, data: dict[str, Any], run_dir: Path, *, resume: bool,
                  argv: list[str] | None, where: str, applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each variant into ``run_dir/<name>``, then the comparison table."""
+    from ..atomic import atomic_write_text
     from ..engine.checkpoint import LAST
     from ..report.tables import comparison_markdown
-    from ..atomic import atomic_write_text
 
     configs = variant_configs(cfg, data, where)
     main_process = int(os.environ.get("RANK", "0")) == 0

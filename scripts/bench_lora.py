@@ -13,7 +13,7 @@ step), the real ``Trainer.train_step`` with ``AdapterTask``, batch B:
 
 Steps are interleaved in rounds whose order alternates (so load drift of a shared machine
 cancels); round 0 is an untimed warm-up on 2 images; the ratio is the median of per-round
-ratios.  Target (issue 10): backmix / plain <= 1.15.
+ratios.  Target: backmix / plain <= 1.15.
 
     python scripts/bench_lora.py --precision bf16 --batch 16 --rounds 6 [--threads 2] [--out bench_lora.json]
 """
@@ -123,7 +123,7 @@ def main() -> int:
 def micro(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from backmix_vlm.adapters.lora import SplitAttention
+    from backmix_vlm.models.split_attention import SplitAttention
 
     if args.threads:
         torch.set_num_threads(args.threads)

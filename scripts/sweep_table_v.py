@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from backmix_vlm.jobs.fewshot import build_fewshot_config, load_fewshot_config, preflight
     from backmix_vlm.report.tables import paper_table_v
     from backmix_vlm.runners.fewshot import run_fewshot
-    from backmix_vlm.runs import (atomic_write_text, find_resume_dir, is_run_dir, new_run_dir, open_run, resume_config,
-                                  write_json)
+    from backmix_vlm.atomic import atomic_write_text, write_json
+    from backmix_vlm.jobs.runs import find_resume_dir, is_run_dir, new_run_dir, open_run, resume_config
 
     rows = args.only or ROWS
     unknown = [r for r in rows if r not in ROWS]

@@ -18,7 +18,7 @@ from backmix_vlm.config import (
     to_dict,
 )
 from backmix_vlm.errors import ConfigError
-from backmix_vlm.runs import make_run_dir, record_run
+from backmix_vlm.jobs.runs import make_run_dir, record_run
 
 
 @dataclass

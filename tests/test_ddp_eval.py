@@ -40,17 +40,17 @@ def _worker(rank: int, port: int, jobs: list[list[str]], log: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from backmix_vlm import runs
+    from backmix_vlm import atomic
 
     torch.set_num_threads(1)
     written: list[str] = []
-    real = runs.atomic_write
+    real = atomic.atomic_write
 
     def recording(path, write):
         written.append(str(path))
         return real(path, write)
 
-    runs.atomic_write = recording
+    atomic.atomic_write = recording
     codes = [cli.main(list(args)) for args in jobs]
     Path(f"{log}{rank}.json").write_text(json.dumps({"written": written, "codes": codes}))
     dist.destroy_process_group()

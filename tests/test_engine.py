@@ -14,7 +14,8 @@ from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
 from backmix_vlm.engine.checkpoint import (capture_rng_state, load_checkpoint, model_state_dict, restore_rng_state,
                                            save_checkpoint)
 from backmix_vlm.engine.tasks import ClassifierTask
-from backmix_vlm.engine.trainer import Trainer, build_optimizer, build_scheduler, lr_factor, write_log_files
+from backmix_vlm.engine.optim import build_optimizer, build_scheduler, lr_factor
+from backmix_vlm.engine.trainer import Trainer, write_log_files
 from backmix_vlm.errors import ConfigError, ModelError
 from backmix_vlm.models.cnn import create_cnn
 from backmix_vlm.saliency.cam import cam_foreground

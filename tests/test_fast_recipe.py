@@ -1,4 +1,4 @@
-"""The fast CNN recipe (issue 8): airbench-class net, TTA, schedule, optimizer groups, uint8 cache."""
+"""The fast CNN recipe: airbench-class net, TTA, schedule, optimizer groups, uint8 cache."""
 from __future__ import annotations
 
 import functools
@@ -14,7 +14,7 @@ from backmix_vlm.augment.geometry import RandomCropFlip, ViewGeometry, build_vie
 from backmix_vlm.config import OptimConfig, ViewsConfig
 from backmix_vlm.engine.tasks import ClassifierTask
 from backmix_vlm.engine.lookahead import Lookahead
-from backmix_vlm.engine.trainer import build_optimizer, build_scheduler, frozen_after, lr_factor, norm_parameters
+from backmix_vlm.engine.optim import build_optimizer, build_scheduler, frozen_after, lr_factor, norm_parameters
 from backmix_vlm.errors import ConfigError, ModelError
 from backmix_vlm.models.cnn import create_cnn
 

@@ -20,9 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "backmix_vlm"
 #: "" is the package itself (``backmix_vlm/__init__.py``: ``__version__``).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "errors"),                                        # foundations: imported by anyone ...
-    ("registry", "validation", "runtime", "compat", "perf"),
-    ("config",),
-    ("runs",),                                             # ... run directories (reads config)
+    ("registry", "validation", "runtime", "compat", "perf", "atomic"),
+    ("config",),                                           # ... the shared config sections
     ("data",),                                             # the data flow, top to bottom
     ("augment",),
     ("saliency",),
@@ -98,7 +97,7 @@ def _upward_imports(root: Path = PACKAGE) -> list[str]:
 def test_import_parser_resolves_relative_imports(tmp_path):
     """The parser above, on known lines of the package (so the tests below can be trusted)."""
     got = _imports(PACKAGE / "runners" / "train.py")
-    assert "backmix_vlm.jobs.train" in got and "backmix_vlm.runs" in got and "backmix_vlm.engine.trainer" in got
+    assert "backmix_vlm.jobs.train" in got and "backmix_vlm.jobs.runs" in got and "backmix_vlm.engine.trainer" in got
     assert "backmix_vlm.errors" in _imports(PACKAGE / "config.py")
 
 
@@ -168,3 +167,58 @@ def test_every_import_goes_down_the_layers():
     of ``docs/architecture.md`` is the import order (``EXCEPTIONS`` lists the deliberate ones: none)."""
     found = _upward_imports()
     assert not found, "imports against the layer order (see LAYERS in tests/test_layers.py):\n" + "\n".join(found)
+
+
+def _import_cycles(root: Path = PACKAGE) -> list[list[str]]:
+    """Groups of modules that import each other, directly or around a loop (lazy imports included;
+    Tarjan's strongly connected components of the module import graph)."""
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(["backmix_vlm", *path.relative_to(root).with_suffix("").parts])
+        modules[name.removesuffix(".__init__")] = path
+    graph = {m: sorted(n for n in _imports(p, root) if n in modules and n != m) for m, p in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_import_cycle_check_finds_a_lazy_cycle(tmp_path):
+    root = tmp_path / "backmix_vlm"
+    (root / "models").mkdir(parents=True)
+    for f in ("__init__.py", "models/__init__.py", "models/c.py"):
+        (root / f).write_text("")
+    (root / "models" / "a.py").write_text("from .b import x\n")
+    (root / "models" / "b.py").write_text("def f():\n    from .a import y\n")
+    (root / "models" / "c.py").write_text("from .a import x\n")
+    assert _import_cycles(root) == [["backmix_vlm.models.a", "backmix_vlm.models.b"]]
+
+
+def test_no_module_imports_itself_through_others():
+    """No import loop between modules, lazy imports included (e.g. ``models.clip`` <-> ``models.hf_clip``:
+    what both need lives in ``models.clip_bundle``)."""
+    assert _import_cycles() == []

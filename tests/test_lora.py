@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from backmix_vlm.adapters import LoRA, LoRAConfig, SplitAttention, SplitQKV, create_adapter, lora_default_schedule
+from backmix_vlm.adapters import LoRA, LoRAConfig, create_adapter, lora_default_schedule
 from backmix_vlm.errors import ConfigError, ModelError
 from backmix_vlm.models.clip import TINY_CLIP, build_text_features, encode_image_global_local, load_clip
+from backmix_vlm.models.split_attention import SplitAttention, SplitQKV
 from backmix_vlm.saliency.attention import AttentionRelevance, clip_logits_fn
 
 pytest.importorskip("peft")
@@ -307,7 +308,7 @@ def test_fewshot_lora_clip_backmix_maps_from_the_training_backward(tmp_path):
     from safetensors.torch import load_file
 
     from backmix_vlm.runners.fewshot import adapter_config, build_backbone
-    from backmix_vlm.runs import record_run
+    from backmix_vlm.jobs.runs import record_run
 
     cfg = _fewshot(tmp_path, "method.options={rank: 2}")
     record_run(tmp_path / "run", cfg, "fewshot", None)  # what `backmix-vlm fewshot` writes beside the seeds

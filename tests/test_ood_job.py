@@ -281,7 +281,7 @@ def test_train_run_directory_and_openset_evaluator_head_scores(tmp_path, data_ro
     from backmix_vlm.engine.checkpoint import LAST, model_state_dict, save_checkpoint
     from backmix_vlm.models.cnn import create_cnn
     from backmix_vlm.runners.train import TrainConfig
-    from backmix_vlm.runs import record_run
+    from backmix_vlm.jobs.runs import record_run
 
     cfg = TrainConfig()
     cfg.model.name, cfg.model.options = "small_cnn", {"width": 8}
@@ -332,7 +332,7 @@ def test_ood_summary_table_averages_and_marks_the_best():
 def test_ood_run_folder_belongs_to_one_run(tmp_path, data_root, toy_module, capsys):
     """``ood`` plans and opens its folder like the other jobs: a finished run is never replaced
     without --overwrite, and a command that fails (bad model name, missing data) leaves nothing."""
-    from backmix_vlm.runs import LOCK_FILE, read_run_info
+    from backmix_vlm.jobs.runs import LOCK_FILE, read_run_info
 
     model_cfg = {"source": "module", "name": "toy_ood_models:build", "options": {"width": 8}, "image_size": 32}
     cfg = str(_config(tmp_path, data_root, model_cfg))

@@ -15,8 +15,8 @@ import yaml
 
 from backmix_vlm.cli import main as cli
 from backmix_vlm.errors import RunDirError
-from backmix_vlm.runs import (LOCK_FILE, RunLock, atomic_write_text, default_run_name, flatten, lock_is_stale,
-                              run_status)
+from backmix_vlm.atomic import atomic_write_text
+from backmix_vlm.jobs.runs import LOCK_FILE, RunLock, default_run_name, flatten, lock_is_stale, run_status
 from conftest import train_config
 
 
@@ -300,7 +300,7 @@ def test_resume_with_allow_changes_trains_with_the_changed_optimizer_settings(fi
     import torch
 
     from backmix_vlm.engine.checkpoint import load_checkpoint
-    from backmix_vlm.engine.trainer import lr_factor
+    from backmix_vlm.engine.optim import lr_factor
     from backmix_vlm.config import OptimConfig
 
     old = load_checkpoint(finished / "last.pt")
@@ -431,7 +431,7 @@ def test_flatten_names_every_leaf():
 
 def test_a_folder_claimed_after_the_plan_is_left_alone(tmp_path):
     """Two fresh runs race for one name: the loser of the lock removes nothing of the winner's."""
-    from backmix_vlm.runs import new_run_dir, open_run
+    from backmix_vlm.jobs.runs import new_run_dir, open_run
     from backmix_vlm.runners.train import TrainConfig
 
     plan = new_run_dir("train", tmp_path / "runs", "same")  # checked while the folder is free

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from backmix_vlm.errors import ConfigError, ModelError
-from backmix_vlm.models.clip import TINY_CLIP, LocalSimilarity, encode_image_global_local
-from backmix_vlm.saliency.local import local_similarity_maps, patch_text_cosine
+from backmix_vlm.models.clip import TINY_CLIP, encode_image_global_local
+from backmix_vlm.saliency.local import LocalSimilarity, local_similarity_maps, patch_text_cosine
 
 
 def loop_maps(local: torch.Tensor, text: torch.Tensor, targets: torch.Tensor, mode: str, scale: float) -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_local_similarity_on_tiny_clip_matches_features_and_local_cosine() -> No
     model = open_clip.create_model(TINY_CLIP, pretrained=None).eval()
     images, targets = torch.randn(2, 3, 32, 32), torch.tensor([2, 0])
     text = F.normalize(torch.randn(3, 32), dim=-1)
-    maps = LocalSimilarity(model, text)(images, targets)
+    maps = LocalSimilarity(model, text, encode=encode_image_global_local)(images, targets)
     assert maps.shape == (2, 4, 4) and maps.dtype == torch.float32
     with torch.no_grad():
         _, local = encode_image_global_local(model, images)

@@ -105,7 +105,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_pat
                                                                          monkeypatch):
     import torch
 
-    from backmix_vlm import runs
+    from backmix_vlm import atomic
 
     real_save, calls = torch.save, {"n": 0}
 
@@ -116,7 +116,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_pat
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
-    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
     assert cli(["train", str(tiny_train_config), "optim.epochs=3", "eval.every=0"]) == 2
     err = _one_line(capsys.readouterr().err)
     run = tmp_path / "runs" / "tiny"

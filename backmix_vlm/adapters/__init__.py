@@ -7,7 +7,7 @@ parameters (``trainable_parameters()``).
 from .base import ADAPTERS, Adapter, create_adapter, freeze
 from .coop import CoOp, CoOpConfig, coop_default_schedule
 from .locoop import LoCoOp, LoCoOpConfig, locoop_regularizer, resolve_top_k
-from .lora import LoRA, LoRAConfig, SplitAttention, SplitQKV, lora_default_schedule
+from .lora import LoRA, LoRAConfig, lora_default_schedule
 from .vpt import VPT, VPTConfig
 
 __all__ = [
@@ -15,5 +15,5 @@ __all__ = [
     "CoOp", "CoOpConfig", "coop_default_schedule",
     "LoCoOp", "LoCoOpConfig", "locoop_regularizer", "resolve_top_k",
     "VPT", "VPTConfig",
-    "LoRA", "LoRAConfig", "SplitAttention", "SplitQKV", "lora_default_schedule",
+    "LoRA", "LoRAConfig", "lora_default_schedule",
 ]

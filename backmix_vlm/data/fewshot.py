@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..errors import DataError
-from ..runs import atomic_write_text
 
 
 def sample_fewshot(labels: Sequence[int], shots: int, seed: int, *, allow_fewer: bool = False,

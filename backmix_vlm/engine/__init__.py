@@ -1,6 +1,6 @@
 """The training engine: the Accelerate loop with BackMix (:mod:`.trainer`), train tasks per model
-family (:mod:`.tasks`) and atomic checkpoints + exact resume (:mod:`.checkpoint`).  The
-open-set evaluation a Trainer calls every ``eval.every`` epochs is a callback
+family (:mod:`.tasks`), the optimizer and LR schedule (:mod:`.optim`) and atomic checkpoints +
+exact resume (:mod:`.checkpoint`).  The open-set evaluation a Trainer calls every ``eval.every`` epochs is a callback
 (``evaluate(model, epoch) -> {metric: value}``): :class:`backmix_vlm.ood.OpenSetEvaluator`.
 
 Names are imported lazily (``from backmix_vlm.engine import Trainer``) so that importing the
@@ -12,8 +12,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Trainer": "trainer", "TrainTask": "tasks", "StepPlan": "tasks", "build_accelerator": "trainer", "build_optimizer": "trainer",
-    "build_scheduler": "trainer", "lr_factor": "trainer",
+    "Trainer": "trainer", "TrainTask": "tasks", "StepPlan": "tasks", "build_accelerator": "trainer", "build_optimizer": "optim",
+    "build_scheduler": "optim", "lr_factor": "optim",
     "ClassifierTask": "tasks",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "capture_rng_state": "checkpoint",
     "restore_rng_state": "checkpoint", "model_state_dict": "checkpoint", "load_model_state_dict": "checkpoint",

@@ -168,12 +168,13 @@ class AdapterTask:
         try:
             with self._autocast():
                 if self.cfg.source == "local":
-                    from ..models.clip import LocalSimilarity
+                    from ..models.clip import encode_image_global_local
+                    from ..saliency.local import LocalSimilarity
 
                     with torch.no_grad():
                         text = model.encode_text()
-                    maps = LocalSimilarity(model.base, text, mode=self.cfg.local_mode,
-                                           grid=self.saliency_size)(images, labels)
+                    maps = LocalSimilarity(model.base, text, mode=self.cfg.local_mode, grid=self.saliency_size,
+                                           encode=encode_image_global_local)(images, labels)
                 else:
                     maps = self.extractor()(images, labels, model.map_logits_fn())
         finally:

@@ -36,7 +36,7 @@ BEST = "best.pt"
 # ----------------------------------------------------------------------------- files
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
-    from ..runs import atomic_write
+    from ..atomic import atomic_write
 
     path = atomic_write(path, lambda f: torch.save(state, f))
     _fsync_dir(path.parent)

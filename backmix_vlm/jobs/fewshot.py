@@ -210,6 +210,16 @@ def adapter_config(cfg: FewShotConfig) -> Any:
     return from_dict(ADAPTERS.get(cfg.method.name).config_class, options, "method.options")
 
 
+def build_adapter(cfg: FewShotConfig, backbone: Backbone, classes: list[str], device: Any) -> Any:
+    """The run's adapter (``method``) over ``backbone`` on ``device``, its trainable parameters in fp32
+    (weights, gradients and optimizer state): what ``fewshot`` trains and ``eval`` loads a checkpoint into."""
+    from ..adapters import create_adapter
+    from ..models.frozen import trainable_in_fp32
+
+    adapter = create_adapter(cfg.method.name, backbone.base, classes, adapter_config(cfg))
+    return trainable_in_fp32(adapter.to(device))
+
+
 def build_datasets(cfg: FewShotConfig, backbone: Backbone) -> OpenSetData:
     """The full training set (few-shot subsets are drawn per seed), known test set, unknown and
     extra known sets, at the backbone's input size and normalisation."""

@@ -266,6 +266,14 @@ def build_outliers(cfg: TrainConfig) -> Any:
     return ds
 
 
+def build_model(cfg: TrainConfig, num_classes: int) -> Any:
+    """The run's CNN (``model.name`` + ``model.options``), freshly initialised: what ``train`` trains
+    and ``eval`` loads a checkpoint into."""
+    from ..models.cnn import create_cnn
+
+    return create_cnn(cfg.model.name, num_classes, **cfg.model.options)
+
+
 def training_images(train: Any, views: Any, n: int) -> Any:
     """``n`` evenly spaced training images in the model's input space (normalised, canonical frame)."""
     import torch

@@ -12,7 +12,8 @@
   at import: a randomly initialised 32 px CLIP that runs in milliseconds on a CPU.
 * :func:`encode_image_global_local` gives the global embedding *and* LoCoOp-style per-patch
   embeddings from one forward; LoCoOp, GL-MCM and :class:`ClipZeroShotClassifier` use it, and
-  :class:`LocalSimilarity` turns it into gradient-free foreground maps for the mask bank.
+  :class:`~backmix_vlm.saliency.local.LocalSimilarity` turns it into gradient-free foreground maps
+  for the mask bank.
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ import difflib
 import logging
 import os
 import threading
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,11 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..compat import add_open_clip_config_dir
-from ..errors import ModelError, load_error_summary
+from ..errors import ModelError
 from ..registry import Registry
 from ..runtime import OFFLINE_ENV, WEIGHT_PRECISIONS, hub_reachable, resolve_device  # noqa: F401 (OFFLINE_ENV)
-from ..saliency.local import LOCAL_MODES, local_similarity_maps, patch_text_cosine
-from ..validation import check_choice
+from .clip_bundle import ACCEPTED_CHECKPOINTS as _ACCEPTED
+from .clip_bundle import ClipBundle, read_state_dict, set_block_layout
 from .hf_clip import convert_state_dict as convert_hf_state_dict
 from .hf_clip import find_hf_clip, is_hf_name, is_hf_state_dict, load_hf_clip
 from .output import ModelOutput
@@ -87,21 +86,6 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- loading
-@dataclass
-class ClipBundle:
-    """A CLIP model with everything needed to feed it (open_clip returns these together)."""
-
-    model: nn.Module                    # open_clip CLIP, eval mode, requires_grad False
-    tokenizer: Callable[..., torch.Tensor]
-    preprocess_train: Callable[[Any], torch.Tensor]
-    preprocess_eval: Callable[[Any], torch.Tensor]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: int | tuple[int, int]   # int for square inputs (every CLIP we know)
-    name: str
-    pretrained: str | None              # tag, or the checkpoint path the weights came from
-
-
 def load_clip(
     name: str = "ViT-B-16",
     pretrained: str | None = "openai",
@@ -185,27 +169,6 @@ def load_clip(
         name=name,
         pretrained=str(checkpoint) if checkpoint is not None else pretrained if load_weights else None,
     )
-
-
-LAYOUTS = ("auto", "batch_first", "seq_first")
-
-
-def set_block_layout(model: nn.Module, layout: str, device: str | torch.device = "cpu") -> None:
-    """Feed both towers' blocks batch-first ``(N, L, D)`` or sequence-first ``(L, N, D)``."""
-    if layout not in LAYOUTS:
-        raise ModelError(f"layout {layout!r} is not accepted; choose one of {', '.join(LAYOUTS)}")
-    if layout == "auto":
-        layout = "seq_first" if torch.device(device).type == "cpu" else "batch_first"
-    first = layout == "batch_first"
-    for owner in (getattr(model, "visual", None), model):
-        tower = getattr(owner, "transformer", None)
-        if tower is None or not hasattr(tower, "resblocks") or not hasattr(tower, "batch_first"):
-            continue
-        tower.batch_first = first
-        for block in tower.resblocks:
-            attn = getattr(block, "attn", None)
-            if isinstance(attn, nn.MultiheadAttention) or hasattr(attn, "batch_first"):  # + LoRA's SplitAttention
-                attn.batch_first = first
 
 
 def check_clip_source(name: str, pretrained: str | None = None, checkpoint: str | None = None,
@@ -323,32 +286,6 @@ def _no_weights_message(name: str, tag: str | None, why: str, config_section: st
 
 
 # ----------------------------------------------------------------------------- checkpoints
-_ACCEPTED = (
-    "accepted: a CLIP state dict for this architecture in open_clip / OpenAI / transformers key format "
-    "(.pt/.pth/.bin/.safetensors, optionally under 'state_dict', or an OpenAI JIT archive), or a transformers "
-    "CLIP save_pretrained folder (config.json + weights)"
-)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``path`` (open_clip's reader, plus OpenAI JIT archives)."""
-    path = str(path)
-    try:
-        sd = open_clip.factory.load_state_dict(path, device="cpu")
-    except Exception as first:  # noqa: BLE001 - any reader failure becomes one clear message
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation
-                sd = torch.jit.load(path, map_location="cpu").state_dict()
-            for key in ("input_resolution", "context_length", "vocab_size"):
-                sd.pop(key, None)
-        except Exception:  # noqa: BLE001
-            raise ModelError(f"checkpoint {path}: cannot be read ({load_error_summary(first)}); {_ACCEPTED}") from None
-    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelError(f"checkpoint {path}: is not a mapping of parameter names to tensors; {_ACCEPTED}")
-    return dict(sd)
-
-
 def load_clip_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a CLIP state dict file into ``model``; any key or shape mismatch is a ModelError."""
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
@@ -434,46 +371,6 @@ def _local_value_path(visual: VisionTransformer, block: ResidualAttentionBlock, 
 
 
 # ----------------------------------------------------------------------------- local similarity maps
-class LocalSimilarity:
-    """Gradient-free map source: one ``no_grad`` CLIP forward → (B, gh, gw) maps in [0, 1].
-
-    The maps are :func:`backmix_vlm.saliency.local.local_similarity_maps` of the patch-text
-    cosines.  ``model``: an open_clip CLIP (or anything :func:`encode_image_global_local` accepts);
-    ``text_features`` (K, D): class text embeddings (e.g. CoOp's current prompts, detached);
-    ``logit_scale`` defaults to ``model.logit_scale.exp()``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        text_features: torch.Tensor,
-        mode: str = "softmax",
-        logit_scale: float | torch.Tensor | None = None,
-        grid: tuple[int, int] | None = None,
-    ) -> None:
-        check_choice(mode, LOCAL_MODES, "local similarity mode")
-        self.model = model
-        self.text_features = text_features.detach()
-        self.mode = mode
-        if logit_scale is None:
-            scale = getattr(model, "logit_scale", None)
-            logit_scale = scale.detach().exp() if isinstance(scale, torch.Tensor) else 100.0
-        self.logit_scale = logit_scale
-        self.grid = grid
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        _, local = encode_image_global_local(self.model, images)
-        grid = self.grid
-        if grid is None:
-            visual = getattr(self.model, "visual", self.model)
-            ph, pw = getattr(visual, "patch_size", (None, None))
-            if ph and pw:
-                grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-        cosine = patch_text_cosine(local, self.text_features.to(local.device))
-        return local_similarity_maps(cosine, targets, grid, self.mode, self.logit_scale)
-
-
 # ----------------------------------------------------------------------------- zero-shot head
 @torch.no_grad()
 def build_text_features(bundle: ClipBundle, classnames: Sequence[str], templates: str | Sequence[str] = "simple") -> torch.Tensor:

@@ -106,7 +106,7 @@ def find_hf_clip(name: str | None, checkpoint: str | os.PathLike | None, cache_d
     config = _read_json(config_path) if config_path.is_file() else None
     if not _is_clip_config(config):
         return None
-    from .clip import read_state_dict
+    from .clip_bundle import read_state_dict
 
     sd = _read_weights([path]) if path.name.endswith(".index.json") else read_state_dict(path)
     if not is_hf_state_dict(sd):
@@ -311,7 +311,7 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
-    from .clip import read_state_dict
+    from .clip_bundle import read_state_dict
 
     if len(files) == 1 and files[0].name.endswith(".index.json"):
         files = _shards(files[0])
@@ -461,7 +461,7 @@ def load_hf_clip(source: HFClipSource, *, device: torch.device | str = "cpu", pr
     """
     import open_clip
 
-    from .clip import ClipBundle, set_block_layout
+    from .clip_bundle import ClipBundle, set_block_layout
 
     if preprocess not in PREPROCESS_MODES:
         raise ModelError(f"preprocess {preprocess!r} is not accepted; choose one of {', '.join(PREPROCESS_MODES)}")

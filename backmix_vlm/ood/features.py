@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..models.output import ModelOutput
-from ..runs import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from ..runtime import autocast, progress
 from ..validation import check_choice
 

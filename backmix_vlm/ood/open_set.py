@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from ..config import EvalConfig
 from ..errors import ConfigError
 from ..models.heads import check_head, find_linear_head, head_tolerance
-from ..runs import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from ..validation import check_choice
 from .pipeline import ScoringPipeline, SetOutputs
 from .scores import Score, ScoreSetup, build_scores as build_named_scores

@@ -42,7 +42,7 @@ def finish_evaluation(out_dir: str | Path, results: Mapping[str, Any], *, title:
     Returns ``results`` as a plain dict.
     """
     from ..ood.open_set import SCORES_FILE, save_scores
-    from ..runs import atomic_write_text
+    from ..atomic import atomic_write_text
     from .figures import PLOTS, score_plots
     from .tables import ood_summary_table, write_results
 

@@ -121,7 +121,7 @@ def score_histograms(
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     import io
 
-    from ..runs import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..runs import atomic_write_text, write_json
+from ..atomic import atomic_write_text, write_json
 
 DEFAULT_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "dtacc", "oscr", "macro_f1")
 HEADERS = {

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..jobs.runs import fresh_output_dir, run_status, unique_subdir
 from ..jobs.train import load_overridden
-from ..runs import fresh_output_dir, run_status, unique_subdir
 from ..ood.shards import SINGLE, Processes, launched_processes, process_device
 from ..runtime import resolve_device
 
@@ -48,11 +48,10 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
     """Load ``checkpoint`` into the configured model, evaluate, write results into ``out_dir``
     (main process; the others return None)."""
     from ..engine.checkpoint import load_checkpoint, load_model_state_dict
-    from ..jobs.train import build_datasets
-    from ..models.cnn import create_cnn
+    from ..jobs.runs import record_run
+    from ..jobs.train import build_datasets, build_model, check_method, eval_config
     from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
-    from ..runs import record_run
 
     state = load_checkpoint(checkpoint, require=("model",))
     epoch = int(state.get("epoch", 0))
@@ -64,9 +63,7 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
         raise ConfigError(f"{checkpoint} was trained on {len(classes)} classes, the config now gives "
                           f"{len(data.train.classes)}; overrides may not change the known classes")
     device = process_device(resolve_device(cfg.run.device))
-    model = create_cnn(cfg.model.name, len(classes), **cfg.model.options)
-    from ..jobs.train import check_method, eval_config
-
+    model = build_model(cfg, len(classes))
     method = check_method(cfg)
     method.attach(model, len(classes))  # a training method's heads (rotation head, ARPL's points)
     load_model_state_dict(model, state["model"], trainable_only=state.get("trainable_only", False), source=checkpoint)
@@ -88,14 +85,12 @@ def evaluate_run(cfg: Any, checkpoint: Path, out_dir: Path, argv: list[str] | No
 def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path, argv: list[str] | None = None,
                          processes: Processes = SINGLE) -> dict[str, Any] | None:
     """Re-evaluate every seed of a ``fewshot`` run (adapter weights from ``seed<k>/last.pt``)."""
-    from ..adapters import create_adapter
     from ..engine.checkpoint import LAST, load_checkpoint
-    from ..jobs.fewshot import adapter_config, build_backbone, build_datasets, load_fewshot_config
-    from ..models.frozen import trainable_in_fp32
+    from ..jobs.fewshot import build_adapter, build_backbone, build_datasets, load_fewshot_config
+    from ..jobs.runs import record_run
     from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
     from ..report.tables import aggregate_seeds, write_results
-    from ..runs import record_run
 
     cfg = load_fewshot_config(run_dir / "config.yaml", overrides)
     ckpts = {seed: run_dir / f"seed{seed}" / LAST for seed in cfg.data.seeds}
@@ -111,10 +106,9 @@ def evaluate_fewshot_run(run_dir: Path, overrides: list[str], out_dir: Path, arg
     per_seed, epochs = [], []
     for seed in cfg.data.seeds:
         ckpt, state = ckpts[seed], states[seed]
-        adapter = create_adapter(cfg.method.name, backbone.base, data.train.classes, adapter_config(cfg))
-        trainable_in_fp32(adapter)  # as in training (runners.fewshot.run_seed)
+        adapter = build_adapter(cfg, backbone, data.train.classes, device)  # as fewshot built it
         adapter.load_state_dict_trainable(state["model"])
-        adapter.to(device).eval()
+        adapter.eval()
         evaluator = OpenSetEvaluator(data.known, data.unknowns, cfg.eval, device=device,
                                      precision=cfg.run.precision, std=backbone.std, fit_set=data.train_eval,
                                      extra_known=data.extra_known, processes=processes)
@@ -178,10 +172,10 @@ def main(args: Any) -> int:
 def _evaluate(cfg: Any, data: dict[str, Any], run_dir: Path, out: Path, argv: list[str] | None,
               processes: Processes) -> None:
     """A train run, or each variant of a comparison run with the comparison table on top."""
+    from ..atomic import atomic_write_text, write_json
     from ..engine.checkpoint import LAST
     from ..jobs.train import variant_configs
     from ..report.tables import comparison_markdown
-    from ..runs import atomic_write_text, write_json
 
     if not cfg.variants:
         evaluate_run(cfg, run_dir / LAST, out, argv, processes)

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..jobs.data import OpenSetData
-from ..jobs.fewshot import (JOB, BackboneConfig, FewShotConfig, adapter_config, build_backbone, build_datasets,
-                            build_fewshot_config, few_shot_subset, load_fewshot_config, preflight, split_file)
+from ..jobs.fewshot import (JOB, BackboneConfig, FewShotConfig, adapter_config, build_adapter, build_backbone,
+                            build_datasets, build_fewshot_config, few_shot_subset, load_fewshot_config, preflight,
+                            split_file)
 from ..models.backbone import Backbone
-from ..runs import is_main_process, open_run, plan_from_args
+from ..jobs.runs import is_main_process, open_run, plan_from_args
 from ..runtime import on_main_process, process_group_errors
 
 __all__ = ["JOB", "BackboneConfig", "FewShotConfig", "load_fewshot_config", "build_fewshot_config", "preflight",
@@ -34,12 +35,10 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
     (which evaluates and writes), None on the others (``applied``: as in ``runners.train.train_run``)."""
     from accelerate.utils import set_seed
 
-    from ..adapters import create_adapter
     from ..data import IndexedSubset
     from ..engine.adapter_task import AdapterTask
     from ..engine.checkpoint import LAST
     from ..engine.trainer import Trainer
-    from ..models.frozen import trainable_in_fp32
     from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
 
@@ -48,8 +47,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
     train_full = data.train
     train, indices = few_shot_subset(cfg, train_full, seed, seed_dir)
     set_seed(seed)
-    adapter = create_adapter(cfg.method.name, backbone.base, train_full.classes, adapter_config(cfg))
-    adapter = trainable_in_fp32(adapter.to(accelerator.device))  # fp32 weights and optimizer state
+    adapter = build_adapter(cfg, backbone, train_full.classes, accelerator.device)
     run_cfg = dataclasses.replace(cfg.run, seed=seed)
 
     def fit_set() -> Any:  # the training images under the eval transform (Mahalanobis statistics)
@@ -94,9 +92,9 @@ def run_fewshot(cfg: FewShotConfig, run_dir: str | Path, *, resume: bool = False
     reuse_finished = resume if reuse_finished is None else reuse_finished
     import json
 
+    from ..atomic import atomic_write_text
     from ..engine.trainer import build_accelerator
     from ..report.tables import aggregate_seeds, paper_table_v, write_results
-    from ..runs import atomic_write_text
 
     run_dir = Path(run_dir)
     accelerator = build_accelerator(cfg.run)

@@ -9,7 +9,7 @@ those outputs (:class:`backmix_vlm.ood.Evaluator`).  The run directory gets ``re
 AUROC per OOD set and their average, the literature's table), ``scores.safetensors``
 (per-sample scores) and ``plots/score_hist_<set>.png``, as the other jobs.
 
-The run folder belongs to this run (:mod:`backmix_vlm.runs`): a new run into a folder that holds
+The run folder belongs to this run (:mod:`backmix_vlm.jobs.runs`): a new run into a folder that holds
 a finished run refuses unless ``--overwrite``; a failing command leaves no folder behind.
 The config lives in :mod:`backmix_vlm.jobs.ood`.
 """
@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..jobs.data import check_distinct_sets
 from ..jobs.ood import (DEFAULT_SCORES, JOB, RANDOM_WEIGHTS_WARNING, OodConfig, OodEvalConfig, OodModelConfig,
                         ProbeConfig, build_ood_config, load_model, preflight, random_weights)
-from ..runs import open_run, plan_from_args
+from ..jobs.runs import open_run, plan_from_args
 from ..runtime import resolve_device
 
 __all__ = ["JOB", "DEFAULT_SCORES", "OodModelConfig", "ProbeConfig", "OodEvalConfig", "OodConfig", "build_ood_config",

@@ -16,11 +16,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_json
 from ..config import to_dict
-from ..jobs.train import (JOB, OUTLIER_FLAG, TrainConfig, build_datasets, build_outliers, build_train_config,
-                          check_method, eval_config, load_train_config, outlier_seen_sets, preflight, resolve_sources,
-                          training_images, variant_configs, write_plots)
-from ..runs import CONFIG_FILE, open_run, plan_from_args, record_run, write_json
+from ..jobs.train import (JOB, OUTLIER_FLAG, TrainConfig, build_datasets, build_model, build_outliers,
+                          build_train_config, check_method, eval_config, load_train_config, outlier_seen_sets,
+                          preflight, resolve_sources, training_images, variant_configs, write_plots)
+from ..jobs.runs import CONFIG_FILE, open_run, plan_from_args, record_run
 from ..runtime import process_group_errors
 
 __all__ = ["JOB", "TrainConfig", "load_train_config", "resolve_sources", "variant_configs", "train_run",
@@ -38,7 +39,6 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     from ..engine.checkpoint import LAST
     from ..engine.tasks import ClassifierTask
     from ..engine.trainer import Trainer, build_accelerator
-    from ..models.cnn import create_cnn
     from ..ood.open_set import OpenSetEvaluator
     from ..report.finish import finish_evaluation
 
@@ -49,7 +49,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     data = build_datasets(cfg)
     train = data.train
     set_seed(cfg.run.seed)
-    model = create_cnn(cfg.model.name, len(train.classes), **cfg.model.options)
+    model = build_model(cfg, len(train.classes))
     if hasattr(model.backbone, "init_from_data"):  # e.g. airbench's whitening conv: from 5,000 training images
         model.backbone.init_from_data(training_images(train, data.views, 5000))
     method = check_method(cfg)
@@ -91,9 +91,9 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
 def run_variants(cfg: TrainConfig, data: dict[str, Any], run_dir: Path, *, resume: bool,
                  argv: list[str] | None, where: str, applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each variant into ``run_dir/<name>``, then the comparison table."""
+    from ..atomic import atomic_write_text
     from ..engine.checkpoint import LAST
     from ..report.tables import comparison_markdown
-    from ..runs import atomic_write_text
 
     configs = variant_configs(cfg, data, where)
     main_process = int(os.environ.get("RANK", "0")) == 0

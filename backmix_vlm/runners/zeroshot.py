@@ -20,7 +20,7 @@ from ..jobs.data import check_distinct_sets
 from ..jobs.zeroshot import (DEFAULT_SCORES, JOB, ClipModelConfig, ZeroShotConfig, ZeroShotEvalConfig,
                              build_scores, build_zeroshot_config, preflight)
 from ..models.clip import ClipZeroShotClassifier, load_clip
-from ..runs import open_run, plan_from_args
+from ..jobs.runs import open_run, plan_from_args
 from ..runtime import resolve_device
 
 __all__ = ["JOB", "DEFAULT_SCORES", "ClipModelConfig", "ZeroShotEvalConfig", "ZeroShotConfig", "build_scores",

@@ -18,16 +18,17 @@ mask bank sees the same range whichever source fills it.
 
 When the training forward already returns ``ModelOutput.local_cosine`` (CoOp / LoCoOp heads
 built on :func:`encode_image_global_local`), :func:`local_similarity_maps` turns it into maps
-for free; :class:`backmix_vlm.models.clip.LocalSimilarity` runs its own ``no_grad`` CLIP pass
-otherwise (it lives with the CLIP forward it runs: this module only computes maps from tensors).
+for free; :class:`LocalSimilarity` runs its own ``no_grad`` CLIP pass otherwise (the pass is
+handed in as ``encode``, so this module does not import the models).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..validation import check_choice
@@ -81,3 +82,47 @@ def local_similarity_maps(
     index = targets.view(batch, 1, 1).expand(batch, patches, 1)
     score = cos.gather(2, index).squeeze(2)
     return minmax_normalize(score.view(batch, gh, gw))
+
+
+class LocalSimilarity:
+    """Gradient-free map source: one ``no_grad`` CLIP forward → (B, gh, gw) maps in [0, 1].
+
+    The maps are :func:`local_similarity_maps` of the patch-text cosines.  ``encode(model, images)
+    -> (global, local)`` is the CLIP pass that gives the patch features
+    (:func:`backmix_vlm.models.clip.encode_image_global_local`); ``text_features`` (K, D): class
+    text embeddings (e.g. CoOp's current prompts, detached); ``logit_scale`` defaults to
+    ``model.logit_scale.exp()``, ``grid`` to the image size over ``model.visual.patch_size``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        text_features: torch.Tensor,
+        mode: str = "softmax",
+        logit_scale: float | torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+        *,
+        encode: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]],
+    ) -> None:
+        check_choice(mode, LOCAL_MODES, "local similarity mode")
+        self.model = model
+        self.encode = encode
+        self.text_features = text_features.detach()
+        self.mode = mode
+        if logit_scale is None:
+            scale = getattr(model, "logit_scale", None)
+            logit_scale = scale.detach().exp() if isinstance(scale, torch.Tensor) else 100.0
+        self.logit_scale = logit_scale
+        self.grid = grid
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        _, local = self.encode(self.model, images)
+        grid = self.grid
+        if grid is None:
+            visual = getattr(self.model, "visual", self.model)
+            ph, pw = getattr(visual, "patch_size", (None, None))
+            if ph and pw:
+                grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+        cosine = patch_text_cosine(local, self.text_features.to(local.device))
+        return local_similarity_maps(cosine, targets, grid, self.mode, self.logit_scale)

@@ -13,7 +13,8 @@ Rules (see docs/architecture.md, "Run directories"):
 * **Resume restores what ran.**  :func:`resume_config` rebuilds the saved resolved config; an
   override that changes a result-affecting setting refuses unless allowed (the message lists
   the differences).
-* Files are written atomically (temp file + fsync + rename) with the user's umask.
+* Records are written atomically (:mod:`backmix_vlm.atomic`); a resume first deletes the temp files
+  a killed process left.
 """
 from __future__ import annotations
 
@@ -24,18 +25,18 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
 
-from . import __version__
-from .config import build_with_overrides, data_root_override, load_yaml, move_data_root, to_dict
-from .errors import ConfigError, RunDirError
+from .. import __version__
+from ..atomic import atomic_write_text, remove_leftover_temps, write_json
+from ..config import build_with_overrides, data_root_override, load_yaml, move_data_root, to_dict
+from ..errors import ConfigError, RunDirError
 
 C = TypeVar("C")
 
@@ -63,71 +64,6 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-# ----------------------------------------------------------------------------- atomic files
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _as_os_error(error: RuntimeError, path: Path) -> OSError | None:
-    """torch.save reports a failed write (a full disk) as ``RuntimeError: [enforce fail at
-    inline_container.cc:...] unexpected pos ...`` / ``PytorchStreamWriter failed writing file``: an OSError
-    naming ``path`` (ENOSPC when the disk has next to no space left), else None."""
-    import errno
-
-    text = str(error)
-    if not any(k in text for k in ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")):
-        return None
-    try:
-        full = shutil.disk_usage(path.parent).free < 64 * 2**20
-    except OSError:
-        full = False
-    code = errno.ENOSPC if full else errno.EIO
-    return OSError(code, f"{os.strerror(code)} ({text.strip().splitlines()[-1][:120]})", str(path))
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write via ``write(file)`` to a temp file + fsync + rename: a crash never leaves half a file.
-
-    The file gets the mode a plain ``open(path, "w")`` would give (``0o666`` minus the umask),
-    not the ``0o600`` of the temp file, so results can be shared like any other file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # name the file the user will look for
-            e.filename = str(path)
-        converted = _as_os_error(e, path) if isinstance(e, RuntimeError) else None
-        if converted is not None:
-            raise converted from e
-        raise
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _now() -> str:
@@ -202,8 +138,8 @@ def is_run_dir(path: str | Path) -> bool:
 def run_status(run_dir: str | Path) -> str | None:
     """``finished`` | ``running`` | ``interrupted`` | ``failed`` | ``unknown``; None if not a run.
 
-    ``running`` with a lock whose process is gone (or no lock) reads as ``interrupted``.  Runs
-    written before statuses were recorded count as finished when they have ``results.json``.
+    ``running`` with a lock whose process is gone (or no lock) reads as ``interrupted``.  A run
+    without a recorded status counts as finished when it has ``results.json``.
     """
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -393,7 +329,7 @@ def check_new_run_dir(run_dir: Path, job: str, *, overwrite: bool = False, can_r
 def find_resume_dir(job: str, config: str | Path | None, overrides: list[str]) -> Path:
     """The run folder ``--resume`` means: a run directory given directly, or the YAML's
     ``run.output_dir`` / ``run.name`` (after overrides).  It must hold a run of ``job``."""
-    from .config import apply_overrides
+    from ..config import apply_overrides
 
     if config is not None and Path(config).is_dir():
         run_dir = Path(config)
@@ -591,7 +527,7 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
     aside: Path | None = None  # --overwrite: the old run, kept whole until the new one has a checkpoint
     if plan.resume:
         lock.acquire(plan.argv)
-        _remove_leftover_temps(run_dir)
+        remove_leftover_temps(run_dir)
     else:
         created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -640,23 +576,13 @@ def open_run(plan: RunPlan, cfg: Any, *, sub_configs: dict[str, Any] | None = No
     lock.release()
 
 
-def _remove_leftover_temps(run_dir: Path) -> None:
-    """Delete the temp files of atomic writes a killed process left (``.last.pt.<random>.tmp``); under the
-    run's lock no other process writes them."""
-    for tmp in run_dir.rglob(".*.tmp"):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
 ASIDE_MARK = ".replaced-"
 RESUMABLE_JOBS = ("train", "fewshot")
 
 
 def _add_resume_hint(error: BaseException, plan: RunPlan) -> None:
     """Tell the user (``error.resume_hint``, printed by the CLI) that the run is kept and how to continue it."""
-    from .errors import DivergedError
+    from ..errors import DivergedError
 
     change = " optim.lr=<lower> --allow-changes" if isinstance(error, DivergedError) else ""
     try:

@@ -92,6 +92,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         fill_data_roots(self, self.data_root)
 
+    def validate(self) -> None:
+        """The registered names of the sections (mixer and its options, views), once every key parsed
+        (so a typo in a key is still reported before torch loads)."""
+        from ..augment import build_mixer
+        from ..augment.geometry import check_views
+
+        build_mixer(self.augment, self.backmix)
+        check_views(self.data.views)
+
     @property
     def mixer(self) -> str:
         """The mixer that actually runs (``none`` when BackMix is switched off)."""
@@ -237,7 +246,7 @@ def grid_samples(cfg: TrainConfig, checkpoint: Path, num: int) -> dict[str, Any]
     train_src, _, _ = resolve_sources(cfg)
     d = cfg.data
     ds = build_dataset(train_src, build_transform(d.image_size, False, d.mean, d.std, resize=train_src.resize))
-    return mix_with_bank(ds, checkpoint, cfg.backmix, cfg.run.seed, num)
+    return mix_with_bank(ds, checkpoint, cfg.augment, cfg.backmix, cfg.run.seed, num)
 
 
 def write_plots(run_dir: str | Path, cfg: TrainConfig | None = None, *, checkpoint: str | Path | None = None,

@@ -31,8 +31,8 @@ DATA_ROOT_ENV = "BACKMIX_DATA"   # default for every job's data_root (else ./dat
 C = TypeVar("C")
 
 # choices of the shared sections (the trainer checks the same names; BackMix reads PAIRINGS / MASK_SOURCES).
-# Names of registered things (mixers, views, adapters, scores) are not listed here: each job config
-# checks them against their registries once all its keys have parsed (e.g. ``TrainConfig.validate``).
+# Names of registered things (mixers, views, adapters, scores) are not listed here: each job checks
+# them against their registries (``jobs.train.preflight``, ``FewShotConfig.validate``).
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant", "step", "triangle")
 BACKMIX_MODES = ("alongside", "mixed_only")
@@ -107,7 +107,7 @@ class ViewsConfig:
 
     The loader then returns each image in its canonical frame (decoded + resized, as for
     evaluation) and BackMix's mask bank stays in that frame (see ``docs/methods.md``).  ``name`` is
-    checked against ``augment.geometry.view_names()`` by the job config that holds this section.
+    checked against ``augment.geometry.view_names()`` by the job that holds this section.
     """
 
     name: str = "auto"                # auto | none | loader (v0.1: in the workers) | a view sampler: crop_flip, resized_crop_flip, flip, ...
@@ -209,7 +209,7 @@ class AugmentConfig:
     """The ``augment`` section of the train and fewshot jobs: the batch mixer (``augment.build_mixer``).
     ``backmix`` reads the ``backmix`` section; ``backmix.enabled: false`` turns it off (plain training) so a
     sweep can flip one flag.  Defined here, not in ``augment``, so a typo in a key is reported without
-    torch; ``name`` and ``options`` are checked against ``augment.MIXERS`` by the job config that holds it."""
+    torch; ``name`` and ``options`` are checked against ``augment.MIXERS`` by the job that holds it."""
 
     name: str = "backmix"              # a registered mixer: backmix | cutout | mixup | cutmix | none | ...
     options: dict[str, Any] = field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}

@@ -56,8 +56,8 @@ def test_a_registered_mixer_is_accepted_and_used_by_the_trainer(tmp_path, negate
     cfg = from_dict(TrainConfig, {"augment": {"name": "negate", "options": {"scale": 2.0}},
                                   "backmix": {"mode": "mixed_only"}})
     with pytest.raises(ConfigError, match="augment.options: unknown option 'alpha' of mixer 'negate'"):
-        from_dict(TrainConfig, {"augment": {"name": "negate", "options": {"alpha": 2.0}}})
-    mixer = build_mixer(cfg.augment, cfg.backmix)
+        build_mixer(AugmentConfig("negate", {"alpha": 2.0}))
+    mixer = build_mixer(cfg.augment, cfg.backmix)  # what the train job does with its config
     assert isinstance(mixer, Negate) and mixer.scale == 2.0
 
     torch.manual_seed(0)
@@ -110,3 +110,21 @@ def test_figures_draw_nothing_for_a_mixer_without_a_bank(tmp_path):
 
     save_checkpoint(tmp_path / "last.pt", {"bank": MaskBank(8, (4, 4)).state_dict()})
     assert mix_with_bank(tiny_dataset(8), tmp_path / "last.pt", AugmentConfig("cutmix"), BackMixConfig(), 0, 4) is None
+
+
+def test_config_choices_come_from_the_registries(monkeypatch):
+    """``data.views.name`` and ``method.name`` accept exactly what their registries hold, and say so."""
+    from backmix_vlm.adapters import ADAPTERS
+    from backmix_vlm.augment.geometry import VIEW_SAMPLERS, check_views
+    from backmix_vlm.config import ViewsConfig
+    from backmix_vlm.jobs.fewshot import MethodConfig
+
+    accepted = ", ".join(["auto", "none", "loader", *VIEW_SAMPLERS.names()])
+    with pytest.raises(ConfigError, match=f"data.views.name: 'crop_fiip' is not accepted; choose one of {accepted}$"):
+        check_views(ViewsConfig("crop_fiip"))
+    monkeypatch.setattr(VIEW_SAMPLERS, "_items", dict(VIEW_SAMPLERS._items))
+    VIEW_SAMPLERS.register("my_views")(object)
+    check_views(ViewsConfig("my_views"))  # a registered view sampler is a valid name at once
+    with pytest.raises(ConfigError, match=f"method.name: 'clip_adapter' is not accepted; choose one of "
+                                          f"{', '.join(ADAPTERS.names())}$"):
+        from_dict(MethodConfig, {"name": "clip_adapter"}, "method")

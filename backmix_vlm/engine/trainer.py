@@ -356,15 +356,17 @@ class Trainer:
         """The mask bank when the mixer asks for one (else None), and the mixer's setup."""
         if self.mixer is None:
             return None
+        from ..augment.factory import MIXERS
         from ..augment.mask_bank import MaskBank
 
         bank = None
         if self.mixer.needs_bank:
             size = self.task.saliency_size
             if size is None:
+                without = ", ".join(n for n in MIXERS.names() if not MIXERS.get(n).needs_bank)
                 raise ConfigError(f"augment.name: {type(self.mixer).__name__} needs foreground maps (a mask bank), "
-                                  "but this model gives none (no CAM head / saliency); choose a mixer without "
-                                  "one (e.g. none, cutout, mixup or cutmix)")
+                                  f"but this model gives none (no CAM head / saliency); choose a mixer without "
+                                  f"one: {without}")
             bank = MaskBank.from_config(self.backmix, len(self.train_set), tuple(size), device=self.device)
         self.mixer.setup(MixerSetup(generator=self.mix_generator, bank=bank, true_masks=self.true_masks,
                                     device=self.device))

@@ -92,15 +92,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         fill_data_roots(self, self.data_root)
 
-    def validate(self) -> None:
-        """The registered names of the sections (mixer and its options, views), once every key parsed
-        (so a typo in a key is still reported before torch loads)."""
-        from ..augment import build_mixer
-        from ..augment.geometry import check_views
-
-        build_mixer(self.augment, self.backmix)
-        check_views(self.data.views)
-
     @property
     def mixer(self) -> str:
         """The mixer that actually runs (``none`` when BackMix is switched off)."""
@@ -146,8 +137,12 @@ def variant_configs(cfg: TrainConfig, data: dict[str, Any], where: str = "config
 
 
 def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) -> None:
-    """Check, for every variant, the model name and options and every data source (found, filters
-    valid, known classes consistent) before a run folder is created or a step is trained."""
+    """Check, for every variant, the registered names (model, mixer and its options, views) and every
+    data source (found, filters valid, known classes consistent) before a run folder is created or a
+    step is trained.  (Registered names are checked here, not while the YAML parses, so a typo in a
+    key is reported before torch loads.)"""
+    from ..augment import build_mixer
+    from ..augment.geometry import check_views
     from ..data import check_dataset
     from ..models.cnn import check_cnn
     from ..ood.open_set import build_scores
@@ -159,6 +154,11 @@ def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) 
             check_cnn(c.model.name, c.model.options)
         except Exception as e:  # ModelError / RegistryError: name the key
             raise type(e)(f"{where}model: {e}") from None
+        try:
+            build_mixer(c.augment, c.backmix)
+            check_views(c.data.views)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
         train_src, test_src, unknowns = resolve_sources(c)
         keyed = [("data.train", train_src), ("data.test", test_src)]
         keyed += [(f"unknown set '{u.display_name}'", u) for u in unknowns]

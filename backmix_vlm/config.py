@@ -30,7 +30,9 @@ DATA_ROOT_ENV = "BACKMIX_DATA"   # default for every job's data_root (else ./dat
 
 C = TypeVar("C")
 
-# choices of the shared sections (the trainer checks the same names)
+# choices of the shared sections (the trainer checks the same names; BackMix reads PAIRINGS / MASK_SOURCES).
+# Names of registered things (mixers, views, adapters, scores) are not listed here: each job checks
+# them against their registries (``jobs.train.preflight``, ``FewShotConfig.validate``).
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant", "step", "triangle")
 BACKMIX_MODES = ("alongside", "mixed_only")
@@ -104,14 +106,12 @@ class ViewsConfig:
     """Random training geometry (crop / flip), drawn per sample on the batch's device.
 
     The loader then returns each image in its canonical frame (decoded + resized, as for
-    evaluation) and BackMix's mask bank stays in that frame (see ``docs/methods.md``).
+    evaluation) and BackMix's mask bank stays in that frame (see ``docs/methods.md``).  ``name`` is
+    checked against ``augment.geometry.view_names()`` by the job that holds this section.
     """
 
-    name: str = "auto"                # auto | crop_flip | resized_crop_flip | flip | none | loader (v0.1: in the workers)
+    name: str = "auto"                # auto | none | loader (v0.1: in the workers) | a view sampler: crop_flip, resized_crop_flip, flip, ...
     options: dict[str, Any] = field(default_factory=dict)  # sampler options: padding, pad_mode, flip_p, scale, ratio
-
-    def validate(self, where: str = "data.views") -> None:
-        check_choice(self.name, ("auto", "crop_flip", "resized_crop_flip", "flip", "none", "loader"), join(where, "name"))
 
 
 @dataclass
@@ -198,10 +198,6 @@ class BackMixConfig:
         check_choice(self.mask_source, MASK_SOURCES, join(where, "mask_source"))
 
 
-#: every mixer name, in the order the docs list them (the keys of ``augment.MIXERS``)
-MIXER_NAMES = ("backmix", "cutout", "mixup", "cutmix", "none")
-
-
 def active_mixer(name: str, backmix_enabled: bool = True) -> str:
     """The mixer that actually runs: ``name``, except ``none`` for ``backmix`` with ``backmix.enabled: false``
     (so a sweep can switch BackMix off with one flag)."""
@@ -212,13 +208,11 @@ def active_mixer(name: str, backmix_enabled: bool = True) -> str:
 class AugmentConfig:
     """The ``augment`` section of the train and fewshot jobs: the batch mixer (``augment.build_mixer``).
     ``backmix`` reads the ``backmix`` section; ``backmix.enabled: false`` turns it off (plain training) so a
-    sweep can flip one flag.  Defined here, not in ``augment``, so a config is checked without torch."""
+    sweep can flip one flag.  Defined here, not in ``augment``, so a typo in a key is reported without
+    torch; ``name`` and ``options`` are checked against ``augment.MIXERS`` by the job that holds it."""
 
-    name: str = "backmix"              # backmix | cutout | mixup | cutmix | none
+    name: str = "backmix"              # a registered mixer: backmix | cutout | mixup | cutmix | none | ...
     options: dict[str, Any] = field(default_factory=dict)  # e.g. mixup/cutmix {alpha: 1.0}, cutout {side: 0.5}
-
-    def validate(self) -> None:
-        check_choice(self.name, MIXER_NAMES, "augment.name")
 
     def active(self, backmix_enabled: bool) -> str:
         return active_mixer(self.name, backmix_enabled)

@@ -214,6 +214,7 @@ def train_worker(precision: str, layout: str, configs: list[str], batch: int, re
     import tempfile
 
     from backmix_vlm.adapters import CoOp
+    from backmix_vlm.augment import build_mixer
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
     from backmix_vlm.engine.trainer import Trainer
@@ -236,7 +237,7 @@ def train_worker(precision: str, layout: str, configs: list[str], batch: int, re
         task = AdapterTask(adapter, size, SaliencyConfig(**saliency), precision)
         trainers[name] = Trainer(task, _Sized(2 * batch), optim=OptimConfig(lr=0.002, batch_size=batch, epochs=1),
                                  run=RunConfig(device="cpu", precision=precision, seed=seed), run_dir=run_dir,
-                                 num_classes=len(CLASSES), augment=augment, backmix=BackMixConfig())
+                                 num_classes=len(CLASSES), mixer=build_mixer(augment), backmix=BackMixConfig())
     indices = torch.arange(2 * batch)
     steps: dict[str, list[float]] = {n: [] for n in configs}
     growth: dict[str, list[float]] = {n: [] for n in configs}

@@ -66,6 +66,7 @@ def main() -> int:
         return micro(args)
 
     from backmix_vlm.adapters import LoRA
+    from backmix_vlm.augment import build_mixer
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
     from backmix_vlm.engine.trainer import Trainer
@@ -88,7 +89,7 @@ def main() -> int:
         task = AdapterTask(adapter, size, SaliencyConfig(reuse_backward=True, start_layer=-1), args.precision)
         trainers[name] = Trainer(task, _Sized(2 * b), optim=OptimConfig(name="adamw", lr=2e-4, batch_size=b, epochs=1),
                                  run=RunConfig(device="cpu", precision=args.precision, seed=0), run_dir=run_dir,
-                                 num_classes=len(CLASSES), augment=augment, backmix=BackMixConfig())
+                                 num_classes=len(CLASSES), mixer=build_mixer(augment), backmix=BackMixConfig())
         trainers[name].model.train()
     times: dict[str, list[float]] = {n: [] for n in trainers}
     load_start = os.getloadavg()

@@ -289,6 +289,7 @@ def part_coop(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     from backmix_vlm.adapters import CoOp
+    from backmix_vlm.augment import build_mixer
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
     from backmix_vlm.engine.trainer import Trainer
@@ -320,7 +321,7 @@ def part_coop(args: argparse.Namespace) -> dict[str, Any]:
         task = AdapterTask(adapter, size, SaliencyConfig(start_layer=-1, reuse_forward=True), "bf16")
         trainers[name] = Trainer(task, _Sized(2 * b), optim=OptimConfig(lr=0.002, batch_size=b, epochs=1),
                                  run=RunConfig(device="cpu", precision="bf16", seed=args.seed), run_dir=run_dir,
-                                 num_classes=len(CLASSES), augment=augment, backmix=BackMixConfig(), views=views)
+                                 num_classes=len(CLASSES), mixer=build_mixer(augment), backmix=BackMixConfig(), views=views)
 
     def step(name: str, n: int) -> None:
         if name == "official":
@@ -362,6 +363,7 @@ def memory_worker(model_name: str, batch: int, method: str, start_layer: int, le
     import tempfile
 
     from backmix_vlm.adapters import create_adapter
+    from backmix_vlm.augment import build_mixer
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
     from backmix_vlm.engine.trainer import Trainer
@@ -385,7 +387,7 @@ def memory_worker(model_name: str, batch: int, method: str, start_layer: int, le
     task = AdapterTask(adapter, size, SaliencyConfig(start_layer=start_layer), "bf16")
     trainer = Trainer(task, _Sized(batch), optim=OptimConfig(lr=0.002, batch_size=batch, epochs=1),
                       run=RunConfig(device="cpu", precision="bf16", seed=seed), run_dir=tempfile.mkdtemp(),
-                      num_classes=len(CLASSES), augment="backmix", backmix=BackMixConfig())
+                      num_classes=len(CLASSES), mixer=build_mixer("backmix"), backmix=BackMixConfig())
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=g)
     labels = torch.randint(0, len(CLASSES), (batch,), generator=g)

@@ -44,6 +44,7 @@ def worker(model: str, precision: str, batch: int, reps: int, seed: int, threads
 
     from backmix_vlm.augment.geometry import build_views
 
+    from backmix_vlm.augment import build_mixer
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.tasks import ClassifierTask
     from backmix_vlm.engine.trainer import Trainer
@@ -63,7 +64,7 @@ def worker(model: str, precision: str, batch: int, reps: int, seed: int, threads
         trainers[name] = Trainer(ClassifierTask(net, 32), _Sized(BANK_ROWS),
                                  optim=OptimConfig(lr=0.1, batch_size=batch, epochs=1),
                                  run=RunConfig(device="cpu", precision=precision, seed=seed), run_dir=run_dir,
-                                 num_classes=NUM_CLASSES, augment=augment, backmix=BackMixConfig(),
+                                 num_classes=NUM_CLASSES, mixer=build_mixer(augment), backmix=BackMixConfig(),
                                  # both sides draw crop + flip on the device (the frame-consistent bank)
                                  views=build_views("crop_flip", {"padding": 4}) if views else None)
         trainers[name].model.train()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from backmix_vlm.augment import build_mixer
 from backmix_vlm.adapters import create_adapter
 from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
 from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
@@ -130,7 +131,7 @@ def _trainer_step(tiny, tmp_path, method, saliency, mode="alongside"):
     task = AdapterTask(adapter, 32, saliency)
     data = _Images()
     trainer = Trainer(task, data, optim=OptimConfig(lr=0.01, epochs=1, batch_size=4), run=RunConfig(device="cpu", seed=5),
-                      run_dir=tmp_path, num_classes=len(CLASSES), augment="backmix",
+                      run_dir=tmp_path, num_classes=len(CLASSES), mixer=build_mixer("backmix"),
                       backmix=BackMixConfig(mode=mode, momentum=0.5))
     idx = torch.tensor([6, 1, 3, 4])
     images, labels = data.x[idx], data.y[idx]
@@ -169,7 +170,7 @@ def test_vpt_recording_updates_bank_from_training_backward(tiny, tmp_path):
     task = AdapterTask(adapter, 32, SaliencyConfig())
     data = _Images()
     trainer = Trainer(task, data, optim=OptimConfig(lr=0.01, epochs=1, batch_size=4), run=RunConfig(device="cpu", seed=5),
-                      run_dir=tmp_path, num_classes=len(CLASSES), augment="backmix", backmix=BackMixConfig(momentum=0.5))
+                      run_dir=tmp_path, num_classes=len(CLASSES), mixer=build_mixer("backmix"), backmix=BackMixConfig(momentum=0.5))
     idx = torch.tensor([0, 2, 5, 7])
     images, labels = data.x[idx], data.y[idx]
     trainer.train_step(images, labels, idx)

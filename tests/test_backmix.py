@@ -8,9 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from backmix_vlm.augment import (MIXERS, BackMix, CutMix, Cutout, MaskBank, Mixup, MixResult,
+from backmix_vlm.augment import (MIXERS, BackMix, CutMix, Cutout, MaskBank, MixerSetup, Mixup, MixResult,
                                  NoMix, alongside, build_mixer, topk_foreground)
-from backmix_vlm.config import BackMixConfig
+from backmix_vlm.config import AugmentConfig, BackMixConfig
 from backmix_vlm.errors import BackmixError, ConfigError
 
 
@@ -294,19 +294,38 @@ def test_soft_targets():
 
 def test_build_mixer_by_name():
     assert MIXERS.names() == ["backmix", "cutmix", "cutout", "mixup", "none"]
-    cfg = BackMixConfig(cut_area=1 / 16, mask_ratio=0.5, same_location=False, pairing="different_class")
-    mixer = build_mixer("backmix", cfg, bank=MaskBank(4, (2, 2)), num_classes=10, generator=gen())
-    assert isinstance(mixer, BackMix) and mixer.generator is not None
-    assert (mixer.cut_area, mixer.mask_ratio, mixer.same_location, mixer.pairing) == (1 / 16, 0.5, False, "different_class")
+    cfg = BackMixConfig(cut_area=1 / 16, mask_ratio=0.5, same_location=False, pairing="different_class",
+                        mask_source="random")
+    mixer = build_mixer("backmix", cfg)
+    assert isinstance(mixer, BackMix) and mixer.needs_bank and mixer.bank is None  # the bank comes with setup
+    assert (mixer.cut_area, mixer.mask_ratio, mixer.same_location, mixer.pairing, mixer.mask_source) == (
+        1 / 16, 0.5, False, "different_class", "random")
+    bank, g = MaskBank(4, (2, 2)), gen()
+    mixer.setup(MixerSetup(generator=g, bank=bank))
+    assert mixer.bank is bank and mixer.generator is g
     assert isinstance(build_mixer("cutout", cfg), Cutout)  # backmix keys are ignored by baselines
-    assert build_mixer("mixup", {"alpha": 0.2}).alpha == 0.2
-    assert isinstance(build_mixer("none"), NoMix)
-    with pytest.raises(ConfigError, match="unknown option 'beta'.*accepted: alpha"):
-        build_mixer("mixup", {"beta": 1.0})
-    with pytest.raises(ConfigError, match="needs a MaskBank"):
-        build_mixer("backmix", cfg)
-    with pytest.raises(BackmixError, match="unknown mixer 'mixout'"):
+    assert build_mixer(AugmentConfig("mixup", {"alpha": 0.2})).alpha == 0.2
+    assert build_mixer(AugmentConfig("backmix", {"fill": 0.5})).fill == 0.5
+    assert isinstance(build_mixer("none"), NoMix) and not build_mixer("none").mixes
+    assert isinstance(build_mixer("backmix", BackMixConfig(enabled=False)), NoMix)  # backmix.enabled: false
+    assert isinstance(build_mixer("cutmix", BackMixConfig(enabled=False)), CutMix)  # ... switches BackMix only
+    with pytest.raises(ConfigError, match="augment.options: unknown option 'beta' of mixer 'mixup'; accepted: alpha"):
+        build_mixer(AugmentConfig("mixup", {"beta": 1.0}))
+    with pytest.raises(ConfigError, match="augment.name: 'mixout' is not accepted; choose one of backmix, cutmix"):
         build_mixer("mixout", cfg)
+    with pytest.raises(ConfigError, match="BackMix has no mask bank"):
+        build_mixer("backmix")(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([0, 1]))
+
+
+def test_oracle_needs_the_true_masks_at_setup():
+    mixer = build_mixer("backmix", BackMixConfig(mask_source="oracle"))
+    with pytest.raises(ConfigError, match="backmix.mask_source: 'oracle' needs a training set with foreground masks"):
+        mixer.setup(MixerSetup(bank=MaskBank(4, (2, 2))))
+    masks = torch.zeros(4, 8, 8)
+    masks[:, :4] = 1  # the top half is the object
+    mixer.setup(MixerSetup(generator=gen(), bank=MaskBank(4, (2, 2)), true_masks=masks))
+    res = mixer(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), torch.arange(4), return_masks=True)
+    assert torch.equal(res.extras["fg_cells"], masks.bool())  # C_B = the true masks, not the bank
 
 
 # ----------------------------------------------------------------------------- distributed bank

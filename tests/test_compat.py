@@ -136,7 +136,7 @@ def test_library_internals_are_reached_only_in_compat(pattern):
 @pytest.mark.parametrize("definition", [
     r"^def resolve_device\(", r"^def autocast\(", r"^def low_precision_dtype\(", r"^def host_reachable\(",
     r"^def hub_reachable\(", r"^def trainable_state_dict\(", r"^def load_trainable_state_dict\(",
-    r"^DEFAULT_START_LAYER = ", r"^MIXER_NAMES = ", r"^def active_mixer\(", r"^def check_choice\(",
+    r"^DEFAULT_START_LAYER = ", r"^MIXERS[:=]", r"^def active_mixer\(", r"^def build_mixer\(", r"^def check_choice\(",
     r"^AUTOCAST_PRECISIONS = ", r"^WEIGHT_PRECISIONS = ",
 ])
 def test_each_idea_is_defined_once(definition):
@@ -145,9 +145,11 @@ def test_each_idea_is_defined_once(definition):
 
 
 def test_no_second_list_of_names():
-    """Choices are named once: no other module spells out the mixer or precision lists again."""
+    """Choices are named once: no module spells out the mixer, view or adapter registries, or the precision lists, again."""
     lists = {
         "mixers": r"\(\s*\"(none|backmix)\",\s*\"(backmix|cutout)\"",
+        "views": r"\"resized_crop_flip\",\s*\"flip\"",
+        "adapters": r"\"coop\",\s*\"locoop\",\s*\"vpt\"",
         "autocast precisions": r"\(\s*\"no\",\s*\"bf16\",\s*\"fp16\"\s*\)",
         "low-precision dtype map": r"\"bf16\":\s*torch\.bfloat16",
     }
@@ -163,10 +165,12 @@ def test_validation_helpers_are_imported_from_validation():
 
 
 def test_mixer_names_are_the_registry():
-    from backmix_vlm.augment import MIXERS
-    from backmix_vlm.augment.factory import MIXER_NAMES, active_mixer
+    """``augment.name`` accepts exactly the registered mixers, with no list of names anywhere else."""
+    from backmix_vlm.augment import MIXERS, build_mixer
+    from backmix_vlm.config import active_mixer
 
-    assert sorted(MIXER_NAMES) == MIXERS.names()
+    for name in MIXERS.names():
+        assert build_mixer(name) is not None
     assert active_mixer("backmix", False) == "none" and active_mixer("backmix", True) == "backmix"
     assert active_mixer("cutmix", False) == "cutmix"  # backmix.enabled only switches BackMix
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backmix_vlm.augment import build_mixer
 from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
 from backmix_vlm.engine.checkpoint import (capture_rng_state, load_checkpoint, model_state_dict, restore_rng_state,
                                            save_checkpoint)
@@ -122,7 +123,7 @@ def test_train_step_updates_bank_from_the_training_forward(tmp_path, mode):
     torch.manual_seed(0)
     model = create_cnn("small_cnn", 3, width=4)
     trainer = Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(epochs=1, batch_size=4),
-                      run=RunConfig(device="cpu"), run_dir=tmp_path, num_classes=3, augment="backmix",
+                      run=RunConfig(device="cpu"), run_dir=tmp_path, num_classes=3, mixer=build_mixer("backmix"),
                       backmix=BackMixConfig(mode=mode, momentum=0.1))
     seen = {}
     model.register_forward_hook(lambda m, i, o: seen.update(inputs=i[0].detach().clone(), cam=o.cam.detach().clone()))
@@ -145,10 +146,10 @@ def test_train_step_updates_bank_from_the_training_forward(tmp_path, mode):
 def test_trainer_rejects_bad_settings(tmp_path):
     model = create_cnn("small_cnn", 3, width=4)
     kw = dict(run=RunConfig(device="cpu"), run_dir=tmp_path, num_classes=3)
-    with pytest.raises(ConfigError, match="augment: 'mixupp' is not accepted"):
-        Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(), augment="mixupp", **kw)
+    with pytest.raises(ConfigError, match="augment.name: 'mixupp' is not accepted"):
+        build_mixer("mixupp")
     with pytest.raises(ConfigError, match="backmix.mode"):
-        Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(), augment="backmix",
+        Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(), mixer=build_mixer("backmix"),
                 backmix=BackMixConfig(mode="both"), **kw)
     with pytest.raises(ConfigError, match="run.precision: fp16 autocast needs a CUDA GPU"):
         Trainer(ClassifierTask(model, 16), tiny_dataset(8), optim=OptimConfig(),

@@ -11,6 +11,7 @@ from open_clip.transformer import LayerNormFp32, QuickGELU
 from torch import nn
 from torch.utils.data import Dataset
 
+from backmix_vlm.augment import build_mixer
 from backmix_vlm.adapters import create_adapter
 from backmix_vlm.config import OptimConfig, RunConfig
 from backmix_vlm.engine.adapter_task import AdapterTask, SaliencyConfig
@@ -215,7 +216,7 @@ def test_training_keeps_trainable_fp32_and_saved_state_unchanged(tiny, tmp_path,
     task = AdapterTask(adapter, 32, SaliencyConfig(), precision="bf16")
     trainer = Trainer(task, data, optim=OptimConfig(lr=0.01, epochs=1, batch_size=4),
                       run=RunConfig(device="cpu", precision="bf16", seed=5), run_dir=tmp_path,
-                      num_classes=4, augment="backmix")
+                      num_classes=4, mixer=build_mixer("backmix"))
     idx = torch.tensor([0, 1, 2, 3])
     stats = trainer.train_step(data.x[idx], data.y[idx], idx)
     assert torch.isfinite(stats["loss"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from backmix_vlm.augment import build_mixer
 from backmix_vlm.adapters import create_adapter
 from backmix_vlm.augment.base import MixResult
 from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
@@ -72,7 +73,7 @@ def test_trainer_hands_the_step_loss_scale_to_the_task(tmp_path, monkeypatch):
     torch.manual_seed(0)
     trainer = Trainer(Recording(create_cnn("small_cnn", K, width=4), SIZE), tiny_dataset(8),
                       optim=OptimConfig(epochs=1, batch_size=8, lr=0.05), run=RunConfig(device="cpu"),
-                      run_dir=tmp_path, num_classes=K, augment="backmix")
+                      run_dir=tmp_path, num_classes=K, mixer=build_mixer("backmix"))
     trainer.fit()
     assert seen == [1024.0]
 
@@ -90,7 +91,7 @@ def test_non_finite_maps_never_enter_the_bank_and_are_counted(tmp_path):
     data = tiny_dataset(16)
     trainer = Trainer(Poisoned(create_cnn("small_cnn", K, width=4), SIZE), data,
                       optim=OptimConfig(epochs=1, batch_size=8, lr=0.05), run=RunConfig(device="cpu"),
-                      run_dir=tmp_path, num_classes=K, augment="backmix", backmix=BackMixConfig(momentum=0.5))
+                      run_dir=tmp_path, num_classes=K, mixer=build_mixer("backmix"), backmix=BackMixConfig(momentum=0.5))
     trainer.fit()
     bank = trainer.bank.bank
     assert torch.isfinite(bank).all()
@@ -104,7 +105,7 @@ def test_clean_runs_log_no_bank_skipped_column(tmp_path):
     torch.manual_seed(0)
     trainer = Trainer(ClassifierTask(create_cnn("small_cnn", K, width=4), SIZE), tiny_dataset(8),
                       optim=OptimConfig(epochs=1, batch_size=8, lr=0.05), run=RunConfig(device="cpu"),
-                      run_dir=tmp_path, num_classes=K, augment="backmix")
+                      run_dir=tmp_path, num_classes=K, mixer=build_mixer("backmix"))
     trainer.fit()
     assert "bank_skipped" not in trainer.history[-1]
 

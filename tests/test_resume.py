@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from backmix_vlm.augment import build_mixer
 from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
 from backmix_vlm.data.dataset import ImageDataset
 from backmix_vlm.data.records import ArrayRecords
@@ -50,7 +51,7 @@ def make_trainer(run_dir, *, model_seed=0, eval_every=1, augment="backmix", num_
     # device_views: the loader gives canonical images, crop + flip are drawn by the trainer
     views = build_views("crop_flip", {"padding": 2}, (0.5,) * 3, (0.25,) * 3) if device_views else None
     return Trainer(ClassifierTask(model, SIZE), tiny_dataset(train_tf=not device_views), optim=cfg,
-                   run=RunConfig(device="cpu", seed=3), run_dir=run_dir, num_classes=K, augment=augment,
+                   run=RunConfig(device="cpu", seed=3), run_dir=run_dir, num_classes=K, mixer=build_mixer(augment),
                    backmix=BackMixConfig(mode="alongside"), num_workers=num_workers, evaluate=rng_hungry_eval,
                    eval_every=eval_every, views=views)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from backmix_vlm.augment import build_mixer
 from backmix_vlm.adapters import create_adapter
 from backmix_vlm.adapters.vision import ClipVision, TimmViT
 from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
@@ -107,7 +108,7 @@ def test_trainer_calls_plan_forward_loss_maps_in_order(tmp_path, augment):
     torch.manual_seed(0)
     task = _Spy(create_cnn("small_cnn", len(CLASSES), width=4), 32)
     trainer = Trainer(task, _Images(), optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
-                      run=RunConfig(device="cpu"), run_dir=tmp_path, num_classes=len(CLASSES), augment=augment,
+                      run=RunConfig(device="cpu"), run_dir=tmp_path, num_classes=len(CLASSES), mixer=build_mixer(augment),
                       backmix=BackMixConfig(bank_update_every=2))
     trainer.fit()
     if augment == "cutmix":  # no bank: no plan, a plain forward

@@ -10,6 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
+from backmix_vlm.augment import build_mixer
 from backmix_vlm.cli import main as cli
 from backmix_vlm.engine.checkpoint import load_checkpoint
 from backmix_vlm.errors import ConfigError
@@ -139,7 +140,7 @@ def test_bf16_run_autocasts_on_cpu(tmp_path):
     model.backbone[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     trainer = Trainer(ClassifierTask(model, 16), tiny_dataset(16), optim=OptimConfig(epochs=1, batch_size=8),
                       run=RunConfig(device="cpu", precision="bf16"), run_dir=tmp_path, num_classes=3,
-                      augment="backmix")
+                      mixer=build_mixer("backmix"))
     trainer.fit()
     assert dtypes and all(d == torch.bfloat16 for d in dtypes)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32

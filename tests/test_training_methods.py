@@ -230,6 +230,7 @@ def test_config_errors_name_the_method_key(tmp_path, image_folder):
 def _oe_trainer(run_dir):
     from test_resume import K, SIZE, rng_hungry_eval, tiny_dataset
 
+    from backmix_vlm.augment import build_mixer
     from backmix_vlm.augment.geometry import build_views
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.trainer import Trainer
@@ -238,8 +239,8 @@ def _oe_trainer(run_dir):
     model = create_cnn("small_cnn", K, width=4)
     views = build_views("crop_flip", {"padding": 2}, (0.5,) * 3, (0.25,) * 3)
     return Trainer(ClassifierTask(model, SIZE), tiny_dataset(train_tf=False), optim=OptimConfig(epochs=2, batch_size=8,
-                   lr=0.05), run=RunConfig(device="cpu", seed=3), run_dir=run_dir, num_classes=K, augment="backmix",
-                   backmix=BackMixConfig(mode="alongside"), evaluate=rng_hungry_eval, eval_every=1, views=views,
+                   lr=0.05), run=RunConfig(device="cpu", seed=3), run_dir=run_dir, num_classes=K,
+                   mixer=build_mixer("backmix"), backmix=BackMixConfig(mode="alongside"), evaluate=rng_hungry_eval, eval_every=1, views=views,
                    method=OutlierExposure(outlier_batch_ratio=0.5), outliers=tiny_dataset(train_tf=False))
 
 

@@ -35,14 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import MASK_SOURCES, PAIRINGS
 from ..errors import ConfigError
 from ..validation import check_choice
-from .base import MixResult, box_mask, check_fraction, rand, randint, randperm
+from .base import Mixer, MixerSetup, MixResult, box_mask, check_fraction, rand, randint, randperm
 from .factory import MIXERS
 from .mask_bank import MaskBank, topk_foreground
-
-PAIRINGS = ("random", "different_class")
-MASK_SOURCES = ("bank", "random", "oracle")
 
 
 def box_side(cut_area: float, size: tuple[int, int]) -> tuple[int, int]:
@@ -80,18 +78,23 @@ def different_class_partners(labels: Tensor, generator: torch.Generator | None) 
 
 
 @MIXERS.register("backmix")
-class BackMix:
-    """Batched BackMix over a :class:`MaskBank`; see the module docstring for the maths."""
+class BackMix(Mixer):
+    """Batched BackMix over a :class:`MaskBank`; see the module docstring for the maths.
 
-    def __init__(self, bank: MaskBank, cut_area: float = 0.25, mask_ratio: float = 0.25,
+    ``bank`` (and ``generator``, ``true_masks``) may be left out and handed over by :meth:`setup`
+    (what the trainer does: it owns the bank and the random stream).
+    """
+
+    needs_bank = True
+    options = ("fill",)
+    label = "BackMix"
+
+    def __init__(self, bank: MaskBank | None = None, cut_area: float = 0.25, mask_ratio: float = 0.25,
                  same_location: bool = True, pairing: str = "random",
                  generator: torch.Generator | None = None, fill: float = 0.0,
                  mask_source: str = "bank", true_masks: Tensor | None = None) -> None:
         self.bank = bank
         check_choice(mask_source, MASK_SOURCES, "backmix.mask_source")
-        if mask_source == "oracle" and true_masks is None:
-            raise ConfigError("backmix.mask_source: 'oracle' needs the true foreground masks of the training "
-                              "set (a dataset with foreground masks, e.g. bgshift)")
         self.mask_source = mask_source
         self.true_masks = true_masks
         self.cut_area = check_fraction(cut_area, "cut_area")
@@ -101,6 +104,21 @@ class BackMix:
         self.pairing = pairing
         self.generator = generator
         self.fill = float(fill)
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any], backmix: Any) -> "BackMix":
+        """The ``backmix`` section's mixing keys (the others configure the bank and the engine)."""
+        return cls(cut_area=backmix.cut_area, mask_ratio=backmix.mask_ratio, same_location=backmix.same_location,
+                   pairing=backmix.pairing, mask_source=backmix.mask_source, **options)
+
+    def setup(self, inputs: MixerSetup) -> None:
+        """The trainer's bank and random stream; the true masks (moved to the batches' device)."""
+        self.generator, self.bank = inputs.generator, inputs.bank
+        if self.mask_source == "oracle":
+            if inputs.true_masks is None:
+                raise ConfigError("backmix.mask_source: 'oracle' needs a training set with foreground masks "
+                                  "(e.g. the bgshift datasets); this one has none")
+            self.true_masks = inputs.true_masks.to(inputs.device)
 
     def __repr__(self) -> str:
         return (f"BackMix(cut_area={self.cut_area}, mask_ratio={self.mask_ratio}, "
@@ -116,18 +134,23 @@ class BackMix:
     def foreground(self, indices: Tensor, geometry: Any = None) -> Tensor:
         """C_B (B, h', w') bool for the images ``indices`` (bank rows), in their views."""
         if self.mask_source == "oracle":
+            if self.true_masks is None:
+                raise ConfigError("backmix.mask_source: 'oracle' needs the true foreground masks of the training "
+                                  "set (a dataset with foreground masks, e.g. bgshift)")
             masks = self.true_masks.index_select(0, indices.to(self.true_masks.device)).to(indices.device).float()
             if geometry is not None:
                 masks = geometry.to(indices.device).to_view(masks)
             return masks >= 0.5
+        if self.bank is None:
+            raise ConfigError("BackMix has no mask bank: pass bank=MaskBank(num_samples, cam_size) or call setup()")
         if self.mask_source == "random":
             n, (h, w) = indices.shape[0], self.bank.size
             return topk_foreground(rand((n, h, w), self.generator, indices.device), self.mask_ratio) > 0
         return self.bank.view_foreground(indices, self.mask_ratio, geometry).to(indices.device) > 0
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor,
-                 return_masks: bool = False, geometry: Any = None) -> MixResult:
+    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor, *,
+                 geometry: Any = None, return_masks: bool = False) -> MixResult:
         """Mix a normalised batch (B, C, H, W); ``indices`` are the samples' bank rows,
         ``geometry`` (optional) the views the batch images are of.
 
@@ -136,7 +159,7 @@ class BackMix:
         nearest neighbour: pixel row ``y`` reads bank cell ``y * h // H``) are set to ``fill``,
         and one ``index_copy_`` writes them into a copy of the batch at the target boxes.
         ``return_masks=True`` adds ``partner``, ``box_mask`` (M), ``fg_mask`` (C_B at image size,
-        BI coordinates), ``pasted_fg`` (pixels set to ``fill``) and ``box`` (top, left,
+        BI coordinates), ``fg_cells`` (C_B at its own resolution: the bank's cells), ``pasted_fg`` (pixels set to ``fill``) and ``box`` (top, left,
         src_top, src_left) to ``MixResult.extras``.
         """
         b, _, h, w = images.shape
@@ -175,6 +198,7 @@ class BackMix:
                 "partner": partner,
                 "box_mask": box_mask(top, left, box_h, box_w, (h, w)),
                 "fg_mask": fg[batch[:, None, None], full_r, full_c],
+                "fg_cells": fg,
                 "pasted_fg": pasted,
                 "box": torch.stack([top, left, src_top, src_left], dim=1),
             }

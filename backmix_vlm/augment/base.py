@@ -1,9 +1,10 @@
-"""What every batch mixer returns, and the helpers mixers share.
+"""The batch-mixer interface (:class:`Mixer`), what every mixer returns, and shared helpers.
 
-A mixer is called as ``mixer(images, labels, indices) -> MixResult``.  The result carries
-everything the loss needs, so the training loop never branches on the mixer type::
+A mixer declares what it needs and is called one way::
 
-    result = mixer(images, labels, indices)
+    mixer.needs_bank                    # the trainer makes / updates / checkpoints a MaskBank for it
+    mixer.setup(MixerSetup(...))        # once, before the first batch (generator, bank, true masks)
+    result = mixer(images, labels, indices, geometry=geometry)
     out = model(result.images)
     loss = result.loss(out.logits)
 
@@ -13,7 +14,7 @@ everything the loss needs, so the training loop never branches on the mixer type
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,63 @@ class MixResult:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+@dataclass(frozen=True)
+class MixerSetup:
+    """What the trainer (or a figure) hands a mixer once, before the first batch.
+
+    generator:  the run's mixer random stream (checkpointed by the trainer, so a resume replays it).
+    bank:       the :class:`~backmix_vlm.augment.mask_bank.MaskBank` the trainer keeps updated; given
+                exactly when ``mixer.needs_bank``.
+    true_masks: the training set's true foreground masks (N, H, W), when the dataset has them.
+    device:     where the batches will be.
+    """
+
+    generator: torch.Generator | None = None
+    bank: Any = None
+    true_masks: Tensor | None = None
+    device: torch.device = torch.device("cpu")
+
+
+class Mixer:
+    """Base class of the batch mixers (registered by name in ``augment.MIXERS``).
+
+    A mixer declares what it needs as class attributes; the trainer asks, never guesses:
+
+    * ``needs_bank``: the mixer reads a mask bank (one foreground map per training sample); the
+      trainer makes it (task's saliency size, ``backmix.momentum``), updates it from the training
+      maps, checkpoints it and hands it over in :meth:`setup`.
+    * ``mixes``: False for the identity (plain training: the trainer then trains on the clean batch).
+    * ``options``: the keys accepted in ``augment.options`` (constructor keywords).
+    * ``label``: the name in results tables ("" for none).
+
+    :meth:`from_config` builds it from ``augment.options`` and the ``backmix`` section;
+    :meth:`setup` receives a :class:`MixerSetup`; ``__call__(images, labels, indices, *,
+    geometry=None, return_masks=False) -> MixResult`` mixes a normalised (B, C, H, W) batch
+    (``indices``: the samples' dataset rows; ``geometry``: each image's view of its canonical
+    image, or None).  All randomness comes from ``self.generator``.
+    """
+
+    needs_bank: ClassVar[bool] = False
+    mixes: ClassVar[bool] = True
+    options: ClassVar[tuple[str, ...]] = ()
+    label: ClassVar[str] = ""
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any], backmix: Any) -> "Mixer":
+        """The mixer from ``augment.options`` (already checked against ``options``) and the
+        ``backmix`` section (a :class:`~backmix_vlm.config.BackMixConfig`; baselines ignore it)."""
+        return cls(**options)
+
+    def setup(self, inputs: MixerSetup) -> None:
+        """Take what the run provides (the trainer calls this once, before the first batch)."""
+        self.generator = inputs.generator
+
+    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None, *,
+                 geometry: Any = None, return_masks: bool = False) -> MixResult:
+        raise NotImplementedError
 
 
 def alongside(images: Tensor, labels: Tensor, result: MixResult) -> MixResult:

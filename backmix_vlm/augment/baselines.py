@@ -1,18 +1,19 @@
 """Augmentation baselines from the paper's comparison: Cutout, Mixup, CutMix (and no mixing).
 
-All share BackMix's call ``mixer(images, labels, indices) -> MixResult`` (``indices`` unused),
-operate on a normalised batch with tensor ops only, and draw all randomness from
+Each is a :class:`~backmix_vlm.augment.base.Mixer` (``indices`` and ``geometry`` unused: no
+mask bank), operates on a normalised batch with tensor ops only, and draws all randomness from
 ``generator`` (torch's global RNG when None).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import MixResult, box_mask, check_fraction, rand, randint, randperm, sample_beta
+from .base import Mixer, MixResult, box_mask, check_fraction, rand, randint, randperm, sample_beta
 from .factory import MIXERS
 
 _CPU = torch.device("cpu")
@@ -25,16 +26,18 @@ def _check_alpha(alpha: float, owner: str) -> float:
 
 
 @MIXERS.register("none")
-class NoMix:
+class NoMix(Mixer):
     """The identity: plain training through the same interface."""
 
-    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None,
-                 return_masks: bool = False) -> MixResult:
+    mixes = False
+
+    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None, *,
+                 geometry: Any = None, return_masks: bool = False) -> MixResult:
         return MixResult(images, labels)
 
 
 @MIXERS.register("cutout")
-class Cutout:
+class Cutout(Mixer):
     """Cutout (DeVries & Taylor, 2017): zero one square per image, centre anywhere.
 
     The square's side is ``side`` of the image side (0.5: 16 px at 32 px, the paper's CIFAR
@@ -42,14 +45,17 @@ class Cutout:
     boxes near an edge are smaller, as in the original.  Zero in normalised space = the mean.
     """
 
+    options = ("side", "fill")
+    label = "Cutout"
+
     def __init__(self, side: float = 0.5, fill: float = 0.0, generator: torch.Generator | None = None) -> None:
         self.side = check_fraction(side, "side", owner="cutout")
         self.fill = float(fill)
         self.generator = generator
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None,
-                 return_masks: bool = False) -> MixResult:
+    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None, *,
+                 geometry: Any = None, return_masks: bool = False) -> MixResult:
         b, _, h, w = images.shape
         len_h, len_w = int(self.side * h + 0.5), int(self.side * w + 0.5)
         cy = randint(h, b, self.generator, images.device)
@@ -62,16 +68,19 @@ class Cutout:
 
 
 @MIXERS.register("mixup")
-class Mixup:
+class Mixup(Mixer):
     """Mixup (Zhang et al., 2018): ``lam*x + (1-lam)*x[perm]``, one λ ~ Beta(α, α) per batch."""
+
+    options = ("alpha",)
+    label = "Mixup"
 
     def __init__(self, alpha: float = 1.0, generator: torch.Generator | None = None) -> None:
         self.alpha = _check_alpha(alpha, "mixup")
         self.generator = generator
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None,
-                 return_masks: bool = False) -> MixResult:
+    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None, *,
+                 geometry: Any = None, return_masks: bool = False) -> MixResult:
         lam = sample_beta(self.alpha, self.generator)
         perm = randperm(images.shape[0], self.generator, images.device)
         mixed = lam * images + (1.0 - lam) * images[perm]
@@ -79,7 +88,7 @@ class Mixup:
 
 
 @MIXERS.register("cutmix")
-class CutMix:
+class CutMix(Mixer):
     """CutMix (Yun et al., 2019), as in the official code: one box and one λ per batch.
 
     λ ~ Beta(α, α); the box has side ``int(H * sqrt(1 - λ))`` around a uniform centre, clipped
@@ -87,14 +96,17 @@ class CutMix:
     batch is mixed at all (the official CIFAR recipe uses 0.5; default 1.0).
     """
 
+    options = ("alpha", "prob")
+    label = "CutMix"
+
     def __init__(self, alpha: float = 1.0, prob: float = 1.0, generator: torch.Generator | None = None) -> None:
         self.alpha = _check_alpha(alpha, "cutmix")
         self.prob = check_fraction(prob, "prob", owner="cutmix")
         self.generator = generator
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None,
-                 return_masks: bool = False) -> MixResult:
+    def __call__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None, *,
+                 geometry: Any = None, return_masks: bool = False) -> MixResult:
         b, _, h, w = images.shape
         if self.prob < 1.0 and float(rand((1,), self.generator, _CPU)) >= self.prob:
             return MixResult(images, labels)

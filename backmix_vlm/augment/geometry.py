@@ -414,8 +414,21 @@ def build_views(name: str, options: dict | None = None, mean: Sequence[float] | 
     return DeviceViews(sampler, fill, mean=mean, std=std, auto_augment=auto_augment)
 
 
-VIEW_CHOICES = ("auto", "crop_flip", "resized_crop_flip", "flip", "none", "loader")
+#: ``data.views.name`` values that are not a sampler: pick one by image size, no views, the loader's augmentation
+VIEW_MODES = ("auto", "none", "loader")
 CACHE_CHOICES = ("none", "memory")
+
+
+def view_names() -> list[str]:
+    """Every accepted ``data.views.name``: :data:`VIEW_MODES`, then the registered view samplers."""
+    return [*VIEW_MODES, *VIEW_SAMPLERS.names()]
+
+
+def check_views(views: Any, where: str = "data.views") -> None:
+    """``data.views.name`` against :func:`view_names` (called where a job config is parsed)."""
+    from ..validation import check_choice
+
+    check_choice(views.name, view_names(), f"{where}.name")
 
 
 def train_pipeline(views: Any, image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
@@ -430,10 +443,8 @@ def train_pipeline(views: Any, image_size: int, mean: Sequence[float] | None, st
     augmentation in the DataLoader workers and returns no device views.  ``uint8``: the loader
     gives un-normalised pixels (``data.cache: memory``) and the views normalise on the device.
     """
-    from ..validation import check_choice
     from ..data import build_transform
 
-    check_choice(views.name, VIEW_CHOICES, "data.views.name")
     if uint8 and views.name == "loader":
         raise ConfigError("data.cache: memory decodes each image once, so augmentation cannot run in the "
                           "loader: choose another data.views.name (e.g. auto)")

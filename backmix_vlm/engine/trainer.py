@@ -53,7 +53,6 @@ Design choices (documented because they change numbers):
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import math
@@ -71,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..augment.factory import MIXER_NAMES, active_mixer
+from ..augment.base import Mixer, MixerSetup
 from ..config import BACKMIX_MODES, BackMixConfig, OptimConfig, RunConfig
 from ..errors import ConfigError, DivergedError, ModelError
 from ..models.output import ModelOutput
@@ -169,12 +168,12 @@ class Trainer:
     (the mask bank row).  ``evaluate(model, epoch) -> {metric: value}`` is called on the main
     process every ``eval_every`` epochs and after the last one; its values go to the log.
     ``best_metric`` (a log column, higher = better) also keeps ``best.pt``.
-    ``meta`` (plain data: config, class names) is stored in every checkpoint.  The mixer is
-    ``augment`` built from the ``backmix`` section plus ``augment_options`` (e.g. mixup
-    ``alpha``); ``augment="backmix"`` with ``backmix.enabled=False`` trains plain.
+    ``meta`` (plain data: config, class names) is stored in every checkpoint.  ``mixer`` is a
+    built :class:`~backmix_vlm.augment.base.Mixer` (``augment.build_mixer``; None or one with
+    ``mixes = False``: plain training); the trainer makes the mask bank when ``mixer.needs_bank``
+    and hands it, with its random stream, to ``mixer.setup``.  ``backmix`` configures the engine
+    (``mode``, ``bank_update_every``) and the bank (``momentum``; ``mask_ratio`` for mask quality).
     """
-
-    _mixer_takes_geometry = False  # set by _build_mixer
 
     def __init__(
         self,
@@ -185,9 +184,8 @@ class Trainer:
         run: RunConfig,
         run_dir: str | Path,
         num_classes: int,
-        augment: str = "none",
+        mixer: Mixer | None = None,
         backmix: BackMixConfig | None = None,
-        augment_options: dict[str, Any] | None = None,
         num_workers: int = 0,
         evaluate: Evaluator | None = None,
         eval_every: int = 0,
@@ -198,7 +196,6 @@ class Trainer:
         method: Any = None,
         outliers: Dataset | None = None,
     ) -> None:
-        check_choice(augment, MIXER_NAMES, "augment")
         self.backmix = backmix or BackMixConfig()
         check_choice(self.backmix.mode, BACKMIX_MODES, "backmix.mode")
         if self.backmix.bank_update_every < 1:
@@ -206,8 +203,7 @@ class Trainer:
         self.task, self.train_set = task, train_set
         self.optim_cfg, self.run_cfg = optim, run
         self.run_dir = Path(run_dir)
-        self.num_classes, self.augment = num_classes, augment
-        self.augment_options = dict(augment_options or {})
+        self.num_classes = num_classes
         self.num_workers, self.evaluate, self.eval_every = num_workers, evaluate, eval_every
         self.best_metric, self.meta = best_metric, dict(meta or {})
         self.accelerator = accelerator or build_accelerator(run)
@@ -235,7 +231,8 @@ class Trainer:
         self.true_masks = getattr(train_set, "foreground_masks", None)  # datasets with known foregrounds
         self._init_method(method, outliers)
 
-        self.bank, self.mixer = self._build_mixer()
+        self.mixer = mixer if mixer is not None and mixer.mixes else None
+        self.bank = self._setup_mixer()
         optimizer = build_optimizer(task.trainable_parameters(), optim, norm_parameters(task.model),
                                     frozen_after(task.model, optim.freeze_after))
         self.channels_last = bool(getattr(run, "channels_last", False))
@@ -296,28 +293,25 @@ class Trainer:
                                    epoch=self.epoch, seed=self.run_cfg.seed)
         return images
 
-    def _build_mixer(self) -> tuple[nn.Module | None, Callable[..., Any] | None]:
-        if active_mixer(self.augment, self.backmix.enabled) == "none":
-            return None, None
-        from ..augment import build_mixer
+    def _setup_mixer(self) -> nn.Module | None:
+        """The mask bank when the mixer asks for one (else None), and the mixer's setup."""
+        if self.mixer is None:
+            return None
+        from ..augment.factory import MIXERS
         from ..augment.mask_bank import MaskBank
 
         bank = None
-        if self.augment == "backmix":
+        if self.mixer.needs_bank:
             size = self.task.saliency_size
             if size is None:
-                raise ConfigError("augment: backmix needs foreground maps, but this model gives none "
-                                  "(no CAM head / saliency); choose augment none, cutout, mixup or cutmix")
+                without = ", ".join(n for n in MIXERS.names() if not MIXERS.get(n).needs_bank)
+                raise ConfigError(f"augment.name: {type(self.mixer).__name__} needs foreground maps (a mask bank), "
+                                  f"but this model gives none (no CAM head / saliency); choose a mixer without "
+                                  f"one: {without}")
             bank = MaskBank.from_config(self.backmix, len(self.train_set), tuple(size), device=self.device)
-        options = {**asdict(self.backmix), **self.augment_options}  # BackMix keys, then mixer options
-        if self.augment == "backmix" and self.backmix.mask_source == "oracle":
-            if self.true_masks is None:
-                raise ConfigError("backmix.mask_source: 'oracle' needs a training set with foreground masks "
-                                  "(e.g. the bgshift datasets); this one has none")
-            options["true_masks"] = self.true_masks.to(self.device)
-        mixer = build_mixer(self.augment, options, bank, self.num_classes, self.mix_generator)
-        self._mixer_takes_geometry = "geometry" in inspect.signature(mixer.__call__).parameters
-        return bank, mixer
+        self.mixer.setup(MixerSetup(generator=self.mix_generator, bank=bank, true_masks=self.true_masks,
+                                    device=self.device))
+        return bank
 
     def _loader(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
@@ -352,8 +346,7 @@ class Trainer:
         if self.mixer is None:
             mix = MixResult(images, labels)
         else:
-            kw = {"geometry": geometry} if self._mixer_takes_geometry else {}
-            mix = self.mixer(images, labels, indices, **kw)
+            mix = self.mixer(images, labels, indices, geometry=geometry)
             if cfg.mode == "alongside":
                 mix = alongside(images, labels, mix)
         self.optimizer.zero_grad(set_to_none=True)
@@ -595,7 +588,8 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
         if self.bank is not None:
             if state.get("bank") is None:
-                raise ModelError(f"{path}: the checkpoint has no mask bank but augment is backmix")
+                raise ModelError(f"{path}: the checkpoint has no mask bank but the mixer "
+                                 f"({type(self.mixer).__name__}) uses one")
             self.bank.load_state_dict(state["bank"])
         if self.lookahead is not None:
             if state.get("lookahead") is None:

@@ -25,21 +25,22 @@ from ..validation import check_choice
 from .data import OpenSetData, build_open_set_data
 
 JOB = "fewshot"
-METHODS = ("coop", "locoop", "vpt", "lora")
 VISION_ONLY_METHODS = ("vpt", "lora")     # methods that need no text tower (timm backbones)
 SHOT_CHOICES = (1, 2, 4, 8, 16)
-__all__ = ["JOB", "METHODS", "FAMILIES", "FROZEN_WEIGHTS", "SHOT_CHOICES", "BackboneConfig", "MethodConfig",
+__all__ = ["JOB", "FAMILIES", "FROZEN_WEIGHTS", "SHOT_CHOICES", "BackboneConfig", "MethodConfig",
            "FewShotDataConfig", "FewShotEvalConfig", "FewShotConfig", "load_fewshot_config", "build_fewshot_config",
            "preflight", "build_backbone", "adapter_config", "build_datasets", "split_file"]
 
 
 @dataclass
 class MethodConfig:
-    name: str = "coop"                     # coop | locoop | vpt | lora
+    name: str = "coop"                     # a registered adapter (adapters.ADAPTERS): coop | locoop | vpt | lora
     options: dict[str, Any] = field(default_factory=dict)  # the adapter's config: CoOpConfig / LoCoOpConfig / VPTConfig / LoRAConfig fields
 
     def validate(self) -> None:
-        check_choice(self.name, METHODS, "method.name")
+        from ..adapters import ADAPTERS
+
+        check_choice(self.name, ADAPTERS.names(), "method.name")
 
 
 @dataclass
@@ -93,6 +94,14 @@ class FewShotConfig:
     def __post_init__(self) -> None:
         fill_data_roots(self, self.data_root)
 
+    def validate(self) -> None:
+        """The registered names of the sections (mixer and its options, views), once every key parsed."""
+        from ..augment import build_mixer
+        from ..augment.geometry import check_views
+
+        build_mixer(self.augment, self.backmix)
+        check_views(self.data.views)
+
     @property
     def setting_label(self) -> str:
         if self.setting:
@@ -102,9 +111,10 @@ class FewShotConfig:
 
     @property
     def method_label(self) -> str:
-        name = {"coop": "CoOp", "locoop": "LoCoOp", "vpt": "VPT", "lora": "LoRA"}[self.method.name]
-        mixer = self.augment.active(self.backmix.enabled)
-        label = {"backmix": "BackMix", "cutout": "Cutout", "mixup": "Mixup", "cutmix": "CutMix"}.get(mixer)
+        from ..augment import MIXERS
+
+        name = {"coop": "CoOp", "locoop": "LoCoOp", "vpt": "VPT", "lora": "LoRA"}.get(self.method.name, self.method.name)
+        label = MIXERS.get(self.augment.active(self.backmix.enabled)).label
         return f"{name} + {label}" if label else name
 
 

@@ -165,8 +165,12 @@ def variant_configs(cfg: TrainConfig, data: dict[str, Any], where: str = "config
 
 
 def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) -> None:
-    """Check, for every variant, the model name and options and every data source (found, filters
-    valid, known classes consistent) before a run folder is created or a step is trained."""
+    """Check, for every variant, the registered names (model, mixer and its options, views) and every
+    data source (found, filters valid, known classes consistent) before a run folder is created or a
+    step is trained.  (Registered names are checked here, not while the YAML parses, so a typo in a
+    key is reported before torch loads.)"""
+    from ..augment import build_mixer
+    from ..augment.geometry import check_views
     from ..data import check_dataset
     from ..models.cnn import check_cnn
     from ..ood.open_set import build_scores
@@ -178,6 +182,11 @@ def preflight(cfg: TrainConfig, variants: dict[str, TrainConfig] | None = None) 
             check_cnn(c.model.name, c.model.options)
         except Exception as e:  # ModelError / RegistryError: name the key
             raise type(e)(f"{where}model: {e}") from None
+        try:
+            build_mixer(c.augment, c.backmix)
+            check_views(c.data.views)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
         train_src, test_src, unknowns = resolve_sources(c)
         keyed = [("data.train", train_src), ("data.test", test_src)]
         keyed += [(f"unknown set '{u.display_name}'", u) for u in unknowns]
@@ -323,7 +332,7 @@ def grid_samples(cfg: TrainConfig, checkpoint: Path, num: int) -> dict[str, Any]
     train_src, _, _ = resolve_sources(cfg)
     d = cfg.data
     ds = build_dataset(train_src, build_transform(d.image_size, False, d.mean, d.std, resize=train_src.resize))
-    return mix_with_bank(ds, checkpoint, cfg.backmix, cfg.run.seed, num)
+    return mix_with_bank(ds, checkpoint, cfg.augment, cfg.backmix, cfg.run.seed, num)
 
 
 def write_plots(run_dir: str | Path, cfg: TrainConfig | None = None, *, checkpoint: str | Path | None = None,

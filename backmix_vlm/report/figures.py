@@ -2,8 +2,9 @@
 
 * :func:`score_plots`: known-vs-unknown histograms from the per-sample scores saved at
   evaluation time (``scores.safetensors``) and the metrics in ``results.json``.
-* :func:`mix_with_bank` + :func:`bank_grid`: the BackMix grid (TI, BI, BI's bank map, mixed
-  image) from real training images and the mask bank saved in a checkpoint.
+* :func:`mix_with_bank` + :func:`bank_grid`: the BackMix grid (TI, BI, BI's bank map, the mask
+  the mixer used, mixed image) from real training images, the run's mixer and the mask bank
+  saved in a checkpoint.
 
 The drawing itself is :mod:`backmix_vlm.report.plots` (arrays -> PNG).
 """
@@ -47,13 +48,17 @@ def score_plots(run_dir: str | Path, out: str | Path) -> list[Path]:
     return written
 
 
-def mix_with_bank(ds: Any, checkpoint: str | Path, backmix_cfg: Any, seed: int, num: int
+def mix_with_bank(ds: Any, checkpoint: str | Path, augment_cfg: Any, backmix_cfg: Any, seed: int, num: int
                   ) -> dict[str, Any] | None:
-    """BackMix ``num`` images of ``ds`` (the training set, eval transform) with a saved mask bank
-    (None when the checkpoint has no bank)."""
-    from ..augment import BackMix, MaskBank
+    """Mix ``num`` images of ``ds`` (the training set, eval transform) with the run's own mixer
+    (``augment.build_mixer``, as in training: ``mask_source`` and every option honoured) over the
+    mask bank saved in ``checkpoint``.  None when the mixer uses no bank or the checkpoint has none."""
+    from ..augment import MaskBank, MixerSetup, build_mixer
     from ..engine.checkpoint import load_checkpoint
 
+    mixer = build_mixer(augment_cfg, backmix_cfg)
+    if not mixer.needs_bank:
+        return None
     state = load_checkpoint(checkpoint)
     if state.get("bank") is None:
         return None
@@ -67,14 +72,13 @@ def mix_with_bank(ds: Any, checkpoint: str | Path, backmix_cfg: Any, seed: int, 
     idx = torch.randperm(len(ds), generator=g)[: max(2, min(num, len(ds)))]
     images = torch.stack([ds[int(i)][0] for i in idx])
     labels = torch.tensor([ds.labels[int(i)] for i in idx])
-    mixer = BackMix(bank, cut_area=backmix_cfg.cut_area, mask_ratio=backmix_cfg.mask_ratio,
-                    same_location=backmix_cfg.same_location, pairing=backmix_cfg.pairing, generator=g)
+    mixer.setup(MixerSetup(generator=g, bank=bank, true_masks=getattr(ds, "foreground_masks", None)))
     res = mixer(images, labels, idx, return_masks=True)
     partner = res.extras["partner"]
     classes = ds.classes
     return {
         "indices": idx, "partner": partner, "targets": images, "backgrounds": images[partner], "soft_masks": bank.get(idx[partner]),
-        "binary": bank.foreground(idx[partner], backmix_cfg.mask_ratio), "mixed": res.images,
+        "binary": res.extras["fg_cells"].float(), "mixed": res.images, "mixer": mixer,
         "titles": [f"{classes[int(labels[i])]} / {classes[int(labels[partner[i]])]}" for i in range(len(idx))],
     }
 

@@ -35,6 +35,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
     (which evaluates and writes), None on the others (``applied``: as in ``runners.train.train_run``)."""
     from accelerate.utils import set_seed
 
+    from ..augment import build_mixer
     from ..data import IndexedSubset
     from ..engine.adapter_task import AdapterTask
     from ..engine.checkpoint import LAST
@@ -59,7 +60,7 @@ def run_seed(cfg: FewShotConfig, seed: int, seed_dir: Path, backbone: Backbone, 
                                  extra_known=data.extra_known)
     task = AdapterTask(adapter, backbone.image_size, cfg.saliency, cfg.run.precision)
     trainer = Trainer(task, train, optim=cfg.optim, run=run_cfg, run_dir=seed_dir, num_classes=len(train_full.classes),
-                      augment=cfg.augment.name, augment_options=cfg.augment.options, backmix=cfg.backmix,
+                      mixer=build_mixer(cfg.augment, cfg.backmix), backmix=cfg.backmix,
                       num_workers=cfg.data.num_workers, evaluate=evaluator, eval_every=cfg.eval.every,
                       meta={"job": JOB, "seed": seed, "classes": list(train_full.classes),
                             "adapter": {"method": cfg.method.name, "config": dataclasses.asdict(adapter_config(cfg))}},

@@ -36,6 +36,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     state (``Trainer.resume_applied``), which the run's ``run_info.json`` records."""
     from accelerate.utils import set_seed
 
+    from ..augment import build_mixer
     from ..engine.checkpoint import LAST
     from ..engine.tasks import ClassifierTask
     from ..engine.trainer import Trainer, build_accelerator
@@ -59,8 +60,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                                  extra_known=data.extra_known)
     trainer = Trainer(
         ClassifierTask(model, cfg.data.image_size, cfg.optim.label_smoothing), train, optim=cfg.optim, run=cfg.run, run_dir=run_dir,
-        num_classes=len(train.classes), augment=cfg.mixer, backmix=cfg.backmix,
-        augment_options=cfg.augment.options, num_workers=cfg.data.num_workers, evaluate=evaluator,
+        num_classes=len(train.classes), mixer=build_mixer(cfg.augment, cfg.backmix), backmix=cfg.backmix,
+        num_workers=cfg.data.num_workers, evaluate=evaluator,
         eval_every=cfg.eval.every, best_metric=cfg.best_metric, meta={"job": JOB, "classes": list(train.classes)},
         accelerator=accelerator, views=data.views, method=method, outliers=build_outliers(cfg),
     )

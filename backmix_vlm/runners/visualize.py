@@ -21,6 +21,7 @@ __all__ = ["PLOTS", "load_run_config", "grid_samples", "mix_with_bank", "write_p
 
 def fewshot_plots(run_dir: Path, num: int, out: Path | None) -> list[Path]:
     """Every seed of a ``fewshot`` run: BackMix grid (attention-map bank) and score histograms."""
+    from ..augment import build_mixer
     from ..data import build_dataset, build_transform
     from ..engine.checkpoint import LAST
     from ..jobs.fewshot import build_backbone, few_shot_subset, load_fewshot_config
@@ -32,13 +33,13 @@ def fewshot_plots(run_dir: Path, num: int, out: Path | None) -> list[Path]:
         seed_dir = run_dir / f"seed{seed}"
         target = (out / seed_dir.name) if out else seed_dir / PLOTS
         ckpt = seed_dir / LAST
-        if cfg.backmix.enabled and ckpt.is_file():
+        if build_mixer(cfg.augment, cfg.backmix).needs_bank and ckpt.is_file():
             if backbone is None:  # input size and normalisation of the backbone that was trained
                 backbone = build_backbone(cfg, "cpu")
             tf = build_transform(backbone.image_size, False, backbone.mean, backbone.std,
                                  resize=cfg.data.train.resize)
             ds, _ = few_shot_subset(cfg, build_dataset(cfg.data.train, tf), seed, seed_dir)
-            s = mix_with_bank(ds, ckpt, cfg.backmix, seed, num)
+            s = mix_with_bank(ds, ckpt, cfg.augment, cfg.backmix, seed, num)
             if s is not None:
                 written.append(bank_grid(target / "backmix_grid.png", s, backbone.mean, backbone.std))
         written += score_plots(seed_dir, target)

@@ -192,6 +192,7 @@ def section_eval(args: argparse.Namespace, device: torch.device, timer: Timer, p
 def _trainer(task: Any, n: int, batch: int, augment: str, device: torch.device) -> Any:
     from torch.utils.data import Dataset
 
+    from backmix_vlm.augment import build_mixer
     from backmix_vlm.config import BackMixConfig, OptimConfig, RunConfig
     from backmix_vlm.engine.trainer import Trainer
 
@@ -204,7 +205,7 @@ def _trainer(task: Any, n: int, batch: int, augment: str, device: torch.device) 
 
     return Trainer(task, Sized(), optim=OptimConfig(lr=0.002, batch_size=batch, epochs=1),
                    run=RunConfig(device=str(device), precision="bf16", seed=0), run_dir=tempfile.mkdtemp(),
-                   num_classes=len(CLASSES), augment=augment, backmix=BackMixConfig())
+                   num_classes=len(CLASSES), mixer=build_mixer(augment), backmix=BackMixConfig())
 
 
 def _adapter_setups(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -23,11 +23,14 @@ def tied_case(seed: int, classes: int = 3):
 
 
 # ----------------------------------------------------------------------------- OpenOOD v1.5's formulas
-def openood_v15(k, u):
-    """openood/evaluators/metrics.py (v1.5) auc_and_fpr_recall, with conf = score and OOD label -1."""
+def openood_v15(k, u, drop_intermediate=False):
+    """openood/evaluators/metrics.py (v1.5) auc_and_fpr_recall, with conf = score and OOD label -1.
+
+    OpenOOD calls ``roc_curve`` with its default ``drop_intermediate=True``, which drops real
+    operating points lying on a straight ROC segment; we keep every point (see docs/methods.md)."""
     conf = np.r_[k, u]
     ood = np.r_[np.zeros(k.size), np.ones(u.size)]
-    fpr_list, tpr_list, _ = roc_curve(ood, -conf, drop_intermediate=False)
+    fpr_list, tpr_list, _ = roc_curve(ood, -conf, drop_intermediate=drop_intermediate)
     fpr = fpr_list[np.argmax(tpr_list >= 0.95)]
     p_in, r_in, _ = precision_recall_curve(1 - ood, conf)
     p_out, r_out, _ = precision_recall_curve(ood, -conf)
@@ -59,6 +62,21 @@ def test_both_conventions_match_sklearn_and_openood(seed):
     assert m["aupr_out_trapezoid"] == pytest.approx(aupr_out, abs=1e-12)
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     assert m["fpr95_id_positive"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)], abs=1e-12)
+    # OpenOOD's own call (intermediate points dropped) can only land on a later point
+    assert m["fpr95_ood_positive"] <= openood_v15(k, u, drop_intermediate=True)[0] + 1e-12
+
+
+def test_openood_dropped_points_matter_only_with_ties_across_the_sets():
+    rng = np.random.default_rng(0)
+    k, u = rng.normal(1, 1, 400), rng.normal(0, 1, 300)  # distinct scores: every point is a single sample
+    assert ood_metrics(k, u)["fpr95_ood_positive"] == openood_v15(k, u, drop_intermediate=True)[0]
+    # ties mixing knowns and unknowns: ROC points (.2, .9) (.6, .95) (1, 1) are collinear, and sklearn drops
+    # the first although it is the first operating point flagging >= 95 % of unknowns
+    k = np.array([0.0, 1.0, 1.0, 2.0, 2.0])
+    u = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0,
+                  2.0])
+    ours, openood = ood_metrics(k, u)["fpr95_ood_positive"], openood_v15(k, u, drop_intermediate=True)[0]
+    assert ours == pytest.approx(openood_v15(k, u)[0]) and ours < openood
 
 
 def test_fpr95_keys_do_not_depend_on_positive_and_fpr95_follows_it():

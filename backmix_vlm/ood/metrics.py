@@ -223,7 +223,7 @@ def ood_metrics(
 
     y_known = np.r_[np.ones(ks.size), np.zeros(us.size)]
     s = np.r_[ks, us]
-    fpr95_id, _ = fpr_at_tpr(ks, us)
+    fpr95_id, t95 = fpr_at_tpr(ks, us)
     fpr95_ood, _ = fpr_at_tpr(-us, -ks)
     fpr95 = fpr95_id if positive == "known" else fpr95_ood
     out: dict[str, float] = {
@@ -265,8 +265,7 @@ def ood_metrics(
         up = _to_numpy(unknown_preds, "unknown_preds", dtype=np.int64)
         if up.size != us.size:
             raise MetricInputError(f"unknown_preds has {up.size} entries but unknown_scores has {us.size}")
-        _, t = fpr_at_tpr(ks, us)
         y_true = np.r_[kl, np.full(us.size, UNKNOWN_LABEL)]
-        y_pred = np.where(s >= t, np.r_[kp, up], UNKNOWN_LABEL)
+        y_pred = np.where(s >= t95, np.r_[kp, up], UNKNOWN_LABEL)
         out["macro_f1"] = float(f1_score(y_true, y_pred, average="macro", zero_division=0))
     return out

@@ -33,15 +33,19 @@ TABLE_FPR95 = {"id_positive": ("fpr95_id_positive",), "ood_positive": ("fpr95_oo
                "both": ("fpr95_id_positive", "fpr95_ood_positive")}
 TABLE_AUPR = {"step": ("",), "trapezoid": ("_trapezoid",), "both": ("", "_trapezoid")}
 TABLE_FPR95_CHOICES = ("auto", *TABLE_FPR95)   # auto: the convention of eval.positive
-DEFAULT_TABLE = {"fpr95": "auto", "aupr": "step"}
-NOTES = {
-    "fpr95_id_positive": "FPR95 (ID+): share of unknowns accepted at the threshold keeping 95% of knowns "
-                         "(knowns positive; OE, MCM, ViM's authors)",
-    "fpr95_ood_positive": "FPR95 (OOD+): share of knowns rejected at the threshold flagging 95% of unknowns "
-                          "(unknowns positive; OpenOOD, pytorch-ood)",
-    "aupr_in": "AUPR (step): average precision, the step-wise sum (scikit-learn)",
-    "aupr_in_trapezoid": "AUPR (trapz): trapezoid rule over the precision-recall curve (OpenOOD, ViM's authors)",
-}
+NOTES = (  # (columns, the note under a table showing any of them)
+    (("fpr95_id_positive",), "FPR95 (ID+): share of unknowns accepted at the threshold keeping 95% of knowns "
+                             "(knowns positive; OE, MCM, ViM's authors)"),
+    (("fpr95_ood_positive",), "FPR95 (OOD+): share of knowns rejected at the threshold flagging 95% of unknowns "
+                              "(unknowns positive; OpenOOD, pytorch-ood)"),
+    (("aupr_in", "aupr_out"), "AUPR (step): average precision, the step-wise sum (scikit-learn, OE)"),
+    (("aupr_in_trapezoid", "aupr_out_trapezoid"), "AUPR (trapz): trapezoid rule over the precision-recall curve "
+                                                  "(OpenOOD, ViM's authors)"),
+    (tuple(k for k in HEADERS if k.startswith("ccr_fpr_")), "CCR@FPRα: share of knowns correctly classified and "
+                                                            "accepted at FPR <= α (OpenOOD)"),
+    (("aurc", "eaurc"), "AURC: mean misclassification risk of the knowns over coverages, ranked by the score; "
+                        "E-AURC: AURC minus a perfect ranking's"),
+)
 
 
 def check_table_settings(fpr95: str, aupr: str, metrics: Sequence[str], where: str = "eval") -> None:
@@ -154,11 +158,10 @@ def results_to_markdown(
         head = ["Score"] + [header(m, positive) for m in cols]
         rows = [[name] + [fmt(metric_value(vals, m, positive)) for m in cols] for name, vals in per_score.items()]
         parts += [heading, _md_table(head, rows)]
-    notes = [NOTES[m] for m in (*cols, *("aupr_in" for m in cols if m == "aupr_out"),
-                                *("aupr_in_trapezoid" for m in cols if m == "aupr_out_trapezoid")) if m in NOTES]
-    if "fpr95" in cols or "tnr95" in cols:
-        notes.append(f"FPR95 / TNR95: {'knowns' if positive == 'known' else 'unknowns'} positive")
-    parts.append("Values in %" + "".join(f"; {n}" for n in dict.fromkeys(notes)) + ".")
+    notes = [note for keys, note in NOTES if set(keys) & set(cols)]
+    if "tnr95" in cols:
+        notes.append(f"TNR95 = 1 - FPR95 with {'knowns' if positive == 'known' else 'unknowns'} positive")
+    parts.append("Values in %" + "".join(f"; {n}" for n in notes) + ".")
     return "\n\n".join(parts) + "\n"
 
 

@@ -125,16 +125,30 @@ class EvalConfig:
     batch_size: int = 128
     num_workers: int = 2
     cache_features: bool = True       # reuse frozen-encoder features across scores and OOD sets
-    positive: str = "known"           # known | unknown (OpenOOD convention)
+    positive: str = "known"           # known | unknown (OpenOOD convention): the positive class of `fpr95` / `tnr95`
     every: int = 0                    # evaluate every N epochs during training (0 = only at the end)
+    # What results.md / summary.md show (results.json has every metric in every convention):
+    table_fpr95: str = "auto"         # auto (eval.positive's) | id_positive | ood_positive | both
+    table_aupr: str = "step"          # step (average precision) | trapezoid (OpenOOD) | both
+    table_metrics: list[str] = field(default_factory=lambda: ["auroc", "aupr_in", "aupr_out", "fpr95", "dtacc",
+                                                              "oscr", "macro_f1"])
 
     def validate(self, where: str = "eval") -> None:
+        from .report.tables import check_table_settings
+
         check_range(self.batch_size, join(where, "batch_size"), low=1)
         check_non_negative(self.num_workers, join(where, "num_workers"))
         check_choice(self.positive, ("known", "unknown"), join(where, "positive"))
+        check_table_settings(self.table_fpr95, self.table_aupr, self.table_metrics, where)
         check_non_negative(self.every, join(where, "every"))
         if not self.scores:
             raise ConfigError(f"{join(where, 'scores')}: list at least one score")
+
+    def table(self) -> dict[str, Any]:
+        """The ``"table"`` entry of the results: the tables' columns and conventions (``auto`` resolved)."""
+        from .report.tables import table_settings
+
+        return table_settings(self.positive, self.table_fpr95, self.table_aupr, self.table_metrics)
 
 
 @dataclass

@@ -6,7 +6,9 @@
    blocked matrix products on ``--device``; exactness checked in float64 on 256 queries.
 2. The full score table for one model: fit (on the training features) + scoring of the ID
    test set and one OOD set, per score, on features with the shape of a ViT-S/14 + linear
-   head (D = 384, K = 10 by default).
+   head (D = 384, K = 10 by default), and the time of every metric of that (set, score)
+   (``ood_metrics``: both FPR95 / AUPR conventions, OSCR, CCR@FPR, AURC, macro-F1).  The
+   metric values of random features mean nothing and are not printed.
 
 Scores read cached outputs, so these timings exclude the model's forward pass (done once
 per dataset for all scores).  Random Gaussian features: the cost does not depend on values.
@@ -23,6 +25,8 @@ import time
 import torch
 
 from backmix_vlm.models.heads import LinearHead
+from backmix_vlm.ood.evaluate import predictions
+from backmix_vlm.ood.metrics import ood_metrics
 from backmix_vlm.ood.scores import ScoreSetup, get_score, knn_distance
 
 SCORES = ["msp", "maxlogit", "energy", "gen", "featnorm", "mahalanobis", "knn", "vim", "react",
@@ -67,8 +71,8 @@ def bench_table(args: argparse.Namespace, device: torch.device) -> None:
     train, known, ood = outputs(args.table_train), outputs(args.table_test), outputs(args.table_test)
     print(f"\nScore table: fit on {args.table_train} x {d} train features, score {args.table_test} ID + "
           f"{args.table_test} OOD, K = {k}, {device} (KNN on {device}; others on CPU tensors)")
-    print("| score | fit: wall / CPU (s) | score ID + OOD: wall / CPU (s) |\n|---|---:|---:|")
-    total, total_cpu = 0.0, 0.0
+    print("| score | fit: wall / CPU (s) | score ID + OOD: wall / CPU (s) | metrics: wall (s) |\n|---|---:|---:|---:|")
+    total, total_cpu, total_metrics = 0.0, 0.0, 0.0
     for name in SCORES:
         params = {"device": str(device)} if name == "knn" else {}
         s = get_score(name, **params)
@@ -77,13 +81,16 @@ def bench_table(args: argparse.Namespace, device: torch.device) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         s.setup(ScoreSetup(train=train, head=head))
         t1, c1 = time.perf_counter(), time.process_time()
-        s.postprocess(known)
-        s.postprocess(ood)
+        k_scores = s.postprocess(known)
+        u_scores = s.postprocess(ood)
         _sync(device)
         t2, c2 = time.perf_counter(), time.process_time()
-        total, total_cpu = total + t2 - t0, total_cpu + c2 - c0
-        print(f"| {name} | {t1 - t0:.2f} / {c1 - c0:.2f} | {t2 - t1:.2f} / {c2 - c1:.2f} |")
-    print(f"| **all {len(SCORES)}, fit + score** | | **{total:.1f} / {total_cpu:.1f}** |")
+        ood_metrics(k_scores, u_scores, known_preds=predictions(known), known_labels=known["labels"],
+                    unknown_preds=predictions(ood))
+        t3 = time.perf_counter()
+        total, total_cpu, total_metrics = total + t2 - t0, total_cpu + c2 - c0, total_metrics + t3 - t2
+        print(f"| {name} | {t1 - t0:.2f} / {c1 - c0:.2f} | {t2 - t1:.2f} / {c2 - c1:.2f} | {t3 - t2:.3f} |")
+    print(f"| **all {len(SCORES)}, fit + score** | | **{total:.1f} / {total_cpu:.1f}** | **{total_metrics:.2f}** |")
     print("(process CPU time sums all threads; wall time depends on what else runs on the machine)")
 
 

@@ -6,7 +6,10 @@
         backmix=runs/cifar10_osr_cpu/seed0/backmix/results.json,runs/cifar10_osr_cpu/seed1/backmix/results.json
 
 Each argument is ``name=file[,file...]``: several files (seeds) are shown as mean ± std
-(population std).  Columns: accuracy, then AUROC / OSCR / macro-F1 per unknown set, in percent.
+(population std).  Columns: accuracy, then AUROC / OSCR / macro-F1 per unknown set, in percent;
+``--metrics`` takes any results key, e.g. ``fpr95_id_positive fpr95_ood_positive aupr_in_trapezoid``
+(results.json files written before both FPR95 conventions were stored give their ``fpr95`` for
+the convention their ``positive`` names).
 """
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
+import sys
+
 import numpy as np
 
-NAMES = {"auroc": "AUROC", "oscr": "OSCR", "macro_f1": "Macro-F1", "fpr95": "FPR95", "aupr_in": "AUPR-In",
-         "aupr_out": "AUPR-Out", "dtacc": "DTACC"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backmix_vlm.report.tables import header, metric_value  # noqa: E402
 
 
 def cell(values: list[float]) -> str:
@@ -31,19 +36,29 @@ def main() -> None:
     p.add_argument("--score", default="msp")
     p.add_argument("--metrics", nargs="+", default=["auroc", "oscr", "macro_f1"])
     args = p.parse_args()
-    runs = {}
+    runs, files_of = {}, {}
     for item in args.runs:
         name, files = item.split("=", 1)
-        runs[name] = [json.loads(Path(f).read_text()) for f in files.split(",")]
+        files_of[name] = files.split(",")
+        runs[name] = [json.loads(Path(f).read_text()) for f in files_of[name]]
     first = next(iter(runs.values()))[0]
     sets = list(first["results"])
     n = {len(v) for v in runs.values()}
+    positive = first.get("positive", "known")
+
+    def value(name: str, i: int, s: str, m: str) -> float:
+        r = runs[name][i]
+        v = metric_value(r["results"][s][args.score], m, r.get("positive", "known"))
+        if v is None:
+            raise SystemExit(f"{files_of[name][i]}: no '{m}' for {s} / {args.score} (written before that metric)")
+        return v
+
     lines = [f"Score: **{args.score}**; values in %" + ("; mean ± std over seeds" if max(n) > 1 else "") + ".", "",
-             "| Run | Acc. | " + " | ".join(f"{s} {NAMES.get(m, m)}" for s in sets for m in args.metrics) + " |",
+             "| Run | Acc. | " + " | ".join(f"{s} {header(m, positive)}" for s in sets for m in args.metrics) + " |",
              "|" + "---|" * (2 + len(sets) * len(args.metrics))]
     for name, results in runs.items():
         cells = [cell([r["acc"] for r in results])]
-        cells += [cell([r["results"][s][args.score][m] for r in results]) for s in sets for m in args.metrics]
+        cells += [cell([value(name, i, s, m) for i in range(len(results))]) for s in sets for m in args.metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 

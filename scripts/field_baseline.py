@@ -110,15 +110,19 @@ def train(out: Path, recipe: str, protocol: str, split: int, seed: int, variants
     return run_dir
 
 
-def set_metrics(scores: dict[str, np.ndarray], unknown: str, score: str) -> dict[str, float]:
-    """Every metric of one (unknown set, score), both FPR95 conventions, in percent."""
-    from backmix_vlm.ood.metrics import fpr_at_tpr, ood_metrics
+SET_METRICS = ("auroc", "aupr_in", "aupr_out", "dtacc", "fpr95_id_positive", "fpr95_ood_positive")
 
-    k, u = scores[f"known::{score}"], scores[f"unknown::{unknown}::{score}"]
-    m = ood_metrics(k, u, positive="known")   # only FPR95 depends on the positive class
-    return {"auroc": 100 * m["auroc"], "aupr_in": 100 * m["aupr_in"], "aupr_out": 100 * m["aupr_out"],
-            "dtacc": 100 * m["dtacc"], "fpr95_id_positive": 100 * m["fpr95"],
-            "fpr95_ood_positive": 100 * fpr_at_tpr(-np.asarray(u), -np.asarray(k))[0]}
+
+def set_metrics(scores: dict[str, np.ndarray], unknown: str, score: str,
+                stored: dict | None = None) -> dict[str, float]:
+    """Every metric of one (unknown set, score), both FPR95 conventions, in percent: the run's
+    results.json entry ``stored`` when it has them all, else from the per-sample scores."""
+    from backmix_vlm.ood.metrics import ood_metrics
+
+    m = stored or {}
+    if not all(key in m for key in SET_METRICS):  # runs from before both conventions were stored
+        m = ood_metrics(scores[f"known::{score}"], scores[f"unknown::{unknown}::{score}"])
+    return {key: 100 * m[key] for key in SET_METRICS}
 
 
 def records(run_dir: Path, recipe: str, protocol: str, split: int, seed: int, unknown: str,
@@ -130,7 +134,9 @@ def records(run_dir: Path, recipe: str, protocol: str, split: int, seed: int, un
     res = json.loads((run_dir / "results.json").read_text())["variants"]
     for variant, r in res.items():
         scores, meta = load_scores(run_dir / variant / "scores.safetensors")
-        sets = {s: {sc: set_metrics(scores, s, sc) for sc in SCORES if sc in meta["scores"]}
+        own = run_dir / variant / "results.json"
+        stored = json.loads(own.read_text())["results"] if own.is_file() else {}
+        sets = {s: {sc: set_metrics(scores, s, sc, stored.get(s, {}).get(sc)) for sc in SCORES if sc in meta["scores"]}
                 for s in meta["unknown_sets"]}
         rec = {"protocol": protocol, "split": split, "seed": seed, "variant": variant, "recipe": recipe,
                "accuracy": 100 * r["acc"], "auroc_msp": sets[unknown]["msp"]["auroc"],

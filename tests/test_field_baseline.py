@@ -35,6 +35,16 @@ def test_set_metrics_both_fpr95_conventions_by_hand():
     pairs = [(k, u) for k in known for u in unknown]
     assert m["auroc"] == pytest.approx(100 * np.mean([(k > u) + 0.5 * (k == u) for k, u in pairs]))
 
+    # a run's results.json entry (both conventions stored) is read as it is, not recomputed
+    from backmix_vlm.ood.metrics import ood_metrics
+
+    stored = ood_metrics(known, unknown)
+    assert fb.set_metrics({}, "U", "msp", stored) == pytest.approx(m)
+    assert fb.set_metrics({}, "U", "msp", dict(stored, fpr95_ood_positive=0.125))["fpr95_ood_positive"] == 12.5
+    # an older entry without them: computed from the per-sample scores
+    old = {k: v for k, v in stored.items() if k != "fpr95_ood_positive"}
+    assert fb.set_metrics({"known::msp": known, "unknown::U::msp": unknown}, "U", "msp", old) == m
+
 
 def test_table_pairs_backmix_with_plain_of_the_same_split_and_seed():
     fb = _script()

@@ -8,7 +8,8 @@ import torch
 from backmix_vlm.errors import BackmixError
 from backmix_vlm.ood.metrics import MetricInputError, ood_metrics, oscr_curve
 
-BASE_KEYS = ["auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "dtacc"]
+BASE_KEYS = ["auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "dtacc", "fpr95_id_positive", "fpr95_ood_positive",
+             "aupr_in_trapezoid", "aupr_out_trapezoid"]
 
 
 # ----------------------------------------------------------------------------- plain references
@@ -75,7 +76,9 @@ def ref_macro_f1(k, kl, kp, u, up):
 def test_perfect_separation():
     m = ood_metrics([0.9, 0.8, 0.7], [0.3, 0.2])
     assert list(m) == BASE_KEYS
-    assert m == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0, "tnr95": 1.0, "dtacc": 1.0}
+    assert m == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0, "tnr95": 1.0, "dtacc": 1.0,
+                 "fpr95_id_positive": 0.0, "fpr95_ood_positive": 0.0, "aupr_in_trapezoid": 1.0,
+                 "aupr_out_trapezoid": 1.0}
 
 
 def test_inverted_separation():

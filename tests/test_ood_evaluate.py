@@ -56,7 +56,9 @@ def test_positive_unknown_is_passed_through():
 def test_no_labels_means_no_closed_set_metrics():
     res = evaluate_open_set(outputs(10, 3.0, 0, labels=False), {"u": outputs(8, 0.0, 1)}, [get_score("maxlogit")])
     assert res["acc"] is None
-    assert set(res["results"]["u"]["maxlogit"]) == {"auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "dtacc"}
+    assert set(res["results"]["u"]["maxlogit"]) == {"auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "dtacc",
+                                                     "fpr95_id_positive", "fpr95_ood_positive", "aupr_in_trapezoid",
+                                                     "aupr_out_trapezoid"}
 
 
 def test_image_score_values_flow_through_postprocess():

@@ -323,7 +323,8 @@ def test_ood_summary_table_averages_and_marks_the_best():
     res = {"results": {"A": {"msp": {"fpr95": 0.5, "auroc": 0.8}, "knn": {"fpr95": 0.3, "auroc": 0.7}},
                        "B": {"msp": {"fpr95": 0.7, "auroc": 0.6}, "knn": {"fpr95": 0.1, "auroc": 0.9}}}}
     md = ood_summary_table(res)
-    assert "| Score | A FPR95 ↓ | A AUROC | B FPR95 ↓ | B AUROC | Average FPR95 ↓ | Average AUROC |" in md
+    assert ("| Score | A FPR95 (ID+) ↓ | A AUROC | B FPR95 (ID+) ↓ | B AUROC | Average FPR95 (ID+) ↓ "
+            "| Average AUROC |") in md
     assert "| msp | 50.00 | **80.00** | 70.00 | 60.00 | 60.00 | 70.00 |" in md
     assert "| knn | **30.00** | 70.00 | **10.00** | **90.00** | **20.00** | **80.00** |" in md
 

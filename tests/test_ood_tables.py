@@ -5,7 +5,11 @@ import json
 
 import pytest
 
-from backmix_vlm.report.tables import aggregate_seeds, paper_table_v, results_to_markdown, write_results
+from backmix_vlm.config import EvalConfig
+from backmix_vlm.errors import ConfigError
+from backmix_vlm.ood.metrics import METRIC_KEYS
+from backmix_vlm.report.tables import (HEADERS, aggregate_seeds, columns, ood_summary_table, paper_table_v,
+                                       results_to_markdown, write_results)
 
 
 def result(acc: float, auroc: float, f1: float | None = 0.5) -> dict:
@@ -23,7 +27,7 @@ def test_markdown_content():
     assert lines[0] == "# CIFAR-10 vs CIFAR-100"
     assert lines[2] == "**ID accuracy**: 93.21%"
     assert "## CIFAR100 (unknown, n = 50)" in lines
-    header = "| Score | AUROC | AUPR-In | AUPR-Out | FPR95 ↓ | DTACC | OSCR | Macro-F1 |"
+    header = "| Score | AUROC | AUPR-In (step) | AUPR-Out (step) | FPR95 (ID+) ↓ | DTACC | OSCR | Macro-F1 |"
     assert header in lines
     assert "| msp | 91.60 | 90.00 | 80.00 | 25.00 | 85.00 | 70.00 | – |" in lines
     assert "| energy | 45.80 | 90.00 | 80.00 | 25.00 | 85.00 | 70.00 | – |" in lines
@@ -85,3 +89,70 @@ def test_paper_table_v():
     assert lines[4].startswith("| 4-shot | CoOp | 90.6 |")
     with pytest.raises(ValueError, match="score 'msp' not in results for 'CIFAR100'; available: mcm"):
         paper_table_v(rows, score="msp")
+
+
+# ----------------------------------------------------------------------------- conventions shown
+def both_conventions(positive: str = "known") -> dict:
+    m = {"auroc": 0.9, "aupr_in": 0.81, "aupr_out": 0.71, "aupr_in_trapezoid": 0.82, "aupr_out_trapezoid": 0.72,
+         "fpr95_id_positive": 0.3, "fpr95_ood_positive": 0.4, "tnr95": 0.7, "dtacc": 0.85, "aurc": 0.05}
+    m["fpr95"] = m["fpr95_id_positive"] if positive == "known" else m["fpr95_ood_positive"]
+    return {"acc": 0.9, "positive": positive, "counts": {"known": 10, "U": 5}, "results": {"U": {"msp": m}}}
+
+
+def test_table_settings_choose_the_columns():
+    res = both_conventions()
+    default = EvalConfig().table()
+    assert default == {"fpr95": "id_positive", "aupr": "step",
+                       "metrics": ["auroc", "aupr_in", "aupr_out", "fpr95", "dtacc", "oscr", "macro_f1"]}
+    md = results_to_markdown({**res, "table": default})
+    assert "| Score | AUROC | AUPR-In (step) | AUPR-Out (step) | FPR95 (ID+) ↓ | DTACC | OSCR | Macro-F1 |" in md
+    assert "| msp | 90.00 | 81.00 | 71.00 | 30.00 | 85.00 | – | – |" in md
+    assert md == results_to_markdown(res)  # results without a "table" entry: the same defaults
+
+    openood = EvalConfig(positive="unknown", table_aupr="trapezoid").table()
+    assert openood["fpr95"] == "ood_positive"  # auto follows eval.positive
+    md = results_to_markdown({**both_conventions("unknown"), "table": openood})
+    assert "| Score | AUROC | AUPR-In (trapz) | AUPR-Out (trapz) | FPR95 (OOD+) ↓ | DTACC | OSCR | Macro-F1 |" in md
+    assert "| msp | 90.00 | 82.00 | 72.00 | 40.00 | 85.00 | – | – |" in md
+    assert "unknowns positive; OpenOOD" in md and "trapezoid rule" in md and "average precision" not in md
+
+    both = EvalConfig(table_fpr95="both", table_aupr="both", table_metrics=["fpr95", "aupr_in", "aurc"]).table()
+    assert columns({**res, "table": both}) == ["fpr95_id_positive", "fpr95_ood_positive", "aupr_in",
+                                               "aupr_in_trapezoid", "aurc"]
+    md = results_to_markdown({**res, "table": both})
+    assert "| Score | FPR95 (ID+) ↓ | FPR95 (OOD+) ↓ | AUPR-In (step) | AUPR-In (trapz) | AURC ↓ |" in md
+    assert "| msp | 30.00 | 40.00 | 81.00 | 82.00 | 5.00 |" in md
+    summary = ood_summary_table({**res, "table": both})
+    assert summary.splitlines()[0] == ("| Score | U FPR95 (ID+) ↓ | U FPR95 (OOD+) ↓ | U AUROC | Average FPR95 (ID+) ↓ "
+                                       "| Average FPR95 (OOD+) ↓ | Average AUROC |")
+    # the settings survive seed aggregation (strings and string lists must agree)
+    agg = aggregate_seeds([{**res, "table": both}, {**res, "table": both}])
+    assert agg["table"] == both and "| msp | 30.00 ± 0.00 | 40.00 ± 0.00 |" in results_to_markdown(agg)
+
+
+def test_old_results_read_their_fpr95_in_its_convention():
+    old = both_conventions("unknown")
+    for key in ("fpr95_id_positive", "fpr95_ood_positive", "aupr_in_trapezoid", "aupr_out_trapezoid"):
+        del old["results"]["U"]["msp"][key]
+    md = results_to_markdown(old)
+    assert "| Score | AUROC | AUPR-In (step) | AUPR-Out (step) | FPR95 (OOD+) ↓ |" in md
+    assert "| msp | 90.00 | 81.00 | 71.00 | 40.00 |" in md
+    # the other convention was never computed: shown as missing, not as the stored one
+    md = results_to_markdown({**old, "table": EvalConfig(table_fpr95="both", table_aupr="both").table()})
+    assert "| msp | 90.00 | 81.00 | – | 71.00 | – | 40.00 | 40.00 |" not in md
+    assert "| msp | 90.00 | 81.00 | – | 71.00 | – | – | 40.00 |" in md
+
+
+@pytest.mark.parametrize("key,value,accepted", [
+    ("table_fpr95", "openood", "auto, id_positive, ood_positive, both"),
+    ("table_aupr", "trapz", "step, trapezoid, both"),
+    ("table_metrics", ["auroc", "fpr"], "auroc, aupr_in"),
+    ("table_metrics", "auroc", "auroc, aupr_in"),
+])
+def test_table_settings_are_validated(key, value, accepted):
+    with pytest.raises(ConfigError, match=f"eval.{key}: .*{value if isinstance(value, str) else 'fpr'}.* {accepted}"):
+        EvalConfig(**{key: value}).validate()
+
+
+def test_every_metric_has_a_column_title():
+    assert set(HEADERS) == set(METRIC_KEYS)

@@ -95,6 +95,7 @@ def test_trained_model_evaluator_scores_each_set_once(calls):
     # the table is computed from the very numbers saved per sample
     ps, res = ev.per_sample, ev.result
     assert summary["test_acc"] == res["acc"] and res["epoch"] == 3
+    assert res["table"] == cfg.table() == {"fpr95": "id_positive", "aupr": "step", "metrics": cfg.table_metrics}
     for ood in ("near", "far"):
         for s in NAMES:
             assert res["results"][ood][s] == ood_metrics(
@@ -105,10 +106,12 @@ def test_trained_model_evaluator_scores_each_set_once(calls):
 
 def test_ood_job_evaluator_scores_each_set_once(calls):
     sets = {name: Images(n, seed, shift=2.0 * (name != "known")) for seed, (name, n) in enumerate(SIZES.items())}
+    table = EvalConfig(positive="unknown", table_aupr="both").table()
     ev = Evaluator(Net(), sets["known"], {"near": sets["near"], "far": sets["far"]}, train_data=Images(TRAIN, 7),
-                   device="cpu", batch_size=BATCH)
+                   device="cpu", batch_size=BATCH, table=table)
     res = ev.run(NAMES, PARAMS)
     _check_once(calls, NAMES, 3)
+    assert res["table"] == table and table["fpr95"] == "ood_positive"
     assert res["counts"] == {**SIZES, "train": TRAIN} and res["head"]["name"] == "fc"
     assert set(ev.per_sample) == {"known::labels", "known::preds", *(f"known::{s}" for s in NAMES),
                                   *(f"unknown::{o}::{s}" for o in ("near", "far") for s in NAMES)}
@@ -125,8 +128,11 @@ def test_zeroshot_job_scores_each_set_once(calls, tmp_path):
         "model": {"name": "backmix-tiny-clip", "pretrained": None},
         "data": {"name": "demo", "split": "test"},
         "eval": {"scores": names, "batch_size": 32, "num_workers": 0, "cache_features": False,
-                 "ood": [{"name": "demo", "split": "ood-cifar100", "label": "c100"}]}})
+                 "ood": [{"name": "demo", "split": "ood-cifar100", "label": "c100"}], "table_fpr95": "both"}})
     res = run_zeroshot(cfg, tmp_path / "z")
+    assert res["table"]["fpr95"] == "both"
+    assert "| Score | AUROC | AUPR-In (step) | AUPR-Out (step) | FPR95 (ID+) ↓ | FPR95 (OOD+) ↓ |" in \
+        (tmp_path / "z" / "results.md").read_text()
     _check_once(calls, names, 2)
     arrays, meta = load_scores(tmp_path / "z" / SCORES_FILE)  # the zero-shot job saves per-sample scores too
     assert meta["scores"] == names and meta["unknown_sets"] == ["c100"]

@@ -41,7 +41,9 @@ class Scored:
 
     ``scores[set][score]`` with ``set`` = ``"known"`` or an unknown set's name; ``labels``: the
     known set's labels; ``preds[set]``: argmax of each set's logits; ``closed_set``: whether the
-    labels index the logits' classes (accuracy, OSCR and macro-F1 are reported only then).
+    labels index the logits' classes (accuracy, OSCR and macro-F1 are reported only then);
+    ``table``: what the Markdown tables of the results show (``EvalConfig.table()``; None: the
+    defaults), carried in the results as ``"table"``.
     """
 
     scores: dict[str, dict[str, Tensor]]
@@ -53,6 +55,7 @@ class Scored:
     score_names: list[str] = field(default_factory=list)
     #: stream scores (AdaNeg): ``streams[unknown set][score]`` = that set's stream (indices, scores, info)
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    table: dict[str, Any] | None = None
 
     @property
     def unknown_names(self) -> list[str]:
@@ -72,6 +75,8 @@ class Scored:
         acc = None if known_preds is None else float((known_preds.cpu() == labels.cpu()).double().mean())  # type: ignore[union-attr]
         result: dict[str, Any] = {"acc": acc, "positive": self.positive, "counts": {KNOWN: self.counts[KNOWN]},
                                   "results": {}}
+        if self.table is not None:
+            result["table"] = dict(self.table)
         for ood in self.unknown_names:
             result["counts"][ood] = self.counts[ood]
             unknown_preds = self.preds.get(ood) if known_preds is not None else None
@@ -112,7 +117,7 @@ class Scored:
 
 
 def score_outputs(known: Outputs, unknowns: Mapping[str, Outputs], scores: Sequence[Score], *,
-                  positive: str = "known", closed_set: bool = True) -> Scored:
+                  positive: str = "known", closed_set: bool = True, table: dict[str, Any] | None = None) -> Scored:
     """``postprocess`` of every (set-up) score on every set, once each."""
     names = [s.name for s in scores]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -134,7 +139,7 @@ def score_outputs(known: Outputs, unknowns: Mapping[str, Outputs], scores: Seque
                                        f"'{name}'")
             per_set[name][s.name] = values
     return Scored(per_set, known.get("labels"), {name: predictions(out) for name, out in sets.items()}, counts,
-                  positive=positive, closed_set=closed_set, score_names=names, streams=streams)
+                  positive=positive, closed_set=closed_set, score_names=names, streams=streams, table=table)
 
 
 def evaluate_open_set(known: Outputs, unknowns: Mapping[str, Outputs], scores: Sequence[Score], *,

@@ -73,6 +73,7 @@ class Evaluator:
     ``data_ids``: cache identities per dataset name ("known", "train" and each OOD name),
     default :func:`dataset_identity`; ``model_id``: the model's (default: a weight fingerprint).
     ``processes``: split the forward passes over a launch's processes (only the main one gets results).
+    ``table``: the results' table settings (``EvalConfig.table()``; None: the defaults).
     """
 
     def __init__(self, model: nn.Module, id_data: Dataset, ood_sets: Mapping[str, Dataset], *,
@@ -81,7 +82,7 @@ class Evaluator:
                  model_id: Any = None, data_ids: Mapping[str, Any] | None = None, probe: bool | None = None,
                  probe_C: float = 1.0, probe_max_iter: int = 1000, head: LinearHead | None = None,
                  positive: str = "known", std: Sequence[float] | None = None, seed: int = 0,
-                 processes: Processes = SINGLE) -> None:
+                 processes: Processes = SINGLE, table: Mapping[str, Any] | None = None) -> None:
         from ..models.classifier import FeatureClassifier
         from ..runtime import resolve_device
 
@@ -98,7 +99,7 @@ class Evaluator:
         self.probe, self.probe_C, self.probe_max_iter = probe, float(probe_C), int(probe_max_iter)
         self.head = head
         self.positive, self.std, self.seed = positive, (list(std) if std is not None else None), seed
-        self.processes = processes
+        self.processes, self.table = processes, (dict(table) if table is not None else None)
         self.result: dict[str, Any] | None = None
         self.per_sample: dict[str, Any] = {}
         self.scores: list[Score] = []
@@ -149,7 +150,7 @@ class Evaluator:
         pipeline = ScoringPipeline(self.scores, device=self.device, precision=self.precision,
                                    batch_size=self.batch_size, num_workers=self.num_workers,
                                    keep=("logits", "features"), positive=self.positive, cache=self._cache_path,
-                                   processes=self.processes)
+                                   processes=self.processes, table=self.table)
         done = pipeline.run(self.model, self.id_data, self.ood_sets, train=self.train_data,
                             prepare=lambda sets: self._prepare(sets, state),
                             need_train=lambda known: self._use_probe(known),

@@ -1,21 +1,37 @@
 """Open-set / OOD metrics: one function, ``ood_metrics``, from scores to a dict of fractions.
 
 All curve work goes through scikit-learn (``roc_curve``, ``roc_auc_score``,
-``average_precision_score``, ``f1_score``) so the numbers match what other toolkits report;
-only OSCR, which sklearn does not have, is computed here (with ties handled properly).
+``average_precision_score``, ``precision_recall_curve``, ``f1_score``) so the numbers match what
+other toolkits report; OSCR, CCR@FPR and AURC, which sklearn does not have, are computed here
+(with ties handled properly).  Both reporting conventions of FPR95 (ID or OOD positive) and of
+AUPR (step-wise average precision or trapezoid) are always computed; ``docs/methods.md`` says
+which papers and toolkits use which.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import auc, average_precision_score, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from ..errors import BackmixError
 
 POSITIVES = ("known", "unknown")
 TPR_LEVEL = 0.95
 UNKNOWN_LABEL = -1  # the "unknown" class id used for Macro-F1
+CCR_FPR_LEVELS = (1e-4, 1e-3, 1e-2, 1e-1)  # OpenOOD's CCR@FPR levels
+
+
+def ccr_key(level: float) -> str:
+    """The results key of CCR at FPR ``level``: ``ccr_fpr_1e-04`` ... ``ccr_fpr_1e-01``."""
+    return f"ccr_fpr_{level:.0e}"
+
+
+# Every key ood_metrics can return (the tables' accepted column names).
+DETECTION_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "dtacc", "fpr95_id_positive",
+                  "fpr95_ood_positive", "aupr_in_trapezoid", "aupr_out_trapezoid")
+CLASSIFICATION_KEYS = ("acc", "oscr", *(ccr_key(a) for a in CCR_FPR_LEVELS), "aurc", "eaurc", "macro_f1")
+METRIC_KEYS = DETECTION_KEYS + CLASSIFICATION_KEYS
 
 
 class MetricInputError(BackmixError, ValueError):
@@ -55,6 +71,20 @@ def fpr_at_tpr(pos_scores: np.ndarray, neg_scores: np.ndarray, level: float = TP
     return float(fpr[i]), float(thr[i])
 
 
+def aupr_trapezoid(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
+    """Area under the precision-recall curve by the trapezoid rule (OpenOOD, ViM's authors).
+
+    ``auc(recall, precision)`` over ``precision_recall_curve``'s points: one per distinct score
+    (tied scores move together) plus sklearn's end point (recall 0, precision 1).  Linear
+    interpolation of precision between points is optimistic against average precision
+    (:func:`sklearn.metrics.average_precision_score`, the step-wise sum), most where the
+    first accepted samples are negatives.
+    """
+    y = np.r_[np.ones(pos_scores.size), np.zeros(neg_scores.size)]
+    precision, recall, _ = precision_recall_curve(y, np.r_[pos_scores, neg_scores])
+    return float(auc(recall, precision))
+
+
 def dtacc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
     """Detection accuracy: max over thresholds of the balanced accuracy 0.5 * (TPR + TNR)."""
     y = np.r_[np.ones(pos_scores.size), np.zeros(neg_scores.size)]
@@ -85,6 +115,61 @@ def oscr(known_scores: np.ndarray, correct: np.ndarray, unknown_scores: np.ndarr
     return float(auc(*oscr_curve(known_scores, correct, unknown_scores)))
 
 
+def ccr_at_fpr(known_scores: np.ndarray, correct: np.ndarray, unknown_scores: np.ndarray, level: float) -> float:
+    """Correct-classification rate at FPR ``level`` (OpenOOD's CCR@FPR): the share of knowns
+    correctly classified and accepted at the lowest threshold t that accepts at most
+    ``level`` of the unknowns, FPR(t) = P(unknown score >= t) <= level.
+
+    Tied scores are accepted together.  When ``level * n_unknown`` is not an integer this is
+    OpenOOD's ``ccr_fpr``; when it is an integer m >= 1, OpenOOD's threshold (the m-th largest
+    unknown score, knowns accepted strictly above it) accepts only m - 1 unknowns, one fewer
+    than the level allows, and may accept fewer knowns than here.
+    """
+    if not 0.0 <= level <= 1.0:
+        raise MetricInputError(f"CCR@FPR level {level!r} is not accepted; expected a fraction in [0, 1]")
+    allowed = int(np.floor(level * unknown_scores.size + 1e-9))  # unknowns that may be accepted
+    unk = np.sort(unknown_scores)[::-1]
+    if allowed >= unk.size:
+        return float(correct.mean())
+    # accept scores strictly above the (allowed + 1)-th largest unknown score
+    return float(np.sum(correct & (known_scores > unk[allowed])) / known_scores.size)
+
+
+def risk_coverage(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, risk) of selective classification: accept the k highest-scoring samples,
+    k = 1..n, risk = share of errors among them (Geifman & El-Yaniv 2017).
+
+    Samples with tied scores have no order between them; the risk at a coverage inside a tie
+    block is its mean over all orders of the block (errors spread evenly over the block), so
+    the curve does not depend on how the samples were listed.  Without ties it is the plain
+    sorted curve.
+    """
+    n = scores.size
+    order = np.argsort(-scores, kind="stable")
+    s, wrong = scores[order], (~correct[order]).astype(np.float64)
+    starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]  # first position of each tie block
+    sizes = np.diff(np.r_[starts, n])
+    errors_before = np.r_[0.0, np.cumsum(wrong)][starts]     # errors ranked above each block
+    errors_in = np.add.reduceat(wrong, starts)
+    block = np.repeat(np.arange(starts.size), sizes)
+    k = np.arange(1, n + 1, dtype=np.float64)                # samples accepted
+    within = k - starts[block]                               # of the block, 1..size
+    expected_errors = errors_before[block] + errors_in[block] * within / sizes[block]
+    return k / n, expected_errors / k
+
+
+def aurc(scores: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the risk-coverage curve (Geifman et al. 2019): mean risk over coverages k/n."""
+    return float(risk_coverage(scores, correct)[1].mean())
+
+
+def optimal_aurc(correct: np.ndarray) -> float:
+    """AURC of a score that ranks every correct sample above every error (exact, discrete)."""
+    n, n_ok = correct.size, int(correct.sum())
+    k = np.arange(1, n + 1, dtype=np.float64)
+    return float(np.mean(np.maximum(0.0, k - n_ok) / k))
+
+
 def ood_metrics(
     known_scores: Any,
     unknown_scores: Any,
@@ -99,7 +184,8 @@ def ood_metrics(
     Scores follow the toolkit convention: higher = more likely known.  Inputs may be numpy
     arrays, torch tensors or lists.
 
-    Keys (always): ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``, ``tnr95``, ``dtacc``.
+    Keys (always): ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``, ``tnr95``, ``dtacc``,
+    ``fpr95_id_positive``, ``fpr95_ood_positive``, ``aupr_in_trapezoid``, ``aupr_out_trapezoid``.
 
     * ``positive="known"`` (default, OSR convention): knowns are the positive class.
       ``fpr95`` = share of unknowns accepted at the threshold that keeps 95% of knowns, i.e.
@@ -111,12 +197,18 @@ def ood_metrics(
       point that flags >= 95% of unknowns (OpenOOD's ``fpr_recall``).
     * ``tnr95`` = 1 - ``fpr95`` in either convention.  ``auroc``, ``aupr_*`` and ``dtacc``
       do not depend on ``positive`` (AUROC is symmetric; ties count 1/2 either way).
+    * ``fpr95_id_positive`` / ``fpr95_ood_positive``: FPR95 in each convention, whatever
+      ``positive`` is (``fpr95`` is the one ``positive`` names).
     * ``aupr_in``: knowns positive, score s; ``aupr_out``: unknowns positive, score -s.  Both
-      are sklearn's ``average_precision_score`` (step-wise sum, not the optimistic trapezoid).
+      are sklearn's ``average_precision_score`` (step-wise sum); ``aupr_in_trapezoid`` /
+      ``aupr_out_trapezoid``: the same curves by the trapezoid rule (:func:`aupr_trapezoid`).
     * ``dtacc``: best balanced accuracy 0.5 * (TPR + TNR) over all thresholds.
 
     With ``known_preds`` and ``known_labels`` (closed-set predictions of the knowns):
-    ``acc`` (closed-set accuracy) and ``oscr`` (see :func:`oscr`; CCR at FPR = 1 is ``acc``).
+    ``acc`` (closed-set accuracy) and ``oscr`` (see :func:`oscr`; CCR at FPR = 1 is ``acc``),
+    ``ccr_fpr_1e-04`` ... ``ccr_fpr_1e-01`` (:func:`ccr_at_fpr` at OpenOOD's levels), and the
+    knowns' selective classification by the score: ``aurc`` (:func:`aurc`; lower is better)
+    and ``eaurc`` = ``aurc`` - the AURC of a perfect ranking (:func:`optimal_aurc`).
     With ``unknown_preds`` too: ``macro_f1`` over the K known classes plus one "unknown"
     class at the 95%-TPR-on-knowns threshold above (samples scoring below it are predicted
     "unknown"; knowns' true label is their class, unknowns' is "unknown"); sklearn
@@ -131,10 +223,9 @@ def ood_metrics(
 
     y_known = np.r_[np.ones(ks.size), np.zeros(us.size)]
     s = np.r_[ks, us]
-    if positive == "known":
-        fpr95, _ = fpr_at_tpr(ks, us)
-    else:
-        fpr95, _ = fpr_at_tpr(-us, -ks)
+    fpr95_id, t95 = fpr_at_tpr(ks, us)
+    fpr95_ood, _ = fpr_at_tpr(-us, -ks)
+    fpr95 = fpr95_id if positive == "known" else fpr95_ood
     out: dict[str, float] = {
         "auroc": float(roc_auc_score(y_known, s)),
         "aupr_in": float(average_precision_score(y_known, s)),
@@ -142,6 +233,10 @@ def ood_metrics(
         "fpr95": fpr95,
         "tnr95": 1.0 - fpr95,
         "dtacc": dtacc(ks, us),
+        "fpr95_id_positive": fpr95_id,
+        "fpr95_ood_positive": fpr95_ood,
+        "aupr_in_trapezoid": aupr_trapezoid(ks, us),
+        "aupr_out_trapezoid": aupr_trapezoid(-us, -ks),
     }
 
     if (known_preds is None) != (known_labels is None):
@@ -161,13 +256,16 @@ def ood_metrics(
     correct = kp == kl
     out["acc"] = float(correct.mean())
     out["oscr"] = oscr(ks, correct, us)
+    for level in CCR_FPR_LEVELS:
+        out[ccr_key(level)] = ccr_at_fpr(ks, correct, us, level)
+    out["aurc"] = aurc(ks, correct)
+    out["eaurc"] = out["aurc"] - optimal_aurc(correct)
 
     if unknown_preds is not None:
         up = _to_numpy(unknown_preds, "unknown_preds", dtype=np.int64)
         if up.size != us.size:
             raise MetricInputError(f"unknown_preds has {up.size} entries but unknown_scores has {us.size}")
-        _, t = fpr_at_tpr(ks, us)
         y_true = np.r_[kl, np.full(us.size, UNKNOWN_LABEL)]
-        y_pred = np.where(s >= t, np.r_[kp, up], UNKNOWN_LABEL)
+        y_pred = np.where(s >= t95, np.r_[kp, up], UNKNOWN_LABEL)
         out["macro_f1"] = float(f1_score(y_true, y_pred, average="macro", zero_division=0))
     return out

@@ -68,7 +68,7 @@ class OpenSetEvaluator:
                                            else lambda: fit_set)
         self.pipeline = ScoringPipeline(self.scores, device=self.device, precision=precision,
                                         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                        positive=cfg.positive, processes=processes)
+                                        positive=cfg.positive, processes=processes, table=cfg.table())
         self.result: dict[str, Any] | None = None
         self.per_sample: dict[str, np.ndarray] = {}
 

@@ -52,19 +52,20 @@ class ScoringPipeline:
 
     ``keep``: the output fields to extract (default: logits, features and what the scores
     read); ``cache(name, dataset)``: a cache file per set (or None); ``processes``: this
-    process among the launch's (default: one process).
+    process among the launch's (default: one process); ``table``: the results' table settings
+    (``EvalConfig.table()``).
     """
 
     def __init__(self, scores: Sequence[Score], *, device: torch.device | str, precision: str = "no",
                  batch_size: int = 128, num_workers: int = 0, keep: tuple[str, ...] | None = None,
                  positive: str = "known", cache: Callable[[str, Dataset], Path | None] | None = None,
-                 processes: Processes = SINGLE) -> None:
+                 processes: Processes = SINGLE, table: dict[str, Any] | None = None) -> None:
         self.scores = list(scores)
         self.device, self.precision = torch.device(device), precision
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.keep = keep or tuple(dict.fromkeys(("logits", "features", *(k for s in self.scores for k in s.requires
                                                                           if k not in ("labels", s.name)))))
-        self.positive, self.cache, self.processes = positive, cache, processes
+        self.positive, self.cache, self.processes, self.table = positive, cache, processes, table
 
     @property
     def uses_train(self) -> bool:
@@ -175,7 +176,7 @@ class ScoringPipeline:
         if not procs.is_main:
             return None
         scored = score_outputs(known_out, unknown_out, self.scores, positive=self.positive,  # type: ignore[arg-type]
-                               closed_set=closed_set)
+                               closed_set=closed_set, table=self.table)
         for s in image:  # the image scores' values are not model outputs
             for out in (known_out, *unknown_out.values()):
                 out.pop(s.name, None)  # type: ignore[union-attr]

@@ -17,11 +17,91 @@ from ..atomic import atomic_write_text, write_json
 
 DEFAULT_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "dtacc", "oscr", "macro_f1")
 HEADERS = {
-    "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "fpr95": "FPR95",
-    "tnr95": "TNR95", "dtacc": "DTACC", "oscr": "OSCR", "macro_f1": "Macro-F1", "acc": "Accuracy",
+    "auroc": "AUROC", "aupr_in": "AUPR-In (step)", "aupr_out": "AUPR-Out (step)",
+    "aupr_in_trapezoid": "AUPR-In (trapz)", "aupr_out_trapezoid": "AUPR-Out (trapz)",
+    "fpr95": "FPR95", "tnr95": "TNR95", "fpr95_id_positive": "FPR95 (ID+)", "fpr95_ood_positive": "FPR95 (OOD+)",
+    "dtacc": "DTACC", "oscr": "OSCR", "macro_f1": "Macro-F1", "acc": "Accuracy",
+    "ccr_fpr_1e-04": "CCR@FPR1e-4", "ccr_fpr_1e-03": "CCR@FPR1e-3", "ccr_fpr_1e-02": "CCR@FPR1e-2",
+    "ccr_fpr_1e-01": "CCR@FPR1e-1", "aurc": "AURC", "eaurc": "E-AURC",
 }
-LOWER_IS_BETTER = {"fpr95"}
+LOWER_IS_BETTER = {"fpr95", "fpr95_id_positive", "fpr95_ood_positive", "aurc", "eaurc"}
 MISSING = "–"
+
+# What the tables show for the convention-dependent columns (results.json always has every one):
+# ``fpr95`` and ``aupr_in`` / ``aupr_out`` in a column list expand to these keys.
+TABLE_FPR95 = {"id_positive": ("fpr95_id_positive",), "ood_positive": ("fpr95_ood_positive",),
+               "both": ("fpr95_id_positive", "fpr95_ood_positive")}
+TABLE_AUPR = {"step": ("",), "trapezoid": ("_trapezoid",), "both": ("", "_trapezoid")}
+TABLE_FPR95_CHOICES = ("auto", *TABLE_FPR95)   # auto: the convention of eval.positive
+NOTES = (  # (columns, the note under a table showing any of them)
+    (("fpr95_id_positive",), "FPR95 (ID+): share of unknowns accepted at the threshold keeping 95% of knowns "
+                             "(knowns positive; OE, MCM, ViM's authors)"),
+    (("fpr95_ood_positive",), "FPR95 (OOD+): share of knowns rejected at the threshold flagging 95% of unknowns "
+                              "(unknowns positive; OpenOOD, pytorch-ood)"),
+    (("aupr_in", "aupr_out"), "AUPR (step): average precision, the step-wise sum (scikit-learn, OE)"),
+    (("aupr_in_trapezoid", "aupr_out_trapezoid"), "AUPR (trapz): trapezoid rule over the precision-recall curve "
+                                                  "(OpenOOD, ViM's authors)"),
+    (tuple(k for k in HEADERS if k.startswith("ccr_fpr_")), "CCR@FPRα: share of knowns correctly classified and "
+                                                            "accepted at FPR <= α (OpenOOD)"),
+    (("aurc", "eaurc"), "AURC: mean misclassification risk of the knowns over coverages, ranked by the score; "
+                        "E-AURC: AURC minus a perfect ranking's"),
+)
+
+
+def check_table_settings(fpr95: str, aupr: str, metrics: Sequence[str], where: str = "eval") -> None:
+    """Validate the table settings ``<where>.table_fpr95``, ``.table_aupr``, ``.table_metrics``."""
+    from ..validation import check_choice, join
+
+    check_choice(fpr95, TABLE_FPR95_CHOICES, join(where, "table_fpr95"))
+    check_choice(aupr, tuple(TABLE_AUPR), join(where, "table_aupr"))
+    if isinstance(metrics, str) or not metrics:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{join(where, 'table_metrics')}: {metrics!r} is not accepted; give a non-empty list "
+                          f"of {', '.join(HEADERS)}")
+    for m in metrics:
+        check_choice(m, tuple(HEADERS), join(where, "table_metrics"))
+
+
+def table_settings(positive: str = "known", fpr95: str = "auto", aupr: str = "step",
+                   metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, Any]:
+    """The ``"table"`` entry of a results dict: what its Markdown tables show (``auto`` resolved)."""
+    if fpr95 == "auto":
+        fpr95 = "id_positive" if positive == "known" else "ood_positive"
+    return {"fpr95": fpr95, "aupr": aupr, "metrics": list(metrics)}
+
+
+def columns(results: Mapping[str, Any], metrics: Sequence[str] | None = None) -> list[str]:
+    """The metric keys a table of ``results`` shows: ``metrics`` (default: the results' own
+    ``table.metrics``, else :data:`DEFAULT_METRICS`) with ``fpr95`` and ``aupr_in`` / ``aupr_out``
+    expanded to the conventions the results ask for (old results: ``positive``'s FPR95, step AUPR)."""
+    table = {**table_settings(results.get("positive", "known")), **(results.get("table") or {})}
+    out: list[str] = []
+    for m in metrics if metrics is not None else table["metrics"]:
+        if m == "fpr95":
+            out += TABLE_FPR95[table["fpr95"]]
+        elif m in ("aupr_in", "aupr_out"):
+            out += [m + suffix for suffix in TABLE_AUPR[table["aupr"]]]
+        else:
+            out.append(m)
+    return list(dict.fromkeys(out))
+
+
+def metric_value(vals: Mapping[str, Any], key: str, positive: str = "known") -> Any:
+    """``vals[key]``; results written before both FPR95 conventions were stored give their
+    ``fpr95`` for the convention named by their ``positive``, and None for the other."""
+    if key in vals:
+        return vals[key]
+    if key == "fpr95_id_positive" and positive == "known" or key == "fpr95_ood_positive" and positive == "unknown":
+        return vals.get("fpr95")
+    return None
+
+
+def header(key: str, positive: str = "known", *, arrow: bool = True) -> str:
+    """A column title with the convention in it (``fpr95`` alone names ``positive``'s)."""
+    if key == "fpr95":
+        key = "fpr95_id_positive" if positive == "known" else "fpr95_ood_positive"
+    return HEADERS.get(key, key) + (" ↓" if arrow and key in LOWER_IS_BETTER else "")
 
 
 def _is_agg(value: Any) -> bool:
@@ -43,8 +123,8 @@ def _mean(value: Any) -> float | None:
     return float(value["mean"]) if _is_agg(value) else float(value)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -53,9 +133,13 @@ def results_to_markdown(
     results: Mapping[str, Any],
     *,
     title: str | None = None,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
 ) -> str:
-    """ID accuracy first, then one table per OOD set with one row per score (percent, 2 dp)."""
+    """ID accuracy first, then one table per OOD set with one row per score (percent, 2 dp).
+
+    ``metrics``: the columns (default: the results' ``table.metrics``); ``fpr95`` and
+    ``aupr_in`` / ``aupr_out`` expand to the conventions of the results' ``table`` entry
+    (:func:`columns`)."""
     parts = [f"# {title}"] if title else []
     seeds = results.get("num_seeds")
     acc_line = f"**ID accuracy**: {fmt(results.get('acc'))}%" if results.get("acc") is not None else "**ID accuracy**: –"
@@ -65,18 +149,22 @@ def results_to_markdown(
     for name, res in (results.get("extra_known") or {}).items():
         parts.append(f"**Accuracy on {name}** (known classes under a shift): {fmt(res.get('acc'))}%")
     counts = results.get("counts") or {}
+    positive = results.get("positive", "known")
+    cols = columns(results, metrics)
     for ood_name, per_score in results["results"].items():
         n = counts.get(ood_name)
         n = _mean(n) if n is not None else None
         heading = f"## {ood_name}" + (f" (unknown, n = {int(n)})" if n is not None else " (unknown)")
-        header = ["Score"] + [HEADERS.get(m, m) + (" ↓" if m in LOWER_IS_BETTER else "") for m in metrics]
-        rows = [[name] + [fmt(vals.get(m)) for m in metrics] for name, vals in per_score.items()]
-        parts += [heading, _md_table(header, rows)]
+        head = ["Score"] + [header(m, positive) for m in cols]
+        rows = [[name] + [fmt(metric_value(vals, m, positive)) for m in cols] for name, vals in per_score.items()]
+        parts += [heading, _md_table(head, rows)]
         for score, st in ((results.get("streams") or {}).get(ood_name) or {}).items():  # stream scores (AdaNeg)
             parts.append(f"`{score}`: scored on a test stream of {st['known']} known + {st['unknown']} unknown samples "
                          f"(known:unknown {st['ratio']}), {st['order']}, batches of {st['batch_size']}, {st['memory']}.")
-    parts.append(f"Values in %. {'Knowns' if results.get('positive', 'known') == 'known' else 'Unknowns'} "
-                 "are the positive class for FPR95.")
+    notes = [note for keys, note in NOTES if set(keys) & set(cols)]
+    if "tnr95" in cols:
+        notes.append(f"TNR95 = 1 - FPR95 with {'knowns' if positive == 'known' else 'unknowns'} positive")
+    parts.append("Values in %" + "".join(f"; {n}" for n in notes) + ".")
     return "\n\n".join(parts) + "\n"
 
 
@@ -99,7 +187,8 @@ def _aggregate(values: list[Any], where: str) -> Any:
                 raise ValueError(f"aggregate_seeds: results differ at '{where}' ({other}); "
                                  "every seed must evaluate the same OOD sets, scores and metrics")
         return {k: _aggregate([v[k] for v in values], f"{where}.{k}" if where else k) for k in keys}
-    if first is None or isinstance(first, (str, bool)):
+    if first is None or isinstance(first, (str, bool)) or (isinstance(first, list)
+                                                           and all(isinstance(x, str) for x in first)):
         if any(v != first for v in values):
             raise ValueError(f"aggregate_seeds: '{where}' differs between seeds: {values}")
         return first
@@ -143,7 +232,8 @@ def paper_table_v(
         for name in row["results"]["results"]:
             if name not in oods:
                 oods.append(name)
-    header = ["Setting", "Method", "Accuracy"] + [f"{o} {HEADERS.get(m, m)}" for o in oods for m in metrics]
+    positive = rows[0]["results"].get("positive", "known")
+    head = ["Setting", "Method", "Accuracy"] + [f"{o} {header(m, positive, arrow=False)}" for o in oods for m in metrics]
 
     def values(row: Mapping[str, Any]) -> list[float | None]:
         res = row["results"]
@@ -155,7 +245,7 @@ def paper_table_v(
                 raise ValueError(f"paper_table_v: score '{name}' not in results for '{o}'; "
                                  f"available: {', '.join(per_score)}")
             vals = per_score.get(name, {})
-            out += [_mean(vals.get(m)) for m in metrics]
+            out += [_mean(metric_value(vals, m, res.get("positive", "known"))) for m in metrics]
         return out
 
     table: list[list[str]] = []
@@ -176,7 +266,7 @@ def paper_table_v(
         if not str(row["method"]).lstrip().startswith("+"):
             base = vals
         prev_setting = setting
-    return _md_table(header, table) + "\n"
+    return _md_table(head, table) + "\n"
 
 
 COMPARE_METRICS = ("auroc", "fpr95", "oscr")
@@ -206,8 +296,11 @@ def ood_summary_table(results: Mapping[str, Any], metrics: Sequence[str] = ("fpr
     """The OOD literature's table: one row per score, ``<set> FPR95 / AUROC`` columns and their average.
 
     Values in percent (means for seed aggregates); with ``mark_best`` the best value of each
-    column is bold (lowest FPR95, highest otherwise).
+    column is bold (lowest FPR95, highest otherwise).  ``fpr95`` / ``aupr_*`` expand to the
+    results' table conventions (:func:`columns`).
     """
+    positive = results.get("positive", "known")
+    metrics = columns(results, metrics)
     oods = list(results["results"])
     scores: list[str] = []
     for per_score in results["results"].values():
@@ -218,16 +311,16 @@ def ood_summary_table(results: Mapping[str, Any], metrics: Sequence[str] = ("fpr
         row = []
         for o, m in cols:
             if o == "Average":
-                vals = [_mean(results["results"][x].get(s, {}).get(m)) for x in oods]
+                vals = [_mean(metric_value(results["results"][x].get(s, {}), m, positive)) for x in oods]
                 row.append(None if any(v is None for v in vals) else float(np.mean(vals)))
             else:
-                row.append(_mean(results["results"][o].get(s, {}).get(m)))
+                row.append(_mean(metric_value(results["results"][o].get(s, {}), m, positive)))
         grid[s] = row
     best: list[float | None] = []
     for j, (_, m) in enumerate(cols):
         vals = [grid[s][j] for s in scores if grid[s][j] is not None]
         best.append(None if not vals else (min(vals) if m in LOWER_IS_BETTER else max(vals)))
-    header = ["Score"] + [f"{o} {HEADERS.get(m, m)}{' ↓' if m in LOWER_IS_BETTER else ''}" for o, m in cols]
+    head = ["Score"] + [f"{o} {header(m, positive)}" for o, m in cols]
     rows = []
     for s in scores:
         cells = []
@@ -235,4 +328,4 @@ def ood_summary_table(results: Mapping[str, Any], metrics: Sequence[str] = ("fpr
             cell = MISSING if v is None else f"{100 * v:.{digits}f}"
             cells.append(f"**{cell}**" if mark_best and v is not None and v == best[j] else cell)
         rows.append([s] + cells)
-    return _md_table(header, rows) + "\n"
+    return _md_table(head, rows) + "\n"

@@ -72,7 +72,8 @@ def run_ood(cfg: OodConfig, run_dir: str | Path) -> dict[str, Any] | None:
                    cache_dir=Path(cfg.run.output_dir) / ".cache" / "features" if cfg.eval.cache_features else None,
                    model_id=loaded.identity | ({"weights": _weights_id(loaded)}), data_ids=ids,
                    probe=cfg.probe.enabled, probe_C=cfg.probe.C, probe_max_iter=cfg.probe.max_iter,
-                   positive=cfg.eval.positive, std=loaded.std, seed=cfg.run.seed, processes=processes)
+                   positive=cfg.eval.positive, std=loaded.std, seed=cfg.run.seed, processes=processes,
+                   table=cfg.eval.table())
     results = ev.run(cfg.eval.scores, cfg.eval.score_params)
     if results is None:
         return None

@@ -85,7 +85,7 @@ def run_zeroshot(cfg: ZeroShotConfig, run_dir: str | Path) -> dict[str, Any] | N
 
     pipeline = ScoringPipeline(scores, device=device, precision=cfg.run.precision, batch_size=cfg.eval.batch_size,
                                num_workers=cfg.eval.num_workers, keep=OUTPUT_KEEP, positive=cfg.eval.positive,
-                               cache=cache, processes=processes)
+                               cache=cache, processes=processes, table=cfg.eval.table())
     done = pipeline.run(clf, known_ds, ood_sets, prepare=lambda sets: ScoreSetup(forward=clf, text=text))
     if done is None:
         return None

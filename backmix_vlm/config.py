@@ -11,6 +11,8 @@ with its runner in :mod:`backmix_vlm.runners`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import inspect
@@ -341,6 +343,26 @@ def run_validate(obj: Any, where: str = "") -> None:
         validate(where)
     else:
         validate()
+
+
+_TORCH_CHECKS = contextvars.ContextVar("backmix_torch_checks", default=True)
+
+
+@contextlib.contextmanager
+def without_torch_checks() -> Any:
+    """Validators skip their checks that need torch-side registries (score names, CLIP templates):
+    the CLI checks keys, types and ranges this way before torch loads, and the job builds the
+    config again with every check."""
+    token = _TORCH_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _TORCH_CHECKS.reset(token)
+
+
+def torch_checks() -> bool:
+    """False inside :func:`without_torch_checks`."""
+    return _TORCH_CHECKS.get()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

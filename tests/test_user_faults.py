@@ -214,16 +214,39 @@ def test_the_last_epoch_is_saved_before_its_evaluation(tmp_path, tiny_train_conf
 
 
 # ----------------------------------------------------------------------------- a typo answers before torch loads
-def test_a_train_config_typo_is_reported_without_importing_torch(tmp_path):
+def _train_run_without_training(tmp: Path) -> Path:
+    """A run folder as ``train`` leaves it (config.yaml + run_info.json), enough for ``eval`` to read its config."""
+    from backmix_vlm.config import to_dict
+    from backmix_vlm.jobs.train import load_train_config
+
+    run = tmp / "run"
+    run.mkdir()
+    cfg, _ = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (run / "run_info.json").write_text(json.dumps({"job": "train"}))
+    return run
+
+
+@pytest.mark.parametrize("job, target, override, message", [
+    ("train", "configs/demo.yaml", "optim.lrr=1", "unknown config key 'optim.lrr' (did you mean 'lr'?)"),
+    ("ood", "configs/ood/vits14_cifar10_probe.yaml", "eval.scroes=[msp]",
+     "unknown config key 'eval.scroes' (did you mean 'scores'?)"),
+    ("zeroshot", "configs/zeroshot/clip_vitb16_cifar10.yaml", "model.nmae=x",
+     "unknown config key 'model.nmae' (did you mean 'name'?)"),
+    ("ood", "configs/ood/vits14_cifar10_probe.yaml", "eval.batch_size=0", "eval.batch_size"),
+    ("eval", None, "eval.scroes=[msp]", "unknown config key 'eval.scroes' (did you mean 'scores'?)"),
+])
+def test_a_config_typo_is_reported_without_importing_torch(tmp_path, job, target, override, message):
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    code = ("import sys; from backmix_vlm.cli import main; rc = main(['train', 'configs/demo.yaml', 'optim.lrr=1']); "
+    target = str(_train_run_without_training(tmp_path)) if target is None else target
+    code = (f"import sys; from backmix_vlm.cli import main; rc = main([{job!r}, {target!r}, {override!r}]); "
             "print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
-    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in out.stderr
+    assert f"override '{override}': " in out.stderr and message in out.stderr, out.stderr
 
 
 # ----------------------------------------------------------------------------- progress in a log file

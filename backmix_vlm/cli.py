@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from .perf import keep_freed_memory
 
     keep_freed_memory()  # CPU: no page faults on every forward's activations (backmix_vlm/perf.py)
+    _keep_interrupts()
     try:
         if getattr(args, "config", None) or args.job == "eval":
             _check_config_early(args)
@@ -144,8 +145,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if args.debug:
             raise
-        _report(args.job, "interrupted", e)
+        try:
+            _report(args.job, "interrupted", e)
+        except KeyboardInterrupt:  # a second Ctrl-C (or one re-delivered by _keep_interrupts) while reporting
+            pass
         return 130
+
+
+def _keep_interrupts() -> None:
+    """Ctrl-C that lands in a finalizer (torch's DataLoader iterator joins its workers in ``__del__``)
+    raises KeyboardInterrupt there, which Python prints as "Exception ignored" and drops: the run went
+    on and exited 0.  Such an interrupt is delivered again to the main thread, where it stops the job
+    like any other Ctrl-C (exit 130, the run kept resumable)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "keeps_interrupts", False):
+        return
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            import _thread
+            import threading
+
+            while True:  # raised in the main thread shortly after this hook returns (a raise in it is dropped too)
+                try:
+                    threading.Timer(0.2, _thread.interrupt_main).start()
+                    return
+                except KeyboardInterrupt:  # another Ctrl-C while scheduling: schedule again
+                    continue
+        previous(unraisable)
+
+    hook.keeps_interrupts = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _report(job: str, text: str, error: BaseException) -> None:

@@ -77,7 +77,7 @@ from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimC
 from ..errors import ConfigError, DivergedError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
-from ..runtime import check_autocast_precision, resolve_device, single_process_launch_warning
+from ..runtime import resolve_device, resolve_run_precision, single_process_launch_warning
 from ..validation import check_choice
 from .lookahead import Lookahead
 from .tasks import StepPlan, TrainTask
@@ -220,7 +220,7 @@ def build_accelerator(run: RunConfig) -> Any:
 
     from ..compat import accelerate_state_started, reset_accelerate_state
 
-    check_autocast_precision(run.precision, "run.precision")
+    resolve_run_precision(run)  # auto -> bf16 / fp16 / no for this device (a no-op once the run resolved it)
     device = str(run.device)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if device.startswith("cuda:") and processes > 1:  # Accelerate gives each process its local rank's GPU

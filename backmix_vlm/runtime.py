@@ -96,6 +96,9 @@ def low_precision_dtype(precision: str | None) -> Any:
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
+    if precision == "auto":
+        raise ConfigError("precision 'auto' has no dtype of its own: resolve it for the device first "
+                          "(runtime.resolve_precision / resolve_run_precision)")
     raise ConfigError(f"precision {precision!r} is not accepted; choose no, fp32, bf16 or fp16")
 
 

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         _report(args.job, f"error: {message}", e)
         return 2
     except KeyboardInterrupt as e:
+        for timer in _REDELIVERIES:  # this Ctrl-C is handled: no second one from a finalizer
+            timer.cancel()
+        _REDELIVERIES.clear()
         if args.debug:
             raise
         try:
@@ -150,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # a second Ctrl-C (or one re-delivered by _keep_interrupts) while reporting
             pass
         return 130
+
+
+_REDELIVERIES: list = []  # timers of interrupts _keep_interrupts delivers again (cancelled once one is handled)
 
 
 def _keep_interrupts() -> None:
@@ -168,7 +174,10 @@ def _keep_interrupts() -> None:
 
             while True:  # raised in the main thread shortly after this hook returns (a raise in it is dropped too)
                 try:
-                    threading.Timer(0.2, _thread.interrupt_main).start()
+                    timer = threading.Timer(0.2, _thread.interrupt_main)
+                    timer.daemon = True
+                    _REDELIVERIES.append(timer)
+                    timer.start()
                     return
                 except KeyboardInterrupt:  # another Ctrl-C while scheduling: schedule again
                     continue

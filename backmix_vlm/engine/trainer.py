@@ -220,12 +220,12 @@ def build_accelerator(run: RunConfig) -> Any:
 
     from ..compat import accelerate_state_started, reset_accelerate_state
 
-    resolve_run_precision(run)  # auto -> bf16 / fp16 / no for this device (a no-op once the run resolved it)
     device = str(run.device)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if device.startswith("cuda:") and processes > 1:  # Accelerate gives each process its local rank's GPU
         raise ConfigError(f"run.device: {device!r} names one GPU, but this run has {processes} processes (each "
                           "uses the GPU of its local rank); use run.device=cuda or auto")
+    resolve_run_precision(run)  # auto -> bf16 / fp16 / no for this device (a no-op once the run resolved it)
     cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")

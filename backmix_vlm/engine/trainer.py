@@ -77,7 +77,7 @@ from ..config import BACKMIX_MODES, OPTIMIZERS, SCHEDULES, BackMixConfig, OptimC
 from ..errors import ConfigError, DivergedError, ModelError
 from ..models.output import ModelOutput
 from ..runs import atomic_write_text
-from ..runtime import resolve_device, resolve_run_precision, single_process_launch_warning
+from ..runtime import check_autocast_precision, resolve_device, resolve_run_precision, single_process_launch_warning
 from ..validation import check_choice
 from .lookahead import Lookahead
 from .tasks import StepPlan, TrainTask
@@ -225,7 +225,9 @@ def build_accelerator(run: RunConfig) -> Any:
     if device.startswith("cuda:") and processes > 1:  # Accelerate gives each process its local rank's GPU
         raise ConfigError(f"run.device: {device!r} names one GPU, but this run has {processes} processes (each "
                           "uses the GPU of its local rank); use run.device=cuda or auto")
-    resolve_run_precision(run)  # auto -> bf16 / fp16 / no for this device (a no-op once the run resolved it)
+    if run.precision == "auto":  # resolved once per run by runs.plan_from_args; direct callers here
+        resolve_run_precision(run)
+    check_autocast_precision(run.precision, "run.precision")
     cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")

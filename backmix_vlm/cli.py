@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from .errors import BackmixError, environment_message, user_message
 
@@ -122,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     from .perf import keep_freed_memory
 
     keep_freed_memory()  # CPU: no page faults on every forward's activations (backmix_vlm/perf.py)
+    _keep_interrupts()
     try:
-        if getattr(args, "config", None):
+        if getattr(args, "config", None) or args.job == "eval":
             _check_config_early(args)
+        if getattr(args, "config", None):
             _preflight_data(args.config, list(getattr(args, "overrides", []) or []))
         module = importlib.import_module(f"backmix_vlm.runners.{args.job}")
         return int(module.main(args) or 0)
@@ -140,10 +143,48 @@ def main(argv: list[str] | None = None) -> int:
         _report(args.job, f"error: {message}", e)
         return 2
     except KeyboardInterrupt as e:
+        for timer in _REDELIVERIES:  # this Ctrl-C is handled: no second one from a finalizer
+            timer.cancel()
+        _REDELIVERIES.clear()
         if args.debug:
             raise
-        _report(args.job, "interrupted", e)
+        try:
+            _report(args.job, "interrupted", e)
+        except KeyboardInterrupt:  # a second Ctrl-C (or one re-delivered by _keep_interrupts) while reporting
+            pass
         return 130
+
+
+_REDELIVERIES: list = []  # timers of interrupts _keep_interrupts delivers again (cancelled once one is handled)
+
+
+def _keep_interrupts() -> None:
+    """Ctrl-C that lands in a finalizer (torch's DataLoader iterator joins its workers in ``__del__``)
+    raises KeyboardInterrupt there, which Python prints as "Exception ignored" and drops: the run went
+    on and exited 0.  Such an interrupt is delivered again to the main thread, where it stops the job
+    like any other Ctrl-C (exit 130, the run kept resumable)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "keeps_interrupts", False):
+        return
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            import _thread
+            import threading
+
+            while True:  # raised in the main thread shortly after this hook returns (a raise in it is dropped too)
+                try:
+                    timer = threading.Timer(0.2, _thread.interrupt_main)
+                    timer.daemon = True
+                    _REDELIVERIES.append(timer)
+                    timer.start()
+                    return
+                except KeyboardInterrupt:  # another Ctrl-C while scheduling: schedule again
+                    continue
+        previous(unraisable)
+
+    hook.keeps_interrupts = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _report(job: str, text: str, error: BaseException) -> None:
@@ -152,22 +193,40 @@ def _report(job: str, text: str, error: BaseException) -> None:
     print(f"backmix-vlm {job}: {text}" + (f"\n  {hint}" if hint else ""), file=sys.stderr)
 
 
-#: jobs whose config module imports without torch: job -> (module, config builder)
-LIGHT_CONFIGS = {"train": ("backmix_vlm.jobs.train", "build_train_config")}
+#: jobs whose config module imports without torch: job -> (module, config builder).  ``fewshot`` is
+#: not among them: its optimiser recipes and ``method.options`` classes live with the adapters (torch).
+LIGHT_CONFIGS = {"train": ("backmix_vlm.jobs.train", "build_train_config"),
+                 "ood": ("backmix_vlm.jobs.ood", "build_ood_config"),
+                 "zeroshot": ("backmix_vlm.jobs.zeroshot", "build_zeroshot_config")}
 
 
 def _check_config_early(args: argparse.Namespace) -> None:
     """Build the job's config (keys, types, ranges, every variant) before torch is imported, so a typo
     is answered in about a second; the job builds it again (cheap) when it plans the run."""
-    from pathlib import Path
-
+    if args.job == "eval":
+        return _check_eval_overrides(Path(args.run_dir), list(args.overrides or []))
     spec = LIGHT_CONFIGS.get(args.job)
     if spec is None or getattr(args, "resume", False) or Path(args.config).is_dir():
         return  # --resume: the saved config is the base (runs.resume_config checks it)
-    from .config import build_with_overrides, load_yaml
+    from .config import build_with_overrides, load_yaml, without_torch_checks
 
     build = getattr(importlib.import_module(spec[0]), spec[1])
-    build_with_overrides(build, load_yaml(args.config), list(getattr(args, "overrides", []) or []), args.config)
+    with without_torch_checks():
+        build_with_overrides(build, load_yaml(args.config), list(getattr(args, "overrides", []) or []), args.config)
+
+
+def _check_eval_overrides(run_dir: Path, overrides: list[str]) -> None:
+    """``eval <train run> overrides``: the saved config + the overrides, as the job will build them."""
+    import json
+
+    info = run_dir / "run_info.json"
+    if not (run_dir / "config.yaml").is_file():
+        return  # the job says what is missing
+    if info.is_file() and json.loads(info.read_text()).get("job", "train") != "train":
+        return  # a fewshot run: its config builder needs torch (see LIGHT_CONFIGS)
+    from .jobs.train import load_overridden
+
+    load_overridden(run_dir, overrides)
 
 
 def _preflight_data(config: str, overrides: list[str]) -> None:

@@ -12,6 +12,8 @@ one to change.
 * timm: :func:`timm_pos_embed` (``VisionTransformer._pos_embed``), :func:`recording_load_state_dict`
   (``timm.create_model`` gives no report of what its weights covered; we record
   ``nn.Module.load_state_dict``'s return value with a process-wide patch, under a lock);
+* torch: :func:`cpu_native_bf16` (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: torch has no
+  public check whether the CPU computes bf16 natively);
 * Accelerate: :func:`reset_accelerate_state` (``AcceleratorState._shared_state`` /
   ``_reset_state``: a single process may train several runs with other precisions).
 """
@@ -147,3 +149,15 @@ def accelerate_state_started() -> bool:
     from accelerate.state import PartialState
 
     return bool(PartialState._shared_state)
+
+
+# ----------------------------------------------------------------------------- torch
+def cpu_native_bf16() -> bool:
+    """True when oneDNN runs bf16 kernels natively on this CPU (AVX512-BF16 / AMX, or AVX512 cores it
+    treats as bf16-capable); False on AVX2-only CPUs, where bf16 convolutions / matmuls are emulated,
+    and where the probe is missing."""
+    probe = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:  # a build without oneDNN
+        return False

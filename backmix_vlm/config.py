@@ -11,6 +11,8 @@ with its runner in :mod:`backmix_vlm.runners`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import inspect
@@ -54,7 +56,7 @@ class RunConfig:
     name: str | None = None           # run directory name; default: <job>-<timestamp>
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    precision: str = "no"             # no | bf16 | fp16  (autocast; bf16 is ~4x faster on modern CPUs)
+    precision: str = "no"             # auto | no | bf16 | fp16  (autocast; auto: bf16 where the device computes it natively, fp16 on older GPUs, else fp32; runtime.resolve_run_precision)
     channels_last: bool = False       # CNNs: NHWC memory format (faster convolutions with bf16 on CPU and GPU)
     compile: bool = False             # torch.compile the model for training, the frozen image tower for zero-shot evaluation (first batches pay the compile time)
     process_timeout_s: float = 1800.0  # multi-process runs: seconds a process waits for the others at a collective (e.g. while the main process evaluates) before the run fails with a clear error (torch's default 30 min)
@@ -349,6 +351,26 @@ def run_validate(obj: Any, where: str = "") -> None:
         validate(where)
     else:
         validate()
+
+
+_TORCH_CHECKS = contextvars.ContextVar("backmix_torch_checks", default=True)
+
+
+@contextlib.contextmanager
+def without_torch_checks() -> Any:
+    """Validators skip their checks that need torch-side registries (score names, CLIP templates):
+    the CLI checks keys, types and ranges this way before torch loads, and the job builds the
+    config again with every check."""
+    token = _TORCH_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _TORCH_CHECKS.reset(token)
+
+
+def torch_checks() -> bool:
+    """False inside :func:`without_torch_checks`."""
+    return _TORCH_CHECKS.get()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

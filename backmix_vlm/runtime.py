@@ -4,8 +4,9 @@ One definition of each, used by every job:
 
 * ``run.device`` (``auto | cpu | cuda | cuda:N``) → :func:`resolve_device`.
 * Two different precision settings, with two different name sets on purpose:
-  ``run.precision`` is **autocast** (``AUTOCAST_PRECISIONS``: ``no | bf16 | fp16``; weights stay
-  fp32) → :func:`autocast`; ``model.precision`` of the zero-shot job is the **weight dtype** of a
+  ``run.precision`` is **autocast** (``AUTOCAST_PRECISIONS``: ``auto | no | bf16 | fp16``; weights
+  stay fp32) → :func:`autocast`; ``auto`` is resolved once per run by :func:`resolve_run_precision`
+  (bf16 where the device computes it natively, fp16 on older CUDA GPUs, else fp32); ``model.precision`` of the zero-shot job is the **weight dtype** of a
   frozen CLIP (``WEIGHT_PRECISIONS``: ``fp32 | fp16 | bf16``).  Both map a name to a torch dtype
   with :func:`low_precision_dtype` (``no`` / ``fp32`` → None, i.e. float32).
 * Processes (``torchrun`` / ``accelerate launch``): :func:`distributed_active`,
@@ -33,7 +34,7 @@ from .errors import BackmixError, ConfigError, ProcessGroupError
 
 T = TypeVar("T")
 
-AUTOCAST_PRECISIONS = ("no", "bf16", "fp16")
+AUTOCAST_PRECISIONS = ("auto", "no", "bf16", "fp16")
 WEIGHT_PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 OFFLINE_ENV = "BACKMIX_VLM_OFFLINE"   # "1": skip network probes and behave as offline
@@ -95,14 +96,153 @@ def low_precision_dtype(precision: str | None) -> Any:
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
+    if precision == "auto":
+        raise ConfigError("precision 'auto' has no dtype of its own: resolve it for the device first "
+                          "(runtime.resolve_precision / resolve_run_precision)")
     raise ConfigError(f"precision {precision!r} is not accepted; choose no, fp32, bf16 or fp16")
 
 
+#: why explicit bf16 on a CPU without native bf16 is a bad idea (measured; docs/benchmarks_speed.md)
+BF16_EMULATED = ("bf16 convolutions / matmuls are emulated there: on an AVX2-only AMD EPYC a bf16 CNN round at "
+                 "batch 256 took 84.6 s against 26-29 s for an fp32 round at batch 1,024, ~12x slower per image")
+_warned: set[str] = set()
+
+
+def native_bf16(device: Any) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and the evidence (recorded in run_info.json).
+
+    CUDA: compute capability >= 8.0 (Ampere and newer; older GPUs emulate bf16).  CPU: oneDNN's
+    check (:func:`backmix_vlm.compat.cpu_native_bf16`).  Other devices: no.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        name = torch.cuda.get_device_name(dev)
+        return major >= 8, f"{name}, compute capability {major}.{minor} ({'>=' if major >= 8 else '<'} 8.0 for bf16)"
+    if dev.type == "cpu":
+        from .compat import cpu_native_bf16
+
+        native = cpu_native_bf16()
+        return native, f"{cpu_name()}: oneDNN reports {'native' if native else 'no native'} bf16"
+    return False, f"{dev.type}: bf16 autocast not used"
+
+
+def resolve_precision(precision: str, device: Any, where: str = "run.precision") -> tuple[str, str]:
+    """The autocast precision a run computes in, and why.
+
+    ``auto``: ``bf16`` where ``device`` computes it natively, ``fp16`` (with a gradient scaler when
+    training) on a CUDA GPU without bf16, ``no`` (float32) otherwise.  An explicit name is kept;
+    ``bf16`` on a CPU without native bf16 warns once per process with the measured reason.
+    """
+    import torch
+
+    check_autocast_precision(precision, where)
+    dev = torch.device(device)
+    if precision == "auto":
+        native, evidence = native_bf16(dev)
+        if native:
+            return "bf16", f"auto: {evidence}"
+        if dev.type == "cuda":
+            return "fp16", f"auto: {evidence}; fp16 autocast (training: with a gradient scaler)"
+        return "no", f"auto: {evidence}; float32"
+    if precision == "bf16" and dev.type == "cpu":
+        native, evidence = native_bf16(dev)
+        if not native:
+            _warn_once(f"warning: {where}: bf16 on a CPU without native bf16 ({evidence}); {BF16_EMULATED}. "
+                       f"Use {where}=auto (float32 here) or {where}=no")
+            return "bf16", f"given; {evidence}"
+    return str(precision), "given"
+
+
+def resolve_run_precision(run: Any) -> dict[str, str]:
+    """Resolve ``run.precision`` (a :class:`~backmix_vlm.config.RunConfig`) in place on ``run.device``
+    and return the record kept in run_info.json (``requested``, ``resolved``, ``reason``).
+
+    Runs save the resolved name in config.yaml, so ``--resume`` / ``eval`` compute in the precision
+    the run started with, on any machine.  A second call returns the first record.
+    """
+    record = getattr(run, "precision_record", None)
+    if record is not None:
+        return record
+    device = resolve_device(run.device)
+    name, reason = resolve_precision(run.precision, device)
+    record = {"requested": str(run.precision), "resolved": name, "reason": reason, "device": str(device)}
+    run.precision = name
+    run.precision_record = record  # an attribute, not a field: config.yaml holds the resolved name only
+    return record
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    import platform
+
+    info = _proc_cpuinfo()
+    return info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+#: the CPU flags that decide which kernels run (vector width, native bf16 / fp16, AMX)
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                "amx_bf16", "neon", "asimd", "bf16", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """The :data:`KERNEL_FLAGS` this CPU reports (empty where ``/proc/cpuinfo`` is missing)."""
+    info = _proc_cpuinfo()
+    have = set((info.get("flags") or info.get("Features") or "").split())
+    return [f for f in KERNEL_FLAGS if f in have]
+
+
+def _proc_cpuinfo() -> dict[str, str]:
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if out:
+                break  # the first processor's block is enough
+            continue
+        out.setdefault(key.strip(), value.strip())
+    return out
+
+
+def machine_line(precision: str | None = None, device: Any = "cpu") -> str:
+    """One line for benchmark output: CPU model and kernel flags, torch's CPU capability and threads,
+    native bf16, and (given) the precision that ran."""
+    import torch
+
+    parts = [f"cpu: {cpu_name()}", f"flags: {' '.join(cpu_flags()) or '?'}",
+             f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels, "
+             f"{torch.get_num_threads()} threads)",
+             f"native bf16: {'yes' if native_bf16('cpu')[0] else 'no'}"]
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        parts.append(f"gpu: {torch.cuda.get_device_name(dev)}")
+    if precision is not None:
+        parts.append(f"precision: {precision}")
+    return "; ".join(parts)
+
+
+def _warn_once(text: str) -> None:
+    if text in _warned:
+        return
+    _warned.add(text)
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(text, file=sys.stderr, flush=True)
+
+
 def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``precision`` bf16 / fp16 on ``device``'s type; a no-op for ``no``."""
+    """``torch.autocast`` for ``precision`` bf16 / fp16 on ``device``'s type; a no-op for ``no``
+    (``auto``: as :func:`resolve_precision` decides for ``device``)."""
     import torch
 
     check_autocast_precision(precision, "precision")
+    if precision == "auto":
+        precision = resolve_precision(precision, device)[0]
     dtype = low_precision_dtype(precision)
     if dtype is None:
         return contextlib.nullcontext()

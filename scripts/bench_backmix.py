@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from backmix_vlm.runtime import machine_line  # noqa: E402
 from backmix_vlm.augment import BackMix, MaskBank
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # the official code's normalisation
@@ -130,6 +131,7 @@ def cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7)

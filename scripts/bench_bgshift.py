@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from backmix_vlm.runtime import machine_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "bgshift" / "small_cnn.yaml"          # train job; its variants are in the config
@@ -245,6 +246,7 @@ def plot_grid(run_dir: Path, data: Path, path: Path, n: int = 8) -> None:
 
 
 def main() -> int:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sources", required=True, type=Path,
                    help="folder with fashion_mnist/, mnist/, dtd_partial/, tiny-imagenet-200/ (unpacked shared data)")

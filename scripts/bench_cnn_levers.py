@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backmix_vlm.runtime import machine_line  # noqa: E402
 from backmix_vlm.models.cnn import create_cnn  # noqa: E402
 
 
 def main() -> None:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="airbench")
     p.add_argument("--batch", type=int, default=256)

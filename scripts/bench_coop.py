@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from backmix_vlm.runtime import machine_line  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CONFIGS = {  # name -> (augment, SaliencyConfig fields)
@@ -319,6 +320,7 @@ def parse_train_spec(spec: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="timed rounds per train config (after a small warm-up)")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
+from backmix_vlm.runtime import machine_line  # noqa: E402
 
 
 def _run(cmd: list[str], threads: int) -> float:
@@ -38,6 +39,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", choices=["zeroshot", "ood"])
     p.add_argument("config")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from backmix_vlm.runtime import machine_line  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +63,7 @@ def main() -> int:
                     help="only time one ViT-B/16 attention (SplitAttention, 8 x 197 tokens) forward + backward: "
                          "SDPA vs the explicit softmax the BackMix recording forward uses")
     args = ap.parse_args()
+    print(machine_line(args.precision), flush=True)  # CPU model, kernel flags, native bf16, precision
     if args.micro:
         return micro(args)
 

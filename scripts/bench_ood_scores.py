@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from backmix_vlm.runtime import machine_line  # noqa: E402
 from backmix_vlm.models.heads import LinearHead
 from backmix_vlm.ood.evaluate import predictions
 from backmix_vlm.ood.metrics import ood_metrics
@@ -95,6 +96,7 @@ def bench_table(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def main() -> None:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")

@@ -55,6 +55,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_coop import CLASSES, PeakRSS, _Sized, _timed, machine_info, vit_image_flops  # noqa: E402
+from backmix_vlm.runtime import machine_line  # noqa: E402
 
 BF16 = torch.bfloat16
 CLOCKS = ("cpu", "wall")
@@ -463,6 +464,7 @@ def log(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["eval", "coop"], choices=["eval", "coop", "memory"])
     p.add_argument("--model", default="ViT-B-16", help="open_clip name for eval / coop (backmix-tiny-clip: a quick check)")

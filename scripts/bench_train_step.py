@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_coop import PRECISION_NAMES, PeakRSS, _Sized, _timed, machine_info  # noqa: E402
+from backmix_vlm.runtime import machine_line  # noqa: E402
 
 MODELS = {"small_cnn": {"width": 32}, "resnet18_cifar": {}, "airbench": {}}
 NUM_CLASSES = 6     # CIFAR-10 open-set protocol: 6 known classes
@@ -130,6 +131,7 @@ def _run_spec(spec: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    print(machine_line(), flush=True)  # CPU model, kernel flags, native bf16 (each row names its precision)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", type=_run_spec,
                    default=[_run_spec(s) for s in ("small_cnn/no", "small_cnn/bf16", "resnet18_cifar/no")])

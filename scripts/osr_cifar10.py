@@ -69,7 +69,7 @@ def data_overrides(root: str | None) -> list[str]:
 
 
 def recipe_overrides(recipe: str, device: str, epochs: int | None) -> list[str]:
-    out = [f"run.device={device}", "run.precision=bf16", "run.channels_last=true", "plots=false"]
+    out = [f"run.device={device}", "run.precision=auto", "run.channels_last=true", "plots=false"]
     if recipe == "paper":  # the paper's model and schedule, with the fast data path
         out += ["data.cache=memory", "data.views.name=crop_flip", "eval.every=0", "data.num_workers=4"]
     if epochs is not None:

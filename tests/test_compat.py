@@ -187,7 +187,8 @@ def test_precision_names_map_to_one_dtype_table():
     from backmix_vlm.models.frozen import frozen_compute_dtype
     from backmix_vlm.runtime import AUTOCAST_PRECISIONS, WEIGHT_PRECISIONS, autocast, low_precision_dtype
 
-    assert [low_precision_dtype(p) for p in AUTOCAST_PRECISIONS] == [None, torch.bfloat16, torch.float16]
+    assert AUTOCAST_PRECISIONS[0] == "auto"  # resolved per device first (runtime.resolve_precision), no dtype of its own
+    assert [low_precision_dtype(p) for p in AUTOCAST_PRECISIONS[1:]] == [None, torch.bfloat16, torch.float16]
     assert [low_precision_dtype(p) for p in WEIGHT_PRECISIONS] == [None, torch.float16, torch.bfloat16]
     assert frozen_compute_dtype("bf16") is low_precision_dtype("bf16")
     with autocast("cpu", "bf16"):

@@ -111,7 +111,7 @@ def test_bf16_autocast_path_runs_and_stays_float32_on_output():
 
 def test_bad_inputs():
     net = TinyNet()
-    with pytest.raises(ConfigError, match="precision.*choose one of no, bf16, fp16"):
+    with pytest.raises(ConfigError, match="precision.*choose one of auto, no, bf16, fp16"):
         extract_outputs(net, make_loader(), device="cpu", precision="fp8")
     with pytest.raises(ConfigError, match="keep.*'logit'"):
         extract_outputs(net, make_loader(), device="cpu", keep=("logit",))

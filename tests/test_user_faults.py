@@ -213,17 +213,140 @@ def test_the_last_epoch_is_saved_before_its_evaluation(tmp_path, tiny_train_conf
     assert _epochs(run) == 2 and "--resume" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- Ctrl-C inside a finalizer
+def test_an_interrupt_raised_in_a_finalizer_reaches_the_main_thread(monkeypatch):
+    """Python drops an exception raised in ``__del__`` ("Exception ignored in ..."); the CLI's hook
+    delivers a KeyboardInterrupt dropped that way again, as a fresh Ctrl-C."""
+    import sys
+    import time
+
+    from backmix_vlm.cli import _keep_interrupts
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: None)  # what Python would do: report and drop
+    _keep_interrupts()
+
+    class Ctrl_C_Lands_In_Del:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Ctrl_C_Lands_In_Del()  # finalized at once; the interrupt is raised again in the main thread
+        time.sleep(10)  # interrupted within milliseconds
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    _keep_interrupts()
+
+    class Other:
+        def __del__(self):
+            raise ValueError("not an interrupt")
+
+    Other()
+    assert [u.exc_type for u in dropped] == [ValueError]  # other errors still go to the previous hook
+
+
+def test_ctrl_c_in_a_data_loader_finalizer_stops_the_run_resumably(tmp_path, tiny_train_config, capsys, monkeypatch):
+    """A Ctrl-C that landed while a loader iterator shut its workers down (its ``__del__``) was
+    dropped by Python and the run went on to exit 0; now it stops with 130 and resumes."""
+    import sys
+
+    from torch.utils.data import dataloader
+
+    run = tmp_path / "runs" / "tiny"
+    fired = []
+
+    def ctrl_c_while_finalizing(self):  # the user's Ctrl-C arrives inside the iterator's finalizer
+        if not fired and (run / "last.pt").is_file():
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    monkeypatch.setattr(dataloader._SingleProcessDataLoaderIter, "__del__", ctrl_c_while_finalizing, raising=False)
+    assert cli(["train", str(tiny_train_config), "optim.epochs=4"]) == 130
+    err = capsys.readouterr().err
+    assert fired and "backmix-vlm train: interrupted" in err and "--resume" in err, err
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["status"] == "interrupted" and _epochs(run) < 4
+    assert cli(["train", str(run), "--resume"]) == 0
+    assert _epochs(run) == 4 and json.loads((run / "run_info.json").read_text())["status"] == "finished"
+
+
+# ----------------------------------------------------------------------------- a full disk as a run starts
+def test_a_full_disk_while_taking_the_lock_leaves_no_lock(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    from backmix_vlm.jobs import runs
+
+    class FullDisk(io.BytesIO):
+        def close(self):  # the payload is flushed at close: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = runs.os.fdopen
+    monkeypatch.setattr(runs.os, "fdopen", lambda fd, *a, **k: (runs.os.close(fd), FullDisk())[1])
+    with pytest.raises(OSError):
+        runs.RunLock(tmp_path).acquire(["me"])
+    monkeypatch.setattr(runs.os, "fdopen", real_fdopen)
+    assert not (tmp_path / runs.LOCK_FILE).exists()  # no 0-byte lock left behind
+
+
+def test_a_full_disk_as_a_run_starts_leaves_no_stub_and_a_later_start_runs(tmp_path, tiny_train_config, capsys,
+                                                                          monkeypatch):
+    import errno
+
+    from backmix_vlm.jobs import runs
+
+    real_fsync = runs.os.fsync
+
+    def full(fd):  # config.yaml, the first file a run writes, meets a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "fsync", full)
+    assert cli(["train", str(tiny_train_config)]) == 2
+    assert "the disk is full" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no stub folder, no 0-byte lock
+    monkeypatch.setattr(runs.os, "fsync", real_fsync)
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / runs.LOCK_FILE).write_bytes(b"")  # what an older version left: a folder with a 0-byte lock
+    assert cli(["train", str(tiny_train_config)]) == 0
+    assert capsys.readouterr().err.count("taking over an unreadable lock") == 1
+    assert json.loads((run / "run_info.json").read_text())["status"] == "finished" and not (run / runs.LOCK_FILE).exists()
+
+
 # ----------------------------------------------------------------------------- a typo answers before torch loads
-def test_a_train_config_typo_is_reported_without_importing_torch(tmp_path):
+def _train_run_without_training(tmp: Path) -> Path:
+    """A run folder as ``train`` leaves it (config.yaml + run_info.json), enough for ``eval`` to read its config."""
+    from backmix_vlm.config import to_dict
+    from backmix_vlm.jobs.train import load_train_config
+
+    run = tmp / "run"
+    run.mkdir()
+    cfg, _ = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (run / "run_info.json").write_text(json.dumps({"job": "train"}))
+    return run
+
+
+@pytest.mark.parametrize("job, target, override, message", [
+    ("train", "configs/demo.yaml", "optim.lrr=1", "unknown config key 'optim.lrr' (did you mean 'lr'?)"),
+    ("ood", "configs/ood/vits14_cifar10_probe.yaml", "eval.scroes=[msp]",
+     "unknown config key 'eval.scroes' (did you mean 'scores'?)"),
+    ("zeroshot", "configs/zeroshot/clip_vitb16_cifar10.yaml", "model.nmae=x",
+     "unknown config key 'model.nmae' (did you mean 'name'?)"),
+    ("ood", "configs/ood/vits14_cifar10_probe.yaml", "eval.batch_size=0", "eval.batch_size"),
+    ("eval", None, "eval.scroes=[msp]", "unknown config key 'eval.scroes' (did you mean 'scores'?)"),
+])
+def test_a_config_typo_is_reported_without_importing_torch(tmp_path, job, target, override, message):
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    code = ("import sys; from backmix_vlm.cli import main; rc = main(['train', 'configs/demo.yaml', 'optim.lrr=1']); "
+    target = str(_train_run_without_training(tmp_path)) if target is None else target
+    code = (f"import sys; from backmix_vlm.cli import main; rc = main([{job!r}, {target!r}, {override!r}]); "
             "print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
-    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in out.stderr
+    assert f"override '{override}': " in out.stderr and message in out.stderr, out.stderr
 
 
 # ----------------------------------------------------------------------------- progress in a log file

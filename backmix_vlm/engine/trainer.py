@@ -74,7 +74,7 @@ from ..augment.base import Mixer, MixerSetup
 from ..config import BACKMIX_MODES, BackMixConfig, OptimConfig, RunConfig
 from ..errors import ConfigError, DivergedError, ModelError
 from ..models.output import ModelOutput
-from ..runtime import check_autocast_precision, resolve_device, single_process_launch_warning
+from ..runtime import check_autocast_precision, resolve_device, resolve_run_precision, single_process_launch_warning
 from ..validation import check_choice
 from .lookahead import Lookahead
 from .optim import build_optimizer, build_scheduler, frozen_after, lr_factor, norm_parameters
@@ -117,12 +117,14 @@ def build_accelerator(run: RunConfig) -> Any:
 
     from ..compat import accelerate_state_started, reset_accelerate_state
 
-    check_autocast_precision(run.precision, "run.precision")
     device = str(run.device)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if device.startswith("cuda:") and processes > 1:  # Accelerate gives each process its local rank's GPU
         raise ConfigError(f"run.device: {device!r} names one GPU, but this run has {processes} processes (each "
                           "uses the GPU of its local rank); use run.device=cuda or auto")
+    if run.precision == "auto":  # resolved once per run by runs.plan_from_args; direct callers here
+        resolve_run_precision(run)
+    check_autocast_precision(run.precision, "run.precision")
     cpu = resolve_device(device, "run.device").type == "cpu"
     if run.precision == "fp16" and cpu:
         raise ConfigError("run.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")

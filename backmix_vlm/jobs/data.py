@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..config import DataSource
-from ..data.protocols import OpenSetSources
 from ..errors import ConfigError
 from ..validation import check_choice
+
+if TYPE_CHECKING:  # the configs that use check_distinct_sets are checked without torch
+    from ..data.protocols import OpenSetSources
 
 
 @dataclass

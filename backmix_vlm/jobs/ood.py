@@ -1,7 +1,7 @@
 """``ood`` job: its config (any pretrained classifier, the ID test / training sets, OOD sets,
 scores, the linear probe), loader, preflight and model loading.
 
-``model.source`` is one of :data:`MODEL_SOURCES`: the sources of
+``model.source`` is one of :func:`model_sources`: the sources of
 :func:`backmix_vlm.models.classifier.load_classifier` (timm, torchvision, module) plus ``run``,
 a ``backmix-vlm train`` run directory (its ``config.yaml`` + ``last.pt``), loaded here by
 :func:`load_run_classifier` since reading the engine's checkpoint is above the models layer.
@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, from_dict
+from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, from_dict, torch_checks
 from ..errors import ConfigError, ModelError
-from ..models.classifier import SOURCES as CLASSIFIER_SOURCES
 from ..validation import check_choice
 from .data import check_distinct_sets
 
 JOB = "ood"
-MODEL_SOURCES = (*CLASSIFIER_SOURCES, "run")  # load_classifier's sources + a train run directory
 DEFAULT_SCORES = ["msp", "maxlogit", "energy", "gen", "mahalanobis", "knn", "vim", "react", "ash_s"]
 
 
@@ -74,9 +72,11 @@ class OodConfig:
         fill_data_roots(self, self.data_root)
 
     def validate(self) -> None:
+        check_distinct_sets(self.data, self.eval.ood, reserved=("train",))
+        if not torch_checks():
+            return
         from ..ood.open_set import build_scores
 
-        check_distinct_sets(self.data, self.eval.ood, reserved=("train",))
         # names from the score registry, parameters; scores fit on training features need `train:`
         offers = ("train", "head", "forward") if self.train is not None else ("head", "forward")
         build_scores(self.eval, None, offers=offers, job="this run (no `train:` ID training data given)")
@@ -138,9 +138,17 @@ def load_model(cfg: OodConfig) -> Any:
 
 
 # ----------------------------------------------------------------------------- model.source=run
+def model_sources() -> tuple[str, ...]:
+    """``load_classifier``'s sources + ``run`` (a train run directory); imported here, not at the
+    top, so the config (and a typo in it) is checked without torch."""
+    from ..models.classifier import SOURCES
+
+    return (*SOURCES, "run")
+
+
 def _check_model_source(m: OodModelConfig) -> bool:
     """Check ``model.source`` (and, for a run, that no weights keys are given); True for ``run``."""
-    check_choice(m.source, MODEL_SOURCES, "model.source")
+    check_choice(m.source, model_sources(), "model.source")
     if m.source != "run":
         return False
     if not m.name:

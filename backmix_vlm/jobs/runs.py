@@ -37,6 +37,7 @@ from .. import __version__
 from ..atomic import atomic_write_text, remove_leftover_temps, write_json
 from ..config import build_with_overrides, data_root_override, load_yaml, move_data_root, to_dict
 from ..errors import ConfigError, RunDirError
+from ..runtime import resolve_run_precision
 
 C = TypeVar("C")
 
@@ -114,6 +115,9 @@ def record_run(run_dir: str | Path, cfg: Any, job: str, argv: list[str] | None =
         "host": socket.gethostname(),
         "started": _now(),
     }
+    precision = getattr(getattr(cfg, "run", None), "precision_record", None)
+    if precision is not None:  # auto and what it resolved to on this device (runtime.resolve_run_precision)
+        info["precision"] = precision
     if status is not None:
         info["status"] = status
     write_json(run_dir / INFO_FILE, info)
@@ -448,8 +452,10 @@ def plan_from_args(job: str, args: Any, *, build: Callable[[dict[str, Any]], C],
         if getattr(args, "overwrite", False):
             raise ConfigError("--resume continues a run and --overwrite replaces it: pass only one of them")
         run_dir = find_resume_dir(job, config, overrides)
-        return resume_config(job, run_dir, overrides, build, allow_changes=bool(getattr(args, "allow_changes", False)),
-                             config=config, argv=argv)
+        cfg, plan = resume_config(job, run_dir, overrides, build, allow_changes=bool(getattr(args, "allow_changes", False)),
+                                  config=config, argv=argv)
+        resolve_run_precision(cfg.run)  # type: ignore[attr-defined]  # the saved name (auto only if overridden)
+        return cfg, plan
     if getattr(args, "allow_changes", False):
         raise ConfigError("--allow-changes only applies to --resume")
     if config is not None and Path(config).is_dir():
@@ -458,6 +464,7 @@ def plan_from_args(job: str, args: Any, *, build: Callable[[dict[str, Any]], C],
     cfg = build_with_overrides(build, load_yaml(config) if config is not None else {}, overrides,
                                str(config) if config is not None else "")
     run = cfg.run  # type: ignore[attr-defined]
+    resolve_run_precision(run)  # run.precision: auto -> what this device computes natively (config.yaml keeps it)
     plan = new_run_dir(job, run.output_dir, run.name, overwrite=bool(getattr(args, "overwrite", False)),
                        can_resume=can_resume, argv=argv)
     return cfg, plan

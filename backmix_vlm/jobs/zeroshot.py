@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, from_dict
+from ..config import DataSource, EvalConfig, RunConfig, default_data_root, fill_data_roots, from_dict, torch_checks
 from ..errors import ConfigError
-from ..models.clip import resolve_templates
 from ..runtime import WEIGHT_PRECISIONS
 from ..validation import check_choice
 from .data import check_distinct_sets
@@ -30,6 +29,11 @@ class ClipModelConfig:
 
     def validate(self) -> None:
         check_choice(self.precision, WEIGHT_PRECISIONS, "model.precision")
+
+    def check_prompts(self) -> None:
+        """The preprocessing mode and the templates (their names live with the CLIP code, which
+        imports torch: checked by :meth:`ZeroShotConfig.validate`, outside the CLI's early check)."""
+        from ..models.clip import resolve_templates
         from ..models.hf_clip import PREPROCESS_MODES
 
         check_choice(self.preprocess, PREPROCESS_MODES, "model.preprocess")
@@ -59,6 +63,9 @@ class ZeroShotConfig:
 
     def validate(self) -> None:
         check_distinct_sets(self.data, self.eval.ood)
+        if not torch_checks():
+            return
+        self.model.check_prompts()
         build_scores(self.eval, None)  # names from the score registry, parameters, what a zero-shot run offers
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..runtime import check_eval_workers, low_precision_dtype
+from ..runtime import check_eval_workers, low_precision_dtype, resolve_precision
 
 LOW_DTYPES = (torch.bfloat16, torch.float16)  # what frozen weights may be held in
 KEEP_FP32 = ("logit_scale", "logit_bias")  # parameter names (CLIP / SigLIP temperature and bias)
@@ -56,6 +56,8 @@ def frozen_compute_dtype(precision: str | None, device: torch.device | str = "cp
     ``bf16`` → bfloat16 (CPU and GPU); ``fp16`` → float16 on a GPU (CPU fp16 autocast is not
     supported, None); ``no`` / ``fp32`` / None → None (keep fp32).
     """
+    if precision == "auto":  # a run resolves it once (runtime.resolve_run_precision); direct callers here
+        precision = resolve_precision(precision, device)[0]
     dtype = low_precision_dtype(precision)
     if dtype is torch.float16 and torch.device(device).type == "cpu":
         return None

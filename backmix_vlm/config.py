@@ -26,6 +26,7 @@ from typing import Any, Callable, TypeVar, Union, get_args, get_origin
 import yaml
 
 from .errors import ConfigError
+from .metric_keys import check_table_settings, table_settings
 from .validation import check_choice, check_fraction, check_non_negative, check_positive, check_range, join
 
 DATA_ROOT_ENV = "BACKMIX_DATA"   # default for every job's data_root (else ./data)
@@ -136,8 +137,6 @@ class EvalConfig:
                                                               "oscr", "macro_f1"])
 
     def validate(self, where: str = "eval") -> None:
-        from .report.tables import check_table_settings
-
         check_range(self.batch_size, join(where, "batch_size"), low=1)
         check_non_negative(self.num_workers, join(where, "num_workers"))
         check_choice(self.positive, ("known", "unknown"), join(where, "positive"))
@@ -148,8 +147,6 @@ class EvalConfig:
 
     def table(self) -> dict[str, Any]:
         """The ``"table"`` entry of the results: the tables' columns and conventions (``auto`` resolved)."""
-        from .report.tables import table_settings
-
         return table_settings(self.positive, self.table_fpr95, self.table_aupr, self.table_metrics)
 
 

@@ -20,7 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "backmix_vlm"
 #: "" is the package itself (``backmix_vlm/__init__.py``: ``__version__``).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "errors"),                                        # foundations: imported by anyone ...
-    ("registry", "validation", "runtime", "compat", "perf", "atomic"),
+    ("compat",),                                           # the one reach into library internals
+    ("registry", "validation", "runtime", "perf", "atomic"),
+    ("metric_keys",),                                      # metric names + table settings (validation)
     ("config",),                                           # ... the shared config sections
     ("data",),                                             # the data flow, top to bottom
     ("augment",),

@@ -15,23 +15,11 @@ import numpy as np
 from sklearn.metrics import auc, average_precision_score, f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from ..errors import BackmixError
+from ..metric_keys import CCR_FPR_LEVELS, CLASSIFICATION_KEYS, DETECTION_KEYS, METRIC_KEYS, ccr_key  # noqa: F401
 
 POSITIVES = ("known", "unknown")
 TPR_LEVEL = 0.95
 UNKNOWN_LABEL = -1  # the "unknown" class id used for Macro-F1
-CCR_FPR_LEVELS = (1e-4, 1e-3, 1e-2, 1e-1)  # OpenOOD's CCR@FPR levels
-
-
-def ccr_key(level: float) -> str:
-    """The results key of CCR at FPR ``level``: ``ccr_fpr_1e-04`` ... ``ccr_fpr_1e-01``."""
-    return f"ccr_fpr_{level:.0e}"
-
-
-# Every key ood_metrics can return (the tables' accepted column names).
-DETECTION_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "dtacc", "fpr95_id_positive",
-                  "fpr95_ood_positive", "aupr_in_trapezoid", "aupr_out_trapezoid")
-CLASSIFICATION_KEYS = ("acc", "oscr", *(ccr_key(a) for a in CCR_FPR_LEVELS), "aurc", "eaurc", "macro_f1")
-METRIC_KEYS = DETECTION_KEYS + CLASSIFICATION_KEYS
 
 
 class MetricInputError(BackmixError, ValueError):

@@ -14,8 +14,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..atomic import atomic_write_text, write_json
+from ..metric_keys import (TABLE_AUPR, TABLE_FPR95, TABLE_FPR95_CHOICES, check_table_settings,  # noqa: F401
+                           table_settings)
+from ..metric_keys import DEFAULT_TABLE_METRICS as DEFAULT_METRICS
 
-DEFAULT_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "dtacc", "oscr", "macro_f1")
 HEADERS = {
     "auroc": "AUROC", "aupr_in": "AUPR-In (step)", "aupr_out": "AUPR-Out (step)",
     "aupr_in_trapezoid": "AUPR-In (trapz)", "aupr_out_trapezoid": "AUPR-Out (trapz)",
@@ -27,12 +29,6 @@ HEADERS = {
 LOWER_IS_BETTER = {"fpr95", "fpr95_id_positive", "fpr95_ood_positive", "aurc", "eaurc"}
 MISSING = "–"
 
-# What the tables show for the convention-dependent columns (results.json always has every one):
-# ``fpr95`` and ``aupr_in`` / ``aupr_out`` in a column list expand to these keys.
-TABLE_FPR95 = {"id_positive": ("fpr95_id_positive",), "ood_positive": ("fpr95_ood_positive",),
-               "both": ("fpr95_id_positive", "fpr95_ood_positive")}
-TABLE_AUPR = {"step": ("",), "trapezoid": ("_trapezoid",), "both": ("", "_trapezoid")}
-TABLE_FPR95_CHOICES = ("auto", *TABLE_FPR95)   # auto: the convention of eval.positive
 NOTES = (  # (columns, the note under a table showing any of them)
     (("fpr95_id_positive",), "FPR95 (ID+): share of unknowns accepted at the threshold keeping 95% of knowns "
                              "(knowns positive; OE, MCM, ViM's authors)"),
@@ -46,29 +42,6 @@ NOTES = (  # (columns, the note under a table showing any of them)
     (("aurc", "eaurc"), "AURC: mean misclassification risk of the knowns over coverages, ranked by the score; "
                         "E-AURC: AURC minus a perfect ranking's"),
 )
-
-
-def check_table_settings(fpr95: str, aupr: str, metrics: Sequence[str], where: str = "eval") -> None:
-    """Validate the table settings ``<where>.table_fpr95``, ``.table_aupr``, ``.table_metrics``."""
-    from ..validation import check_choice, join
-
-    check_choice(fpr95, TABLE_FPR95_CHOICES, join(where, "table_fpr95"))
-    check_choice(aupr, tuple(TABLE_AUPR), join(where, "table_aupr"))
-    if isinstance(metrics, str) or not metrics:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{join(where, 'table_metrics')}: {metrics!r} is not accepted; give a non-empty list "
-                          f"of {', '.join(HEADERS)}")
-    for m in metrics:
-        check_choice(m, tuple(HEADERS), join(where, "table_metrics"))
-
-
-def table_settings(positive: str = "known", fpr95: str = "auto", aupr: str = "step",
-                   metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, Any]:
-    """The ``"table"`` entry of a results dict: what its Markdown tables show (``auto`` resolved)."""
-    if fpr95 == "auto":
-        fpr95 = "id_positive" if positive == "known" else "ood_positive"
-    return {"fpr95": fpr95, "aupr": aupr, "metrics": list(metrics)}
 
 
 def columns(results: Mapping[str, Any], metrics: Sequence[str] | None = None) -> list[str]:

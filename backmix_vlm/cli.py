@@ -124,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # CPU: no page faults on every forward's activations (backmix_vlm/perf.py)
     _keep_interrupts()
+    _JOB_RUNNING[0] = True
+    try:
+        return _run_job(args)
+    finally:  # no interrupt re-delivered once the job has returned (an embedding program, a test runner)
+        _JOB_RUNNING[0] = False
+        _cancel_redeliveries()
+
+
+def _run_job(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "config", None) or args.job == "eval":
             _check_config_early(args)
@@ -143,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(args.job, f"error: {message}", e)
         return 2
     except KeyboardInterrupt as e:
-        for timer in _REDELIVERIES:  # this Ctrl-C is handled: no second one from a finalizer
-            timer.cancel()
-        _REDELIVERIES.clear()
+        _cancel_redeliveries()  # this Ctrl-C is handled: no second one from a finalizer
         if args.debug:
             raise
         try:
@@ -156,6 +163,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _REDELIVERIES: list = []  # timers of interrupts _keep_interrupts delivers again (cancelled once one is handled)
+_JOB_RUNNING = [False]    # re-deliver only while a job runs in main()
+
+
+def _cancel_redeliveries() -> None:
+    for timer in _REDELIVERIES:
+        timer.cancel()
+    _REDELIVERIES.clear()
+
+
+def _interrupt_running_job() -> None:
+    import _thread
+
+    if _JOB_RUNNING[0]:
+        _thread.interrupt_main()
 
 
 def _keep_interrupts() -> None:
@@ -169,12 +190,11 @@ def _keep_interrupts() -> None:
 
     def hook(unraisable: "sys.UnraisableHookArgs") -> None:
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            import _thread
             import threading
 
             while True:  # raised in the main thread shortly after this hook returns (a raise in it is dropped too)
                 try:
-                    timer = threading.Timer(0.2, _thread.interrupt_main)
+                    timer = threading.Timer(0.2, _interrupt_running_job)
                     timer.daemon = True
                     _REDELIVERIES.append(timer)
                     timer.start()

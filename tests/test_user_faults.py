@@ -220,9 +220,11 @@ def test_an_interrupt_raised_in_a_finalizer_reaches_the_main_thread(monkeypatch)
     import sys
     import time
 
+    from backmix_vlm import cli as cli_module
     from backmix_vlm.cli import _keep_interrupts
 
     monkeypatch.setattr(sys, "unraisablehook", lambda u: None)  # what Python would do: report and drop
+    monkeypatch.setattr(cli_module, "_JOB_RUNNING", [True])     # as inside main(): a job is running
     _keep_interrupts()
 
     class Ctrl_C_Lands_In_Del:
@@ -248,6 +250,7 @@ def test_ctrl_c_in_a_data_loader_finalizer_stops_the_run_resumably(tmp_path, tin
     """A Ctrl-C that landed while a loader iterator shut its workers down (its ``__del__``) was
     dropped by Python and the run went on to exit 0; now it stops with 130 and resumes."""
     import sys
+    import time
 
     from torch.utils.data import dataloader
 
@@ -259,8 +262,16 @@ def test_ctrl_c_in_a_data_loader_finalizer_stops_the_run_resumably(tmp_path, tin
             fired.append(True)
             raise KeyboardInterrupt
 
+    next_batch = dataloader._SingleProcessDataLoaderIter.__next__
+
+    def slow_next(self):  # after the Ctrl-C the batches take a while: the job is still running when it is re-delivered
+        if fired:
+            time.sleep(0.05)
+        return next_batch(self)
+
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
     monkeypatch.setattr(dataloader._SingleProcessDataLoaderIter, "__del__", ctrl_c_while_finalizing, raising=False)
+    monkeypatch.setattr(dataloader._SingleProcessDataLoaderIter, "__next__", slow_next)
     assert cli(["train", str(tiny_train_config), "optim.epochs=4"]) == 130
     err = capsys.readouterr().err
     assert fired and "backmix-vlm train: interrupted" in err and "--resume" in err, err

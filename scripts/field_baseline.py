@@ -175,9 +175,12 @@ def machine() -> str:
     return f"{cpu} ({os.cpu_count()} cores)"
 
 
-def append(results: Path, recs: list[dict]) -> None:
-    """Add ``recs`` to the JSONL file, replacing records of the same (recipe, protocol, split, seed, variant)."""
-    key = lambda r: (r["recipe"], r["protocol"], r["split"], r["seed"], r["variant"], r.get("smoke", False))  # noqa: E731
+MODEL_KEY = ("recipe", "protocol", "split", "seed", "variant")
+
+
+def append(results: Path, recs: list[dict], model_key: tuple[str, ...] = MODEL_KEY) -> None:
+    """Add ``recs`` to the JSONL file, replacing records of the same model (the ``model_key`` fields)."""
+    key = lambda r: (*(r[f] for f in model_key), r.get("smoke", False))  # noqa: E731
     old = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     new_keys = {key(r) for r in recs}
     rows = [r for r in old if key(r) not in new_keys] + recs

@@ -125,15 +125,8 @@ def records(run_dir: Path, recipe: str, method: str, split: int, seed: int, smok
 
 
 def append(results: Path, recs: list[dict]) -> None:
-    """Add ``recs`` to the JSONL file, replacing records of the same model (recipe, method, split, seed, variant)."""
-    key = lambda r: (r["recipe"], r["method"], r["split"], r["seed"], r["backmix"], r.get("smoke", False))  # noqa: E731
-    old = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
-    new = {key(r) for r in recs}
-    rows = [r for r in old if key(r) not in new] + recs
-    results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    tmp.replace(results)
+    """Add ``recs`` to the JSONL file, replacing records of the same model (recipe, method, split, seed, backmix)."""
+    fb.append(results, recs, ("recipe", "method", "split", "seed", "backmix"))
 
 
 # ----------------------------------------------------------------------------- tables

@@ -198,6 +198,25 @@ def _ms(values: list[float]) -> str:
     return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
 
 
+def models_where(rs: list[dict]) -> str:
+    """``n ([splits] / [seeds])``: how many models a table row averages, and which."""
+    return f"{len(rs)} ({sorted({r['split'] for r in rs})} / {sorted({r['seed'] for r in rs})})"
+
+
+def backmix_pairs(groups: dict[tuple, list[dict]]) -> dict[tuple, list[tuple[dict, dict]]]:
+    """``(recipe, what, variant) -> models`` -> ``(recipe, what) -> [(+ BackMix, Plain)]`` of the same
+    split and seed (same data order and schedule); groups without a Plain partner are left out."""
+    out = {}
+    for (recipe, what, variant), rs in sorted(groups.items()):
+        if variant != "backmix":
+            continue
+        plain = {(r["split"], r["seed"]): r for r in groups.get((recipe, what, "plain"), [])}
+        pairs = [(b, plain[(b["split"], b["seed"])]) for b in rs if (b["split"], b["seed"]) in plain]
+        if pairs:
+            out[(recipe, what)] = pairs
+    return out
+
+
 def per_model(rows: list[dict]) -> str:
     """One line per trained model of the open-set protocols (what every mean above is made of)."""
     rows = sorted((r for r in rows if r["protocol"] != "cifar10_vs_cifar100"),
@@ -228,20 +247,14 @@ def table(rows: list[dict]) -> str:
     lines = ["| recipe | protocol | variant | models (splits / seeds) | Acc | AUROC MSP | AUROC MaxLogit | train s |",
              "|---|---|---|---|---:|---:|---:|---:|"]
     for (recipe, protocol, variant), rs in sorted(groups.items()):
-        where = f"{len(rs)} ({sorted({r['split'] for r in rs})} / {sorted({r['seed'] for r in rs})})"
-        lines.append(f"| {recipe} | {protocol} | {variant} | {where} | {_ms([r['accuracy'] for r in rs])} | "
+        lines.append(f"| {recipe} | {protocol} | {variant} | {models_where(rs)} | {_ms([r['accuracy'] for r in rs])} | "
                      f"{_ms([r['auroc_msp'] for r in rs])} | {_ms([r['auroc_maxlogit'] for r in rs])} | "
                      f"{_ms([r['train_seconds'] for r in rs if r['train_seconds'] is not None])} |")
     diff = ["| recipe | protocol | pairs | Δ Acc | Δ AUROC MSP | Δ AUROC MaxLogit |", "|---|---|---:|---:|---:|---:|"]
-    for (recipe, protocol, variant), rs in sorted(groups.items()):
-        if variant != "backmix":
-            continue
-        plain = {(r["split"], r["seed"]): r for r in groups.get((recipe, protocol, "plain"), [])}
-        pairs = [(r, plain[(r["split"], r["seed"])]) for r in rs if (r["split"], r["seed"]) in plain]
-        if pairs:
-            diff.append(f"| {recipe} | {protocol} | {len(pairs)} | "
-                        + " | ".join(_ms([b[k] - p[k] for b, p in pairs])
-                                     for k in ("accuracy", "auroc_msp", "auroc_maxlogit")) + " |")
+    for (recipe, protocol), pairs in backmix_pairs(groups).items():
+        diff.append(f"| {recipe} | {protocol} | {len(pairs)} | "
+                    + " | ".join(_ms([b[k] - p[k] for b, p in pairs])
+                                 for k in ("accuracy", "auroc_msp", "auroc_maxlogit")) + " |")
     md = "\n".join(lines) + "\n\nPaired + BackMix − Plain (same split, seed, data order, schedule), points:\n\n" \
         + "\n".join(diff) + "\n"
     md += per_model(rows)

@@ -150,20 +150,14 @@ def table(rows: list[dict]) -> str:
              + " | ".join(SETS) + " | train s |",
              "|---|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(SETS) + "---:|"]
     for (recipe, method, variant), rs in sorted(groups.items()):
-        where = f"{len(rs)} ({sorted({r['split'] for r in rs})} / {sorted({r['seed'] for r in rs})})"
-        lines.append(f"| {recipe} | {method} | {variant} | {rs[0]['score']} | {where} | "
+        lines.append(f"| {recipe} | {method} | {variant} | {rs[0]['score']} | {fb.models_where(rs)} | "
                      f"{fb._ms([r['accuracy'] for r in rs])} | " + " | ".join(cell(rs, c) for c in cols) + " | "
                      f"{fb._ms([r['train_seconds'] for r in rs if r['train_seconds'] is not None])} |")
     diff = ["| recipe | method | pairs | Δ Acc | Δ AUROC 6/4 | Δ near | Δ far |", "|---|---|---:|---:|---:|---:|---:|"]
-    for (recipe, method, variant), rs in sorted(groups.items()):
-        if variant != "backmix":
-            continue
-        plain = {(r["split"], r["seed"]): r for r in groups.get((recipe, method, "plain"), [])}
-        pairs = [(b, plain[(b["split"], b["seed"])]) for b in rs if (b["split"], b["seed"]) in plain]
-        if pairs:
-            diff.append(f"| {recipe} | {method} | {len(pairs)} | " + " | ".join(
-                fb._ms([b[k] - p[k] for b, p in pairs if b.get(k) is not None and p.get(k) is not None])
-                for k in ("accuracy", "auroc_protocol", "near", "far")) + " |")
+    for (recipe, method), pairs in fb.backmix_pairs(groups).items():
+        diff.append(f"| {recipe} | {method} | {len(pairs)} | " + " | ".join(
+            fb._ms([b[k] - p[k] for b, p in pairs if b.get(k) is not None and p.get(k) is not None])
+            for k in ("accuracy", "auroc_protocol", "near", "far")) + " |")
     return ("\n".join(lines) + "\n\n† outlier distribution seen in training (OE's outliers are Tiny-ImageNet val "
             "images): shown, but left out of near / far.\n\nPaired + BackMix − Plain of the same method (same "
             "split, seed, data order, schedule), points:\n\n" + "\n".join(diff) + "\n\n" + PUBLISHED)

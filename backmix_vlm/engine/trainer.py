@@ -262,7 +262,7 @@ class Trainer:
         from .methods import TrainingMethod
 
         self.method = method if method is not None else TrainingMethod()
-        self.outliers, self._outlier_iter = outliers, None
+        self.outliers, self._outlier_iter, self._outlier_pass = outliers, None, 0
         if self.method.needs_outliers and outliers is None:
             raise ConfigError(f"method {self.method.name}: needs an auxiliary outlier set (method.outliers)")
         if outliers is None:
@@ -283,7 +283,7 @@ class Trainer:
         """The next outlier batch on the device (the loader restarts, reshuffled, when it runs out)."""
         batch = next(self._outlier_iter, None) if self._outlier_iter is not None else None
         if batch is None:
-            self._outlier_pass = getattr(self, "_outlier_pass", 0) + 1
+            self._outlier_pass += 1
             self.outlier_sampler.set_epoch(self.epoch * 1000 + self._outlier_pass)
             self.outlier_generator.manual_seed(epoch_seed(self.run_cfg.seed, self.epoch, self.rank, stream=4))
             self._outlier_iter = iter(self.outlier_loader)
